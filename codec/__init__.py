@@ -1,0 +1,16 @@
+"""codec: numerical codecs for model weights (standalone; never imports elvesfs).
+
+Functional API: ``encode``, ``decode``, ``inspect``, ``available_codecs``, ``FrameError``,
+``FrameInfo``. One numcodecs-style class per codec: ``RawCodec``, ``ZstdCodec``,
+``PlanesCodec``, ``ElfCodec``, ``XorCodec``.
+"""
+from .errors import FrameError
+from .api import FrameInfo, available_codecs, decode, encode, inspect, get_codec
+from .raw import RawCodec
+from .zstd_codec import ZstdCodec
+from .planes import PlanesCodec
+from .elf import ElfCodec
+from .xor import XorCodec
+
+__all__ = ["FrameError", "FrameInfo", "available_codecs", "decode", "encode", "inspect",
+           "get_codec", "RawCodec", "ZstdCodec", "PlanesCodec", "ElfCodec", "XorCodec"]

@@ -1,0 +1,119 @@
+"""The numcodecs-style codec base class, the registry, and frame-level encode/decode
+(content checksum, reference checks) shared by every codec."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import dtypes as _dt
+from .errors import FrameError
+from .frame import hash64, pack, parse
+
+REGISTRY: dict[str, type["Codec"]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.codec_id] = cls
+    return cls
+
+
+def as_bytes_view(data) -> memoryview:
+    """A flat, contiguous byte view of ``data`` (no copy when possible)."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data)
+        return memoryview(data.reshape(-1).view(np.uint8))
+    mv = memoryview(data)
+    if not mv.contiguous:
+        mv = memoryview(mv.tobytes())
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+@dataclass
+class Encoded:
+    """What a codec's _encode returns (beyond its streams)."""
+
+    streams: list
+    params: bytes = b""
+    lossy: bool = False
+    needs_reference: bool = False
+    bound: float | None = None
+    max_error: float | None = None
+    content_hash: int | None = None  # hash of what decode returns (lossy codecs)
+
+
+class Codec:
+    """Base class. Subclasses set ``codec_id`` and implement ``_encode(mv, dt)`` (mv: flat
+    uint8 memoryview, dt: codec.dtypes.DType or None) returning an ``Encoded`` (or the
+    dict of its fields) and the classmethod ``_decode(header, frame, dt, reference,
+    fidelity)`` returning the decoded bytes-like."""
+
+    codec_id = ""
+
+    def __init__(self, dtype=None):
+        self.dtype = dtype
+
+    # numcodecs-style API ------------------------------------------------------------
+    def encode(self, buf) -> bytes:
+        mv = as_bytes_view(buf)
+        dt = _dt.lookup(self.dtype, mv.nbytes)
+        enc = self._encode(mv, dt)
+        if isinstance(enc, dict):
+            enc = Encoded(**enc)
+        ch = enc.content_hash if enc.content_hash is not None else hash64(mv)
+        return pack(self.codec_id, dt.id if dt else 0, mv.nbytes, enc.params, enc.streams, ch,
+                    lossy=enc.lossy, needs_reference=enc.needs_reference, bound=enc.bound,
+                    max_error=enc.max_error)
+
+    def decode(self, buf, out=None, *, reference=None, fidelity=None):
+        res = decode_frame(buf, reference=reference, fidelity=fidelity)
+        if out is not None:
+            as_bytes_view(out)[:] = res
+            return out
+        return res
+
+    def get_config(self) -> dict:
+        return {"id": self.codec_id, "dtype": self.dtype}
+
+    @classmethod
+    def from_config(cls, config: dict):
+        cfg = dict(config)
+        cfg.pop("id", None)
+        return cls(**cfg)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    # subclass hooks ---------------------------------------------------------------
+    def _encode(self, mv: memoryview, dt):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def _decode(cls, header, frame, dt, reference, fidelity):  # pragma: no cover
+        raise NotImplementedError
+
+
+def decode_frame(frame, reference=None, fidelity=None) -> bytes:
+    header = parse(frame)
+    cls = REGISTRY.get(header.codec)
+    if cls is None:
+        raise FrameError(f"codec {header.codec!r} is not available in this build")
+    dt = _dt.by_id(header.dtype_id)
+    if header.dtype_id and dt is None:
+        raise FrameError(f"frame has unknown dtype id {header.dtype_id}")
+    if header.needs_reference and reference is None:
+        raise FrameError(f"this {header.codec} frame is a delta: pass reference=<the same chunk of "
+                         "the checkpoint it was encoded against> to decode it")
+    out = cls._decode(header, frame, dt, reference, fidelity)
+    out = bytes(out) if not isinstance(out, bytes) else out
+    if len(out) != header.raw_size:
+        raise FrameError(f"decoded {len(out)} bytes but the frame says {header.raw_size}")
+    if fidelity is None and hash64(out) != header.content_hash:
+        raise FrameError(f"{header.codec} frame decoded to bytes whose checksum does not match "
+                         "the one recorded at encode time" +
+                         (" (wrong reference?)" if header.needs_reference else ""))
+    return out

@@ -1,0 +1,131 @@
+"""Content-addressed chunks with reference counts, in LMDB.
+
+A chunk id is the xxh3-128 digest of the chunk's raw bytes (seeded by the lossy
+policy for chunks coded lossily, so a lossy chunk never dedups against a lossless
+one). Table `chunks` maps id -> codec frame; table `refs` maps id -> CHUNK record::
+
+    refcount  u64   references from layouts and from delta chunks that use it
+    raw       u32   decoded size
+    stored    u32   frame size
+    ref       16B   id of the reference chunk of an XOR-delta frame, or zeros
+    flags     u8    LOSSY (decoded bytes are not verifiable against the id)
+
+Invariants: a chunk with refcount 0 is listed in `zero` and is garbage; only the
+single sealer thread adds chunks or collects garbage, so a dedup hit can never
+race with the deletion of the chunk it found. A delta chunk holds one reference
+on its reference chunk, so deleting the file it came from never breaks it, and a
+reference chunk is never itself a delta (reads need at most one hop).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import lmdb
+
+from .db import Database
+from .errors import StoreCorruptError
+
+CHUNK = struct.Struct("<QII16sB")
+NO_REF = bytes(16)
+LOSSY = 1
+
+
+@dataclass
+class ChunkRecord:
+    """The stored metadata of one chunk."""
+
+    refcount: int
+    raw: int
+    stored: int
+    ref: bytes
+    flags: int
+
+    def pack(self) -> bytes:
+        return CHUNK.pack(self.refcount, self.raw, self.stored, self.ref, self.flags)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "ChunkRecord":
+        return cls(*CHUNK.unpack(raw))
+
+    @property
+    def is_delta(self) -> bool:
+        return self.ref != NO_REF
+
+
+class ChunkStore:
+    """Reference-counted chunk table operations; every call takes the caller's transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.t = db.t
+
+    def record(self, txn: lmdb.Transaction, cid: bytes) -> ChunkRecord | None:
+        raw = txn.get(cid, db=self.t["refs"])
+        return None if raw is None else ChunkRecord.unpack(raw)
+
+    def frame(self, txn: lmdb.Transaction, cid: bytes) -> bytes:
+        raw = txn.get(cid, db=self.t["chunks"])
+        if raw is None:
+            raise StoreCorruptError(f"chunk {cid.hex()} is missing from the store; run `elvesfs fsck`")
+        return raw
+
+    def add(self, txn: lmdb.Transaction, cid: bytes, frame: bytes, raw: int,
+            ref: bytes = NO_REF, flags: int = 0) -> bool:
+        """Store a new chunk with refcount 0 (garbage until a layout references it)."""
+        if txn.get(cid, db=self.t["refs"]) is not None:
+            return False
+        if ref != NO_REF:
+            self.incref(txn, ref)
+        txn.put(cid, frame, db=self.t["chunks"])
+        txn.put(cid, ChunkRecord(0, raw, len(frame), ref, flags).pack(), db=self.t["refs"])
+        txn.put(cid, b"", db=self.t["zero"])
+        return True
+
+    def incref(self, txn: lmdb.Transaction, cid: bytes, n: int = 1) -> None:
+        rec = self.record(txn, cid)
+        if rec is None:
+            raise StoreCorruptError(f"reference to missing chunk {cid.hex()}")
+        if rec.refcount == 0:
+            txn.delete(cid, db=self.t["zero"])
+        rec.refcount += n
+        txn.put(cid, rec.pack(), db=self.t["refs"])
+
+    def decref(self, txn: lmdb.Transaction, cid: bytes, n: int = 1) -> None:
+        rec = self.record(txn, cid)
+        if rec is None:
+            raise StoreCorruptError(f"release of missing chunk {cid.hex()}")
+        rec.refcount = max(0, rec.refcount - n)
+        if rec.refcount == 0:
+            txn.put(cid, b"", db=self.t["zero"])
+        txn.put(cid, rec.pack(), db=self.t["refs"])
+
+    def collect(self, txn: lmdb.Transaction, limit: int = 10000) -> tuple[int, int]:
+        """Delete up to `limit` garbage chunks; returns (chunks, bytes) reclaimed."""
+        n = freed = 0
+        while n < limit:
+            cur = txn.cursor(db=self.t["zero"])
+            if not cur.first():
+                break
+            cid = cur.key()
+            rec = self.record(txn, cid)
+            txn.delete(cid, db=self.t["zero"])
+            if rec is not None and rec.refcount == 0:
+                txn.delete(cid, db=self.t["chunks"])
+                txn.delete(cid, db=self.t["refs"])
+                freed += rec.stored
+                n += 1
+                if rec.is_delta and self.record(txn, rec.ref) is not None:
+                    self.decref(txn, rec.ref)
+        return n, freed
+
+    def totals(self, txn: lmdb.Transaction) -> tuple[int, int, int]:
+        """(chunks, raw bytes, stored bytes) over all live chunks: a full scan."""
+        n = raw = stored = 0
+        for _, v in txn.cursor(db=self.t["refs"]):
+            rec = ChunkRecord.unpack(v)
+            if rec.refcount:
+                n += 1
+                raw += rec.raw
+                stored += rec.stored
+        return n, raw, stored

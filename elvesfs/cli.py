@@ -1,0 +1,198 @@
+"""The `elvesfs` command: mount, umount, sync, stats, fsck, compress."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from .policy import Policy, PolicyError
+
+log = logging.getLogger("elvesfs")
+
+
+class CliError(Exception):
+    """An error shown to the user as one line, with a non-zero exit."""
+
+
+def default_store(mountpoint: str) -> str:
+    """A per-user store directory per mountpoint: $XDG_DATA_HOME/elvesfs/<name>-<hash>."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    mp = os.path.abspath(mountpoint)
+    tag = hashlib.sha256(mp.encode()).hexdigest()[:8]
+    name = os.path.basename(mp.rstrip("/")) or "root"
+    return os.path.join(base, "elvesfs", f"{name}-{tag}")
+
+
+def mounts() -> dict[str, str]:
+    """Mountpoint -> store root of every live elvesfs mount (from /proc/self/mountinfo)."""
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = right.split()
+            if len(fields) >= 2 and fields[1].startswith("elvesfs:"):
+                mp = left.split()[4].replace("\\040", " ")
+                out[mp] = fields[1][len("elvesfs:"):].replace("\\040", " ")
+    return out
+
+
+def store_of(mountpoint: str) -> str:
+    mp = os.path.realpath(mountpoint)
+    root = mounts().get(mp)
+    if root is None:
+        raise CliError(f"{mountpoint} is not an elvesfs mount")
+    return root
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    mp = os.path.abspath(a.mountpoint)
+    if not os.path.isdir(mp):
+        raise CliError(f"mountpoint {mp} does not exist or is not a directory")
+    if os.path.ismount(mp):
+        raise CliError(f"{mp} is already a mountpoint; unmount it first")
+    store = os.path.abspath(a.store or default_store(mp))
+    if a.lossy:
+        try:
+            Policy.parse(a.lossy if a.lossy.startswith("elf") else f"elf={a.lossy}")
+        except PolicyError as exc:
+            raise CliError(str(exc)) from None
+    os.makedirs(store, exist_ok=True)
+    logfile = os.path.join(store, "elvesfs.log")
+    cmd = [sys.executable, "-m", "elvesfs.daemon", mp, "--store", store,
+           "--cache-mb", str(a.cache_mb)]
+    for o in a.o:
+        cmd += ["-o", o]
+    if a.lossy:
+        cmd += ["--lossy", a.lossy]
+    if a.debug:
+        cmd.append("--debug")
+    if a.foreground:
+        from . import daemon
+        return daemon.main(cmd[3:])
+    rfd, wfd = os.pipe()
+    cmd += ["--ready-fd", str(wfd), "--log", logfile]
+    proc = subprocess.Popen(cmd, pass_fds=(wfd,), start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=open(logfile, "ab"))
+    os.close(wfd)
+    with os.fdopen(rfd) as r:
+        msg = r.readline().strip()
+    if msg == "OK":
+        print(f"elvesfs: {mp} mounted (store {store}, log {logfile})", file=sys.stderr)
+        return 0
+    proc.wait(timeout=30)
+    raise CliError(msg[4:] if msg.startswith("ERR ") else
+                   f"the daemon exited before mounting (see {logfile})")
+
+
+def _daemon_pid(store: str) -> int | None:
+    try:
+        with open(os.path.join(store, "daemon.lock")) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    store = store_of(a.mountpoint)
+    pid = _daemon_pid(store)
+    r = subprocess.run(["fusermount3", "-u", a.mountpoint], capture_output=True, text=True)
+    if r.returncode:
+        raise CliError(r.stderr.strip() or f"fusermount3 -u {a.mountpoint} failed")
+    if pid:  # the daemon seals what is still staged, then exits
+        deadline = time.monotonic() + a.timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise CliError(f"daemon {pid} is still finishing after {a.timeout}s (see its log)")
+    return 0
+
+
+def cmd_sync(a: argparse.Namespace) -> int:
+    from .control import request
+    store = store_of(a.mountpoint)
+    ans = request(store, "sync", timeout=None)
+    if ans != "ok":
+        raise CliError(f"sync failed: {ans}")
+    return 0
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    from .stats import main as stats_main
+    return stats_main(a)
+
+
+def cmd_fsck(a: argparse.Namespace) -> int:
+    from .fsck import main as fsck_main
+    return fsck_main(a)
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    from codec.__main__ import main as codec_main
+    return codec_main(a.args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="elvesfs", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mount", help="mount a store (created if new) on MOUNTPOINT")
+    m.add_argument("mountpoint")
+    m.add_argument("--store", help="store directory (default: one per mountpoint under "
+                                   "~/.local/share/elvesfs)")
+    m.add_argument("-o", action="append", default=[], help="FUSE options, e.g. allow_other")
+    m.add_argument("--lossy", metavar="elf[=BOUND]",
+                   help="allow ELF on float weights (default: lossless)")
+    m.add_argument("--cache-mb", type=int, default=256, help="decoded chunk cache size")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    m.add_argument("--debug", action="store_true")
+    m.set_defaults(fn=cmd_mount)
+    u = sub.add_parser("umount", help="seal everything and unmount")
+    u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=float, default=3600)
+    u.set_defaults(fn=cmd_umount)
+    s = sub.add_parser("sync", help="wait until every closed file is sealed")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_sync)
+    st = sub.add_parser("stats", help="logical and stored sizes, savings, policies")
+    st.add_argument("paths", nargs="*", default=[])
+    st.add_argument("--store", help="store directory (default: that of the paths' mount)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_stats)
+    f = sub.add_parser("fsck", help="check (and --repair) an unmounted store")
+    f.add_argument("target", help="store directory or its (unmounted) default mountpoint")
+    f.add_argument("--repair", action="store_true")
+    f.add_argument("--verify-data", action="store_true", help="decode and verify every chunk")
+    f.set_defaults(fn=cmd_fsck)
+    c = sub.add_parser("compress", help="report what each codec does to a model file")
+    c.add_argument("args", nargs=argparse.REMAINDER)
+    c.set_defaults(fn=cmd_compress)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="elvesfs: %(message)s")
+    a = parser().parse_args(argv)
+    try:
+        return a.fn(a) or 0
+    except CliError as exc:
+        print(f"elvesfs: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one clear line, not a traceback
+        from .errors import ElvesError
+        if isinstance(exc, (ElvesError, OSError)):
+            print(f"elvesfs: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The one seam between the filesystem and codec/: id, encode and decode one chunk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import xxhash
+
+import codec
+
+from .chunkstore import LOSSY
+from .errors import ChunkCorruptError
+from .policy import Policy
+
+
+def chunk_id(data: bytes | memoryview, seed: int = 0) -> bytes:
+    """Content address of a chunk: xxh3-128 (seeded for lossily coded chunks)."""
+    return xxhash.xxh3_128_digest(data, seed=seed)
+
+
+@dataclass
+class Encoded:
+    """One coded chunk ready to store."""
+
+    cid: bytes
+    frame: bytes
+    raw: int
+    flags: int
+    codec: str
+    max_error: float | None
+
+
+def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
+                 reference: bytes | None = None) -> Encoded:
+    """Pick the best codec the policy allows for this chunk (codec/'s selector decides)."""
+    lossy = policy.allows_lossy(dtype, role)
+    cid = chunk_id(data, policy.seed() if lossy else 0)
+    frame = codec.encode(data, dtype, codec="auto", bound=policy.bound if lossy else None,
+                         reference=reference)
+    info = codec.inspect(frame)
+    return Encoded(cid, frame, len(data), LOSSY if info.lossy else 0, info.codec,
+                   info.max_error if info.lossy else None)
+
+
+def decode_chunk(cid: bytes, frame: bytes, flags: int, reference: bytes | None = None) -> bytes:
+    """Decode and verify a chunk: exact chunks must hash back to their id."""
+    try:
+        data = codec.decode(frame, reference=reference)
+    except codec.FrameError as exc:
+        raise ChunkCorruptError(f"chunk {cid.hex()} is corrupt: {exc}") from exc
+    if not flags & LOSSY and chunk_id(data) != cid:
+        raise ChunkCorruptError(f"chunk {cid.hex()} failed its content checksum")
+    return data

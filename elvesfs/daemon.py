@@ -1,0 +1,236 @@
+"""The mount daemon: opens a store, recovers it, serves FUSE until unmounted, then seals and closes.
+
+Always its own process (a Python process that reads a mount served by its own
+threads deadlocks on the GIL). `elvesfs mount` starts it with `--ready-fd`: the
+daemon writes "OK\n" there once the mount is live, or "ERR <message>\n".
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .cache import ChunkCache
+from .chunkstore import ChunkStore
+from .control import serve_control
+from .db import Database
+from .errors import ElvesError, StoreLockedError
+from .fs import Operations
+from .ingest import Sealer
+from .namespace import Namespace
+from .policy import Policy
+from .reader import ChunkReader
+from .staging import Staging
+
+log = logging.getLogger("elvesfs.daemon")
+
+
+@dataclass
+class Store:
+    """The opened parts of one store, wired together."""
+
+    root: str
+    db: Database
+    ns: Namespace
+    chunks: ChunkStore
+    staging: Staging
+    reader: ChunkReader
+    sealer: Sealer
+    lock_fd: int
+
+    def close(self) -> None:
+        self.sealer.close()
+        self.db.close()
+        os.close(self.lock_fd)
+
+
+def lock_store(root: str) -> int:
+    """Take the store's daemon lock, or explain who holds it."""
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(os.path.join(root, "daemon.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise StoreLockedError(f"store {root} is in use by another elvesfs daemon "
+                               f"(pid {holder or '?'}); unmount it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def open_store(root: str, cache_bytes: int = 256 << 20) -> Store:
+    """Lock and open a store for exclusive use by this process."""
+    lock_fd = lock_store(root)
+    try:
+        db = Database(root)
+        ns = Namespace(db)
+        chunks = ChunkStore(db)
+        staging = Staging(db, root)
+        reader = ChunkReader(db, chunks, ChunkCache(cache_bytes))
+        sealer = Sealer(db, ns, chunks, staging, reader)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return Store(root, db, ns, chunks, staging, reader, sealer, lock_fd)
+
+
+def recover(store: Store, default_policy: Policy) -> None:
+    """Finish what a crash interrupted: drop orphans, seal staged files, collect garbage."""
+    with store.db.read() as txn:
+        orphans = store.ns.orphans(txn)
+        staged = store.staging.staged(txn)
+    for ino in orphans:
+        log.info("recovery: deleting orphan inode %d", ino)
+        store.sealer.drop(ino)
+    import threading
+    for ino in staged:
+        if ino in orphans:
+            continue
+        if not os.path.exists(store.staging.path(ino)):
+            log.warning("recovery: staging file of inode %d is missing; keeping its last sealed "
+                        "content", ino)
+            with store.db.write() as txn:
+                store.staging.forget(txn, ino)
+            continue
+        with store.db.read() as txn:
+            raw = store.ns.getxattr(txn, ino, b"user.elvesfs.policy")
+        policy = Policy.parse(raw) if raw is not None else default_policy
+        log.info("recovery: sealing staged inode %d", ino)
+        store.sealer.seal(ino, policy, threading.Event())
+    store.sealer.collect()
+    store.db.sync()
+
+
+async def _serve(ops: Operations, store: Store) -> None:
+    async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
+        nursery.start_soon(_signals, nursery)
+        nursery.start_soon(serve_control, store.root, ops)
+        nursery.start_soon(_periodic_sync, store.db)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _signals(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+            return
+
+
+async def _periodic_sync(db: Database) -> None:
+    """Flush LMDB every 5 s, like a journalling filesystem's commit interval."""
+    while True:
+        await trio.sleep(5)
+        await trio.to_thread.run_sync(db.sync)
+
+
+def _seal_remaining(ops: Operations, store: Store) -> None:
+    """After unmount: seal whatever is still staged (every handle is closed by now)."""
+    import threading
+    for ino, st in list(ops.state.items()):
+        if st.staged:
+            os.close(st.fd)
+            st.fd = None
+            with store.db.read() as txn:
+                node = store.ns.find(txn, ino)
+            if node is None or node.nlink == 0:
+                store.sealer.drop(ino)
+                continue
+            store.sealer.seal(ino, ops._policy(ino), threading.Event())
+    with store.db.read() as txn:
+        orphans = store.ns.orphans(txn)
+    for ino in orphans:
+        store.sealer.drop(ino)
+    store.sealer.collect()
+
+
+def fuse_options(extra: list[str], store_root: str) -> set[str]:
+    """pyfuse3's defaults plus ours: kernel permission checks and a name `mount` shows."""
+    opts = set(pyfuse3.default_options)
+    opts.discard("default_permissions")
+    opts |= {"default_permissions", f"fsname=elvesfs:{store_root}", "subtype=elvesfs"}
+    for o in extra:
+        opts |= {x for x in o.split(",") if x}
+    return opts
+
+
+def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
+        cache_bytes: int, ready_fd: int | None) -> int:
+    """Open, recover, mount and serve; returns the process exit code."""
+
+    def ready(msg: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, (msg + "\n").encode())
+            os.close(ready_fd)
+
+    try:
+        store = open_store(root, cache_bytes)
+    except ElvesError as exc:
+        ready(f"ERR {exc}")
+        log.error("%s", exc)
+        return 1
+    try:
+        store.ns.ensure_root(os.getuid(), os.getgid())
+        recover(store, default_policy)
+        ops = Operations(store.db, store.ns, store.chunks, store.staging, store.reader,
+                         store.sealer, default_policy)
+        try:
+            pyfuse3.init(ops, mountpoint, fuse_options(options, root))
+        except RuntimeError as exc:
+            raise ElvesError(f"cannot mount on {mountpoint}: {exc}") from None
+    except Exception as exc:
+        ready(f"ERR {exc}")
+        log.exception("startup failed")
+        store.close()
+        return 1
+    log.info("mounted %s on %s (policy %s)", root, mountpoint, default_policy)
+    ready("OK")
+    try:
+        trio.run(_serve, ops, store)
+    except BaseException:
+        log.exception("event loop failed")
+        pyfuse3.close(unmount=True)
+        _seal_remaining(ops, store)
+        store.close()
+        raise
+    pyfuse3.close(unmount=True)
+    _seal_remaining(ops, store)
+    store.close()
+    log.info("unmounted %s", mountpoint)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="elvesfs-daemon")
+    p.add_argument("mountpoint")
+    p.add_argument("--store", required=True)
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("--lossy", default=None)
+    p.add_argument("--cache-mb", type=int, default=256)
+    p.add_argument("--ready-fd", type=int, default=None)
+    p.add_argument("--log", default=None)
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    handlers = [logging.FileHandler(a.log)] if a.log else [logging.StreamHandler(sys.stderr)]
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    policy = Policy.parse(a.lossy) if a.lossy else Policy()
+    return run(os.path.abspath(a.mountpoint), os.path.abspath(a.store), a.options, policy,
+               a.cache_mb << 20, a.ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The LMDB environment: one file holds every table of a store, so a seal commits atomically.
+
+On-disk layout of a store directory::
+
+    STORE/data.mdb, lock.mdb   LMDB environment (tables below)
+    STORE/staging/<ino>        staging files of inodes being written (plain sparse files)
+    STORE/daemon.lock          fcntl lock held by the one daemon serving the store
+    STORE/elvesfs.log          daemon log
+
+Tables (all keys big-endian so cursors iterate in numeric order):
+
+    meta       b"format" -> b"elvesfs-1";  b"next_ino" -> u64
+    inodes     ino u64 -> packed attributes (see namespace.INODE)
+    dentries   parent u64 + name -> child ino u64
+    symlinks   ino -> target bytes
+    xattrs     ino + name -> value
+    layouts    ino -> extent array (see layout.py)
+    staging    ino -> staging record (see staging.py)
+    fstats     ino -> JSON per-file ingest statistics
+    chunks     chunk id (16 bytes) -> codec frame
+    refs       chunk id -> chunk record (refcount, sizes, reference chunk; see chunkstore.py)
+    zero       chunk id -> b"" for chunks whose refcount is 0 (garbage, collected by the sealer)
+    tindex     xxh3-64(tensor name, dtype, piece size) + piece index u32 -> chunk id of the
+               latest stored piece of that tensor: the reference candidate for XOR delta
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from typing import Iterator
+
+import lmdb
+
+from .errors import StoreCorruptError, StoreFullError
+
+log = logging.getLogger(__name__)
+
+FORMAT = b"elvesfs-1"
+TABLES = ("meta", "inodes", "dentries", "symlinks", "xattrs", "layouts", "staging", "tindex",
+          "fstats", "chunks", "refs", "zero")
+MIN_MAP = 1 << 30
+
+
+def _map_size(path: str) -> int:
+    """Size the map to the disk (the store can never outgrow it), grown at each mount."""
+    disk = shutil.disk_usage(path).total
+    try:
+        used = os.path.getsize(os.path.join(path, "data.mdb"))
+    except OSError:
+        used = 0
+    return max(MIN_MAP, disk + used, used * 2)
+
+
+class Database:
+    """An LMDB environment with elvesfs' named tables and translated errors."""
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        try:
+            self.env = lmdb.open(path, map_size=_map_size(path), max_dbs=len(TABLES) + 1,
+                                 subdir=True, readonly=readonly, sync=False, metasync=False,
+                                 readahead=False, max_readers=512, lock=True,
+                                 create=not readonly)
+        except lmdb.Error as exc:
+            raise StoreCorruptError(f"cannot open store {path}: {exc}") from exc
+        self.t = {name: self.env.open_db(name.encode(), create=not readonly) for name in TABLES} \
+            if not readonly else self._open_readonly()
+        if not readonly:
+            self._check_format()
+
+    def _open_readonly(self) -> dict:
+        with self.env.begin() as txn:
+            return {name: self.env.open_db(name.encode(), txn=txn, create=False) for name in TABLES}
+
+    def _check_format(self) -> None:
+        with self.write() as txn:
+            fmt = txn.get(b"format", db=self.t["meta"])
+            if fmt is None:
+                txn.put(b"format", FORMAT, db=self.t["meta"])
+            elif fmt != FORMAT:
+                raise StoreCorruptError(f"store {self.path} has format {fmt!r}, expected {FORMAT!r}")
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read-only snapshot; cheap, usable from any thread (py-lmdb uses MDB_NOTLS)."""
+        with self.env.begin(write=False, buffers=False) as txn:
+            yield txn
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction; LMDB allows one at a time, so callers keep them short."""
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.MapFullError as exc:
+            raise StoreFullError(f"store map is full ({exc}); remount to grow it") from exc
+        except lmdb.DiskError as exc:
+            raise StoreFullError(f"no space left for the store: {exc}") from exc
+        except lmdb.Error as exc:
+            if "No space left" in str(exc) or "ENOSPC" in str(exc):
+                raise StoreFullError(f"no space left for the store: {exc}") from exc
+            raise
+
+    def sync(self) -> None:
+        """Flush committed transactions to disk (fsync): the durability point."""
+        self.env.sync(True)
+
+    def used_bytes(self) -> int:
+        """Bytes the environment occupies on disk (allocated pages, not the sparse map)."""
+        info = self.env.info()
+        return (info["last_pgno"] + 1) * self.env.stat()["psize"]
+
+    def close(self) -> None:
+        """Sync and close the environment."""
+        if not self.readonly:
+            self.env.sync(True)
+        self.env.close()

@@ -1,0 +1,83 @@
+"""PyTorch zip checkpoints (torch.save >= 1.6, TorchScript archives): stored entries */data/N."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+
+from . import FormatError, Segment, Window, assemble, dtype_itemsize, role_for
+from .pickle_walk import StorageRef, find_storages, walk
+
+MAX_PICKLE = 256 * 1024 * 1024
+_LOCAL = struct.Struct("<4s5H3L2H")  # local file header, 30 bytes
+
+# Pickles whose storages are model tensors (TorchScript keeps frozen weights in constants).
+_WEIGHT_PICKLES = {"data", "constants"}
+
+
+def parse(w: Window, size: int) -> list[Segment]:
+    """List the central directory, read the pickles, map data/<key> entries to tensors."""
+    try:
+        zf = zipfile.ZipFile(w)  # type: ignore[arg-type]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise FormatError(f"bad zip: {e}") from None
+    with zf:
+        infos = zf.infolist()
+        by_name = {i.filename: i for i in infos}
+        pickles = [i for i in infos if i.filename.endswith(".pkl") and i.filename.count("/") <= 1]
+        if not any(i.filename.rsplit("/", 1)[-1] == "data.pkl" for i in pickles):
+            raise FormatError("zip has no data.pkl: not a torch checkpoint")
+        storages: dict[str, tuple[StorageRef, str]] = {}  # entry name -> (ref, pickle stem)
+        for info in pickles:
+            base = info.filename[: -len(".pkl")]  # "archive/data" -> storages in "archive/data/"
+            stem = base.rsplit("/", 1)[-1]
+            if info.file_size > MAX_PICKLE:
+                raise FormatError(f"{info.filename} is {info.file_size} bytes (cap {MAX_PICKLE})")
+            try:
+                with zf.open(info) as fh:
+                    raw = fh.read(MAX_PICKLE + 1)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+                raise FormatError(f"cannot read {info.filename}: {e}") from None
+            if len(raw) > MAX_PICKLE:
+                raise FormatError(f"{info.filename} exceeds {MAX_PICKLE} bytes")
+            root, _end = walk(raw)
+            refs = find_storages(root, "" if stem == "data" else stem)
+            for key, ref in refs.items():
+                storages.setdefault(f"{base}/{key}", (ref, stem))
+        tensors: list[Segment] = []
+        for info in infos:
+            hit = storages.get(info.filename)
+            if hit is None or info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
+                continue
+            ref, stem = hit
+            isz = dtype_itemsize(ref.dtype)
+            if isz is None or ref.numel * isz != info.file_size or info.compress_size != info.file_size:
+                continue  # the pickle and the entry disagree: keep those bytes plain
+            start = _data_offset(w, info)
+            if start + info.file_size > size:
+                raise FormatError(f"{info.filename}: data past end of file")
+            role = role_for(ref.path) if stem in _WEIGHT_PICKLES else "other"
+            tensors.append(Segment(start, info.file_size, "tensor", ref.path, ref.dtype, ref.shape, role))
+        _check_entries(w, infos, by_name, getattr(zf, "start_dir", size))
+    return assemble(size, tensors)
+
+
+def _data_offset(w: Window, info: zipfile.ZipInfo) -> int:
+    """Where an entry's bytes start: the local header's own name and extra lengths count."""
+    hdr = _LOCAL.unpack(w.pread(info.header_offset, _LOCAL.size))
+    if hdr[0] != b"PK\x03\x04":
+        raise FormatError(f"{info.filename}: bad local header signature")
+    return info.header_offset + _LOCAL.size + hdr[9] + hdr[10]
+
+
+def _check_entries(w: Window, infos: list[zipfile.ZipInfo], by_name: dict, cd_start: int) -> None:
+    """Entries must not overlap each other (a lying directory could alias tensor bytes)."""
+    if len(by_name) != len(infos):
+        raise FormatError("duplicate entry names in zip")
+    prev_end = 0
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        if info.header_offset < prev_end:
+            raise FormatError(f"{info.filename}: overlaps the previous entry")
+        prev_end = _data_offset(w, info) + info.compress_size
+    if prev_end > cd_start:
+        raise FormatError("last entry runs into the central directory")

@@ -1,0 +1,785 @@
+"""The FUSE layer: translates pyfuse3 calls into namespace, staging, seal and read operations.
+
+Rules this module keeps:
+- it runs on the trio event loop and never does CPU work there: decoding, sealing
+  and garbage collection go to worker threads (`trio.to_thread`);
+- every handler maps errors to an errno; an unexpected exception is logged and
+  becomes EIO, never a dead mount;
+- lookup counts are tracked so an unlinked inode lives until the kernel forgets
+  it and its last handle is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import pyfuse3
+import trio
+
+from .chunkstore import ChunkStore
+from .db import Database
+from .errors import ElvesError, StoreFullError
+from .ingest import Sealer
+from .layout import HOLE, Layout
+from .namespace import FsError, Inode, Namespace, ROOT_INO, key
+from .policy import XATTR as POLICY_XATTR, Policy, PolicyError
+from .reader import ChunkReader
+from .staging import Staging
+from .state import DirHandle, Handle, InodeState
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0
+BLKSIZE = 128 << 10
+MAX_FILE_SIZE = (1 << 63) - 1
+READAHEAD = 4
+
+
+def handler(fn: Callable) -> Callable:
+    """Map exceptions to errnos; an unexpected one is logged and becomes EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "Operations", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (FsError, ElvesError) as exc:
+            if exc.errno == errno.EIO or isinstance(exc, StoreFullError):
+                log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("%s: disk full: %s", fn.__name__, exc)
+            else:
+                log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 operations of one mounted store."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, db: Database, ns: Namespace, chunks: ChunkStore, staging: Staging,
+                 reader: ChunkReader, sealer: Sealer, default_policy: Policy) -> None:
+        super().__init__()
+        self.db, self.ns, self.chunks, self.staging = db, ns, chunks, staging
+        self.reader, self.sealer = reader, sealer
+        self.default_policy = default_policy
+        self.state: dict[int, InodeState] = {}
+        self.lookups: Counter[int] = Counter()
+        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self.layouts: dict[int, Layout] = {}
+        self.generation = 0  # bumped whenever refcounts change: invalidates st_blocks shares
+        self.blocks: dict[int, tuple[int, int]] = {}
+        self.seal_limiter = trio.CapacityLimiter(1)  # seals, drops and GC run one at a time
+        self.read_limiter = trio.CapacityLimiter(max(2, (os.cpu_count() or 2) * 2))
+        self.pending_seals = 0
+        self.idle = trio.Condition()
+        self.nursery: trio.Nursery | None = None
+
+    # -- helpers -------------------------------------------------------------
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _st(self, ino: int) -> InodeState:
+        st = self.state.get(ino)
+        if st is None:
+            st = self.state[ino] = InodeState(ino)
+        return st
+
+    def _release_state(self, ino: int) -> None:
+        st = self.state.get(ino)
+        if st is not None and st.idle:
+            del self.state[ino]
+
+    async def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        st = self.state.get(inode.ino)
+        size = st.size if st is not None and st.staged else inode.size
+        mtime = st.mtime_ns if st is not None and st.mtime_ns is not None else inode.mtime_ns
+        ctime = st.ctime_ns if st is not None and st.ctime_ns is not None else inode.ctime_ns
+        a.st_ino = inode.ino
+        a.generation = 0
+        a.entry_timeout = ATTR_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = inode.mode
+        a.st_nlink = inode.nlink
+        a.st_uid = inode.uid
+        a.st_gid = inode.gid
+        a.st_rdev = inode.rdev
+        a.st_size = size
+        a.st_blksize = BLKSIZE
+        a.st_blocks = await self._blocks(inode, st)
+        a.st_atime_ns = inode.atime_ns
+        a.st_mtime_ns = mtime
+        a.st_ctime_ns = ctime
+        return a
+
+    async def _blocks(self, inode: Inode, st: InodeState | None) -> int:
+        """512-byte blocks: the file's share of stored bytes (1/N of a chunk N files share)."""
+        if st is not None and st.staged:
+            return os.fstat(st.fd).st_blocks
+        if not inode.is_reg or inode.size == 0:
+            return 0
+        cached = self.blocks.get(inode.ino)
+        if cached and cached[0] == self.generation:
+            return cached[1]
+        gen = self.generation
+        blocks = await trio.to_thread.run_sync(self._share_blocks, inode.ino,
+                                               limiter=self.read_limiter)
+        self.blocks[inode.ino] = (gen, blocks)
+        return blocks
+
+    def _share_blocks(self, ino: int) -> int:
+        """Sum over the layout's chunks of stored bytes x uses / refcount (thread side)."""
+        share = 0.0
+        with self.db.read() as txn:
+            raw = txn.get(key(ino), db=self.db.t["layouts"])
+            if not raw:
+                return 0
+            for cid, n in Counter(Layout.from_bytes(raw).ids()).items():
+                rec = self.chunks.record(txn, cid)
+                if rec is None or rec.refcount == 0:
+                    continue
+                share += rec.stored * n / rec.refcount
+                if rec.is_delta:
+                    ref = self.chunks.record(txn, rec.ref)
+                    if ref is not None and ref.refcount:
+                        share += ref.stored / ref.refcount * n / rec.refcount
+        return int((share + 511) // 512)
+
+    def _layout(self, ino: int) -> Layout:
+        lay = self.layouts.get(ino)
+        if lay is None:
+            with self.db.read() as txn:
+                raw = txn.get(key(ino), db=self.db.t["layouts"])
+            lay = Layout.from_bytes(raw) if raw else Layout.empty()
+            if len(self.layouts) > 4096:
+                self.layouts.clear()
+            self.layouts[ino] = lay
+        return lay
+
+    def _get(self, ino: int) -> Inode:
+        with self.db.read() as txn:
+            return self.ns.get(txn, ino)
+
+    def _policy(self, ino: int) -> Policy:
+        with self.db.read() as txn:
+            raw = self.ns.getxattr(txn, ino, POLICY_XATTR)
+        try:
+            return Policy.parse(raw) if raw is not None else self.default_policy
+        except PolicyError:
+            return self.default_policy
+
+    def _touch_dir(self, txn, ino: int, now: int, nlink_delta: int = 0) -> None:
+        d = self.ns.get(txn, ino)
+        d.mtime_ns = d.ctime_ns = now
+        d.nlink += nlink_delta
+        self.ns.put(txn, d)
+
+    def _lookup_inc(self, ino: int) -> None:
+        self.lookups[ino] += 1
+
+    # -- lookup and attributes --------------------------------------------------
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        if len(name) > 255:
+            raise FsError(errno.ENAMETOOLONG)
+        with self.db.read() as txn:
+            ino = self.ns.lookup(txn, parent_inode, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            inode = self.ns.get(txn, ino)
+        attrs = await self._attrs(inode)
+        self._lookup_inc(ino)
+        return attrs
+
+    @handler
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.lookups[ino] -= n
+            if self.lookups[ino] <= 0:
+                del self.lookups[ino]
+                await self._maybe_drop(ino)
+
+    @handler
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        return await self._attrs(self._get(inode))
+
+    @handler
+    async def setattr(self, inode: int, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+        now = time.time_ns()
+        if fields.update_size:
+            await self._truncate(inode, attr.st_size)
+        with self.db.write() as txn:
+            node = self.ns.get(txn, inode)
+            st = self.state.get(inode)
+            if fields.update_mode:
+                node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            if fields.update_uid:
+                node.uid = attr.st_uid
+            if fields.update_gid:
+                node.gid = attr.st_gid
+            if fields.update_atime:
+                node.atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                node.mtime_ns = attr.st_mtime_ns
+                if st is not None:
+                    st.mtime_ns = None
+            elif fields.update_size:
+                node.mtime_ns = now
+                if st is not None:
+                    st.mtime_ns = None
+            node.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
+            if st is not None:
+                st.ctime_ns = None
+                if st.staged:
+                    node.size = st.size
+            self.ns.put(txn, node)
+        return await self._attrs(node)
+
+    async def _truncate(self, ino: int, size: int) -> None:
+        if size > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        inode = self._get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        st = self._st(ino)
+        async with st.lock:
+            await self._stop_seal(st)
+            if not st.staged:
+                if size == inode.size:
+                    return
+                await self._stage(st, inode, copy=size > 0)
+            os.ftruncate(st.fd, size)
+            st.size = size
+        if not st.writers:
+            self._schedule_seal(ino)
+
+    @handler
+    async def readlink(self, inode: int, ctx) -> bytes:
+        with self.db.read() as txn:
+            return self.ns.readlink(txn, inode)
+
+    # -- creating entries ---------------------------------------------------------
+    def _new_entry(self, parent: int, name: bytes, mode: int, ctx, rdev: int = 0,
+                   target: bytes | None = None) -> Inode:
+        """Create an inode and its entry in one transaction (POSIX: EEXIST if taken)."""
+        self.ns.check_name(name)
+        now = time.time_ns()
+        with self.db.write() as txn:
+            p = self.ns.get(txn, parent)
+            if not p.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if p.nlink == 0:
+                raise FsError(errno.ENOENT)
+            if self.ns.lookup(txn, parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            gid = ctx.gid
+            if p.mode & stat.S_ISGID:
+                gid = p.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            inode = self.ns.new_inode(txn, mode, ctx.uid, gid, rdev)
+            if target is not None:
+                self.ns.set_symlink(txn, inode.ino, target)
+                inode.size = len(target)
+                self.ns.put(txn, inode)
+            self.ns.link(txn, parent, name, inode.ino)
+            policy = self.ns.getxattr(txn, parent, POLICY_XATTR)
+            if policy is not None and (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                self.ns.setxattr(txn, inode.ino, POLICY_XATTR, policy)
+            self._touch_dir(txn, parent, now, 1 if stat.S_ISDIR(mode) else 0)
+        return inode
+
+    @handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
+        inode = self._new_entry(parent_inode, name, mode, ctx, rdev)
+        self._lookup_inc(inode.ino)
+        return await self._attrs(inode)
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
+        inode = self._new_entry(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
+        self._lookup_inc(inode.ino)
+        return await self._attrs(inode)
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
+        inode = self._new_entry(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target)
+        self._lookup_inc(inode.ino)
+        return await self._attrs(inode)
+
+    @handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
+        inode = self._new_entry(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        self._lookup_inc(inode.ino)
+        st = self._st(inode.ino)
+        async with st.lock:
+            await self._stage(st, inode, copy=False)
+        fi = self._open_handle(inode.ino, flags)
+        return fi, await self._attrs(inode)
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
+        self.ns.check_name(new_name)
+        now = time.time_ns()
+        with self.db.write() as txn:
+            node = self.ns.get(txn, inode)
+            if node.is_dir:
+                raise FsError(errno.EPERM)
+            if self.ns.lookup(txn, new_parent_inode, new_name) is not None:
+                raise FsError(errno.EEXIST)
+            node.nlink += 1
+            node.ctime_ns = now
+            self.ns.put(txn, node)
+            self.ns.link(txn, new_parent_inode, new_name, inode)
+            self._touch_dir(txn, new_parent_inode, now)
+        self._lookup_inc(inode)
+        return await self._attrs(node)
+
+    # -- removing entries ---------------------------------------------------------
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
+        now = time.time_ns()
+        with self.db.write() as txn:
+            ino = self.ns.lookup(txn, parent_inode, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            node = self.ns.get(txn, ino)
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            self.ns.unlink(txn, parent_inode, name)
+            node.nlink -= 1
+            node.ctime_ns = now
+            self.ns.put(txn, node)
+            self._touch_dir(txn, parent_inode, now)
+        if node.nlink == 0:
+            await self._maybe_drop(ino)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
+        now = time.time_ns()
+        with self.db.write() as txn:
+            ino = self.ns.lookup(txn, parent_inode, name)
+            if ino is None:
+                raise FsError(errno.ENOENT)
+            node = self.ns.get(txn, ino)
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not self.ns.is_empty_dir(txn, ino):
+                raise FsError(errno.ENOTEMPTY)
+            self.ns.unlink(txn, parent_inode, name)
+            node.nlink = 0
+            node.ctime_ns = now
+            self.ns.put(txn, node)
+            self._touch_dir(txn, parent_inode, now, -1)
+        await self._maybe_drop(ino)
+
+    @handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx) -> None:
+        self.ns.check_name(name_new)
+        now = time.time_ns()
+        dropped = None
+        with self.db.write() as txn:
+            src = self.ns.lookup(txn, parent_inode_old, name_old)
+            if src is None:
+                raise FsError(errno.ENOENT)
+            dst = self.ns.lookup(txn, parent_inode_new, name_new)
+            snode = self.ns.get(txn, src)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                if dst is None:
+                    raise FsError(errno.ENOENT)
+                dnode = self.ns.get(txn, dst)
+                self.ns.link(txn, parent_inode_old, name_old, dst)
+                self.ns.link(txn, parent_inode_new, name_new, src)
+                if parent_inode_old != parent_inode_new and snode.is_dir != dnode.is_dir:
+                    moved_dir_delta = 1 if snode.is_dir else -1
+                    self._touch_dir(txn, parent_inode_old, now, -moved_dir_delta)
+                    self._touch_dir(txn, parent_inode_new, now, moved_dir_delta)
+                else:
+                    self._touch_dir(txn, parent_inode_old, now)
+                    self._touch_dir(txn, parent_inode_new, now)
+                for n in (snode, dnode):
+                    n.ctime_ns = now
+                    self.ns.put(txn, n)
+                return
+            if dst is not None:
+                if flags & pyfuse3.RENAME_NOREPLACE:
+                    raise FsError(errno.EEXIST)
+                if dst == src:
+                    return
+                dnode = self.ns.get(txn, dst)
+                if dnode.is_dir:
+                    if not snode.is_dir:
+                        raise FsError(errno.EISDIR)
+                    if not self.ns.is_empty_dir(txn, dst):
+                        raise FsError(errno.ENOTEMPTY)
+                    dnode.nlink = 0
+                    self._touch_dir(txn, parent_inode_new, now, -1)
+                else:
+                    if snode.is_dir:
+                        raise FsError(errno.ENOTDIR)
+                    dnode.nlink -= 1
+                dnode.ctime_ns = now
+                self.ns.put(txn, dnode)
+                if dnode.nlink == 0:
+                    dropped = dst
+            self.ns.unlink(txn, parent_inode_old, name_old)
+            self.ns.link(txn, parent_inode_new, name_new, src)
+            snode.ctime_ns = now
+            self.ns.put(txn, snode)
+            delta = 1 if snode.is_dir and parent_inode_old != parent_inode_new else 0
+            self._touch_dir(txn, parent_inode_old, now, -delta)
+            self._touch_dir(txn, parent_inode_new, now, delta)
+        if dropped is not None:
+            await self._maybe_drop(dropped)
+
+    async def _maybe_drop(self, ino: int) -> None:
+        """Delete an inode once it has no links, no kernel lookups and no open handles."""
+        if ino == ROOT_INO or self.lookups.get(ino, 0) > 0:
+            return
+        st = self.state.get(ino)
+        if st is not None and st.handles:
+            return
+        with self.db.read() as txn:
+            node = self.ns.find(txn, ino)
+        if node is None or node.nlink > 0:
+            return
+        if st is not None:
+            st.abort.set()
+            if st.seal_done is not None:
+                await st.seal_done.wait()
+            if st.fd is not None:
+                os.close(st.fd)
+                st.fd = None
+            st.mtime_ns = st.ctime_ns = None
+            self._release_state(ino)
+        self.layouts.pop(ino, None)
+        self.blocks.pop(ino, None)
+        await trio.to_thread.run_sync(self._drop_and_collect, ino, limiter=self.seal_limiter)
+        self.generation += 1
+
+    def _drop_and_collect(self, ino: int) -> None:
+        self.sealer.drop(ino)
+        self.sealer.collect()
+
+    # -- open, read, write ----------------------------------------------------------
+    def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        fh = self._fh()
+        self.handles[fh] = Handle(ino, writable, flags)
+        st = self._st(ino)
+        st.handles += 1
+        if writable:
+            st.writers += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
+        node = self._get(inode)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        return self._open_handle(inode, flags)
+
+    async def _stop_seal(self, st: InodeState) -> None:
+        """A writer is back: abort a running seal of this inode and wait for it to stop."""
+        if st.sealing:
+            st.abort.set()
+            await st.seal_done.wait()
+
+    async def _stage(self, st: InodeState, inode: Inode, copy: bool) -> None:
+        """Give the inode a staging file; with `copy`, holding its sealed content first."""
+        with self.db.write() as txn:
+            fd = self.staging.create(txn, inode.ino)
+        try:
+            if copy and inode.size:
+                lay = self._layout(inode.ino)
+                await trio.to_thread.run_sync(self.reader.copy_to_fd, lay, fd,
+                                              limiter=self.read_limiter)
+                os.ftruncate(fd, inode.size)
+        except BaseException:
+            os.close(fd)
+            with self.db.write() as txn:
+                self.staging.forget(txn, inode.ino)
+            self.staging.remove_file(inode.ino)
+            raise
+        st.fd = fd
+        st.size = inode.size if copy else 0
+        self.layouts.pop(inode.ino, None)
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles[fh]
+        st = self.state.get(h.ino)
+        if st is not None and st.staged:
+            return os.pread(st.fd, size, off)
+        lay = self._layout(h.ino)
+        if off >= lay.size:
+            return b""
+        data = self.reader.cached_range(lay, off, size)
+        if data is None:
+            data = await trio.to_thread.run_sync(self.reader.read_range, lay, off, size,
+                                                 limiter=self.read_limiter)
+        self._readahead(lay, off + size)
+        return data
+
+    def _readahead(self, lay: Layout, off: int) -> None:
+        """Decode the next chunks ahead of a sequential reader (loaders read whole shards)."""
+        if self.nursery is None or off >= lay.size:
+            return
+        i = lay.find(off)
+        for j in range(i, min(i + READAHEAD, len(lay))):
+            cid = lay.chunk_id(j)
+            if cid != HOLE and cid not in self.reader.cache:
+                self.nursery.start_soon(self._prefetch, cid)
+
+    async def _prefetch(self, cid: bytes) -> None:
+        try:
+            await trio.to_thread.run_sync(self.reader.get, cid, limiter=self.read_limiter)
+        except Exception as exc:  # the real read will report it
+            log.debug("readahead of %s failed: %s", cid.hex(), exc)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.handles[fh]
+        if off + len(buf) > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        st = self._st(h.ino)
+        if not st.staged or st.sealing:
+            async with st.lock:
+                await self._stop_seal(st)
+                if not st.staged:
+                    await self._stage(st, self._get(h.ino), copy=True)
+        n = os.pwrite(st.fd, buf, off)
+        while n < len(buf):
+            n += os.pwrite(st.fd, memoryview(buf)[n:], off + n)
+        if off + n > st.size:
+            st.size = off + n
+        st.mtime_ns = st.ctime_ns = time.time_ns()
+        return n
+
+    def _persist_attrs(self, st: InodeState) -> None:
+        """Write in-memory size and times into the stored inode."""
+        with self.db.write() as txn:
+            node = self.ns.find(txn, st.ino)
+            if node is None:
+                return
+            if st.staged:
+                node.size = st.size
+            if st.mtime_ns is not None:
+                node.mtime_ns = st.mtime_ns
+            if st.ctime_ns is not None:
+                node.ctime_ns = st.ctime_ns
+            self.ns.put(txn, node)
+        st.mtime_ns = st.ctime_ns = None
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        h = self.handles.get(fh)
+        if h is not None and h.writable:
+            st = self.state.get(h.ino)
+            if st is not None and (st.mtime_ns is not None or st.ctime_ns is not None):
+                self._persist_attrs(st)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh)
+        st = self._st(h.ino)
+        st.handles -= 1
+        if h.writable:
+            st.writers -= 1
+            self._persist_attrs(st)
+        if st.staged and not st.writers:
+            with self.db.read() as txn:
+                node = self.ns.find(txn, h.ino)
+            if node is not None and node.nlink > 0:
+                self._schedule_seal(h.ino)
+        if not st.handles:
+            await self._maybe_drop(h.ino)
+        self._release_state(h.ino)
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handles[fh]
+        st = self.state.get(h.ino)
+        if st is not None and st.staged:
+            self._persist_attrs(st)
+            await trio.to_thread.run_sync(os.fsync, st.fd)
+            await trio.to_thread.run_sync(self.staging.sync_dir)
+        await trio.to_thread.run_sync(self.db.sync)
+
+    # -- sealing --------------------------------------------------------------------
+    def _schedule_seal(self, ino: int) -> None:
+        if self.nursery is not None:
+            self.pending_seals += 1
+            self.nursery.start_soon(self._seal_task, ino)
+
+    async def _seal_task(self, ino: int) -> None:
+        try:
+            await self.seal(ino)
+        finally:
+            self.pending_seals -= 1
+            async with self.idle:
+                self.idle.notify_all()
+
+    async def seal(self, ino: int) -> None:
+        """Seal a closed staged inode into the store (off the loop); keep it staged on error."""
+        st = self.state.get(ino)
+        if st is None or not st.staged or st.writers or st.sealing:
+            return
+        st.sealing = True
+        st.abort.clear()
+        st.seal_done = trio.Event()
+        try:
+            policy = self._policy(ino)
+            stats = await trio.to_thread.run_sync(self.sealer.seal, ino, policy, st.abort,
+                                                  limiter=self.seal_limiter)
+            if stats is not None:
+                os.close(st.fd)
+                st.fd = None
+                self.layouts.pop(ino, None)
+                self.generation += 1
+                self._invalidate(ino, data=stats.lossy_bytes > 0)
+            await trio.to_thread.run_sync(self.sealer.collect, limiter=self.seal_limiter)
+        except StoreFullError as exc:
+            log.error("cannot seal inode %d, it stays staged until space is freed: %s", ino, exc)
+        except Exception:
+            log.exception("sealing inode %d failed; its data stays staged", ino)
+        finally:
+            st.sealing = False
+            st.seal_done.set()
+            self._release_state(ino)
+
+    def _invalidate(self, ino: int, data: bool) -> None:
+        """Drop kernel-cached attributes (st_blocks changed) and, after lossy coding, data."""
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=not data)
+        except Exception as exc:  # not mounted (tests) or inode unknown to the kernel
+            log.debug("invalidate_inode(%d): %s", ino, exc)
+
+    async def wait_idle(self) -> None:
+        """Return once no seal is pending or running (for `elvesfs sync` and unmount)."""
+        async with self.idle:
+            while self.pending_seals:
+                await self.idle.wait()
+        await trio.to_thread.run_sync(self.db.sync)
+
+    # -- directories --------------------------------------------------------------
+    @handler
+    async def opendir(self, inode: int, ctx) -> int:
+        node = self._get(inode)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        fh = self._fh()
+        self.dirs[fh] = DirHandle(inode)
+        return fh
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        d = self.dirs[fh]
+        if d.entries is None or start_id == 0:
+            with self.db.read() as txn:
+                d.entries = self.ns.entries(txn, d.ino)
+        for i in range(start_id, len(d.entries)):
+            name, ino = d.entries[i]
+            with self.db.read() as txn:
+                node = self.ns.find(txn, ino)
+            if node is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name, await self._attrs(node), i + 1):
+                break
+            self._lookup_inc(ino)
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(self.db.sync)
+
+    # -- xattrs ---------------------------------------------------------------------
+    @handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx) -> None:
+        if name == POLICY_XATTR:
+            try:
+                Policy.parse(value)
+            except PolicyError as exc:
+                log.warning("rejected policy on inode %d: %s", inode, exc)
+                raise FsError(errno.EINVAL) from None
+        if len(name) > 255:
+            raise FsError(errno.ERANGE)
+        with self.db.write() as txn:
+            node = self.ns.get(txn, inode)
+            self.ns.setxattr(txn, inode, name, value)
+            node.ctime_ns = time.time_ns()
+            self.ns.put(txn, node)
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx) -> bytes:
+        with self.db.read() as txn:
+            self.ns.get(txn, inode)
+            value = self.ns.getxattr(txn, inode, name)
+        if value is None:
+            raise FsError(pyfuse3.ENOATTR)
+        return value
+
+    @handler
+    async def listxattr(self, inode: int, ctx) -> list[bytes]:
+        with self.db.read() as txn:
+            return self.ns.xattr_names(txn, inode)
+
+    @handler
+    async def removexattr(self, inode: int, name: bytes, ctx) -> None:
+        with self.db.write() as txn:
+            if not self.ns.removexattr(txn, inode, name):
+                raise FsError(pyfuse3.ENOATTR)
+            node = self.ns.get(txn, inode)
+            node.ctime_ns = time.time_ns()
+            self.ns.put(txn, node)
+
+    # -- filesystem -----------------------------------------------------------------
+    @handler
+    async def statfs(self, ctx) -> pyfuse3.StatvfsData:
+        """Capacity = what the store uses + what the disk has free, so `df` shows real use."""
+        disk = os.statvfs(self.db.path)
+        bs = 4096
+        used = self.db.used_bytes() + self._staging_bytes()
+        free = disk.f_bavail * disk.f_frsize
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLKSIZE
+        s.f_frsize = bs
+        s.f_blocks = (used + free) // bs
+        s.f_bfree = free // bs
+        s.f_bavail = free // bs
+        s.f_files = 1 << 32
+        s.f_ffree = (1 << 32) - 1000
+        s.f_favail = s.f_ffree
+        s.f_namemax = 255
+        return s
+
+    def _staging_bytes(self) -> int:
+        return sum(os.fstat(st.fd).st_blocks * 512 for st in self.state.values() if st.staged)

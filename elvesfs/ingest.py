@@ -1,0 +1,376 @@
+"""Sealing: turn a staging file into deduplicated, coded chunks and a layout, atomically.
+
+Pipeline (runs in a worker thread, never on the event loop)::
+
+    plan pieces   formats.parse -> tensor segments split at <= 4 MiB (element aligned)
+                  + everything else content-defined chunked (FastCDC, ~64 KiB)
+                  + holes of sparse files (SEEK_DATA/SEEK_HOLE) as hole extents
+    code pieces   thread pool: read, hash (xxh3-128), dedup lookup, pick a
+                  reference for XOR delta, codec/'s selector encodes
+    commit        new chunks in batches (refcount 0 until referenced, so a crash
+                  leaves only garbage), then ONE transaction installs the layout,
+                  increfs the new chunks, decrefs the old layout, sets the size,
+                  records the file's statistics and drops the staging record.
+
+Memory stays bounded by the window of pieces in flight (a few x 4 MiB).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import xxhash
+from pyfastcdc import FastCDC
+
+from . import formats
+from .chunkstore import ChunkStore
+from .coding import Encoded, chunk_id, encode_chunk
+from .db import Database
+from .layout import HOLE, Layout
+from .namespace import Namespace, key
+from .policy import Policy
+from .reader import ChunkReader
+from .staging import Staging
+
+log = logging.getLogger(__name__)
+
+TENSOR_PIECE = 4 << 20
+CDC = dict(avg_size=64 << 10, min_size=16 << 10, max_size=256 << 10)
+BATCH_BYTES = 16 << 20
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+            "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+            "C64": 8, "C128": 16}
+
+
+@dataclass
+class Piece:
+    """A byte range of the file that becomes one chunk (or a hole)."""
+
+    offset: int
+    length: int
+    dtype: str | None = None
+    name: str | None = None
+    role: str = "other"
+    index: int = 0  # piece number within its tensor
+    hole: bool = False
+
+
+@dataclass
+class SealStats:
+    """What one seal did; stored as JSON in table `fstats` and shown by `elvesfs stats`."""
+
+    format: str = "plain"
+    policy: str = "lossless"
+    logical: int = 0
+    chunks: int = 0
+    new_raw: int = 0
+    new_stored: int = 0
+    dedup_bytes: int = 0
+    delta_raw: int = 0
+    delta_stored: int = 0
+    hole_bytes: int = 0
+    tensors: int = 0
+    lossy_bytes: int = 0
+    max_error: float = 0.0
+    codecs: dict = field(default_factory=dict)  # codec -> [raw, stored]
+    seconds: float = 0.0
+    note: str = ""
+
+    def add(self, enc: Encoded, is_delta: bool) -> None:
+        self.new_raw += enc.raw
+        self.new_stored += len(enc.frame)
+        raw, stored = self.codecs.get(enc.codec, (0, 0))
+        self.codecs[enc.codec] = [raw + enc.raw, stored + len(enc.frame)]
+        if is_delta:
+            self.delta_raw += enc.raw
+            self.delta_stored += len(enc.frame)
+        if enc.max_error is not None:
+            self.lossy_bytes += enc.raw
+            self.max_error = max(self.max_error, enc.max_error)
+
+
+@dataclass
+class _Result:
+    piece: Piece
+    cid: bytes
+    enc: Encoded | None  # None: the chunk was already stored (dedup)
+    ref: bytes = bytes(16)
+
+
+def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, is_hole) covering [0, size), using SEEK_DATA/SEEK_HOLE where supported."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            data = size
+        data = min(data, size)
+        if data > pos:
+            yield pos, data, True
+            pos = data
+            if pos >= size:
+                break
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        hole = min(hole, size)
+        yield pos, hole, False
+        pos = hole
+
+
+class Planner:
+    """Splits a staged file into pieces: tensor-aligned for model files, CDC otherwise."""
+
+    def __init__(self) -> None:
+        self._cdc = threading.local()
+
+    def cdc(self) -> FastCDC:
+        if not hasattr(self._cdc, "c"):
+            self._cdc.c = FastCDC(**CDC)
+        return self._cdc.c
+
+    def plan(self, fd: int, size: int) -> tuple[str, str, Iterator[Piece]]:
+        """(format, note, pieces) for the file behind `fd`."""
+        with os.fdopen(os.dup(fd), "rb") as f:
+            parsed = formats.parse(f, size)
+        if parsed.format == "plain":
+            return "plain", parsed.note, self._plain(fd, 0, size)
+        return parsed.format, parsed.note, self._segments(fd, parsed.segments)
+
+    def _plain(self, fd: int, start: int, end: int) -> Iterator[Piece]:
+        for a, b, hole in _data_regions(fd, end) if start == 0 else [(start, end, False)]:
+            if b <= start:
+                continue
+            a = max(a, start)
+            if hole:
+                yield Piece(a, b - a, hole=True)
+            else:
+                yield from self._cdc_pieces(fd, a, b)
+
+    def _cdc_pieces(self, fd: int, a: int, b: int) -> Iterator[Piece]:
+        """Content-defined pieces of [a, b), reading 64 MiB windows to bound memory."""
+        window = 64 << 20
+        pos = a
+        while pos < b:
+            n = min(window, b - pos)
+            buf = os.pread(fd, n, pos)
+            if len(buf) < n:
+                raise OSError(f"staging file shrank while sealing (read {len(buf)} of {n} bytes)")
+            cuts = list(self.cdc().cut_buf(buf))
+            last = pos + n >= b
+            if not last and len(cuts) > 1:
+                cuts = cuts[:-1]  # the window's tail is re-chunked with the next window
+            for c in cuts:
+                yield Piece(pos + c.offset, c.length)
+            pos += sum(c.length for c in cuts)
+
+    def _segments(self, fd: int, segments: list) -> Iterator[Piece]:
+        for seg in segments:
+            if seg.kind != "tensor" or seg.dtype not in ITEMSIZE:
+                yield from self._cdc_pieces(fd, seg.offset, seg.offset + seg.length)
+                continue
+            step = TENSOR_PIECE - TENSOR_PIECE % ITEMSIZE[seg.dtype]
+            for idx, off in enumerate(range(0, seg.length, step)):
+                yield Piece(seg.offset + off, min(step, seg.length - off), seg.dtype,
+                            seg.name, seg.role, idx)
+
+
+def tensor_key(p: Piece) -> bytes:
+    """Key of table `tindex`: same-named tensor piece of the same dtype and size."""
+    h = xxhash.xxh3_64_digest(f"{p.name}\0{p.dtype}\0{p.length}".encode())
+    return h + struct.pack(">I", p.index)
+
+
+class Sealer:
+    """Seals staging files into the store; one seal at a time (the caller serialises)."""
+
+    def __init__(self, db: Database, ns: Namespace, chunks: ChunkStore, staging: Staging,
+                 reader: ChunkReader, workers: int | None = None, delta: bool = True) -> None:
+        self.db, self.ns, self.chunks, self.staging, self.reader = db, ns, chunks, staging, reader
+        self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
+                                       thread_name_prefix="elvesfs-code")
+        self.planner = Planner()
+        self.delta = delta
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    # -- piece coding (pool threads) -------------------------------------------
+    def _reference(self, p: Piece) -> tuple[bytes, bytes | None]:
+        """A same-named stored tensor piece to XOR against (never itself a delta)."""
+        if not (self.delta and p.name and p.dtype):
+            return bytes(16), None
+        with self.db.read() as txn:
+            ref = txn.get(tensor_key(p), db=self.db.t["tindex"])
+            rec = self.chunks.record(txn, ref) if ref else None
+        if rec is None or rec.is_delta or rec.raw != p.length or rec.flags:
+            return bytes(16), None
+        try:
+            return ref, self.reader.get(ref)
+        except Exception:  # a damaged reference only costs compression
+            log.warning("reference chunk %s unreadable; coding without delta", ref.hex())
+            return bytes(16), None
+
+    def _code(self, fd: int, p: Piece, policy: Policy) -> _Result:
+        data = os.pread(fd, p.length, p.offset)
+        if len(data) != p.length:
+            raise OSError(f"staging file shrank while sealing at {p.offset}")
+        lossy = policy.allows_lossy(p.dtype, p.role)
+        cid = chunk_id(data, policy.seed() if lossy else 0)
+        with self.db.read() as txn:
+            if self.chunks.record(txn, cid) is not None:
+                return _Result(p, cid, None)
+        ref_id, ref = self._reference(p)
+        enc = encode_chunk(memoryview(data), p.dtype, p.role, policy, ref)
+        import codec  # frame tells us whether the selector actually used the reference
+        if not codec.inspect(enc.frame).needs_reference:
+            ref_id = bytes(16)
+        return _Result(p, enc.cid, enc, ref_id)
+
+    # -- the seal ---------------------------------------------------------------
+    def seal(self, ino: int, policy: Policy, abort: threading.Event) -> SealStats | None:
+        """Seal inode `ino`'s staging file; None if aborted (a writer came back)."""
+        t0 = time.monotonic()
+        fd = os.open(self.staging.path(ino), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            fmt, note, pieces = self.planner.plan(fd, size)
+            stats = SealStats(format=fmt, policy=str(policy), logical=size, note=note)
+            extents = self._code_all(fd, pieces, policy, stats, abort)
+        finally:
+            os.close(fd)
+        if extents is None:
+            return None
+        stats.seconds = round(time.monotonic() - t0, 3)
+        self._install(ino, Layout.build(extents), size, stats)
+        self.staging.remove_file(ino)
+        log.info("sealed inode %d: %s %d bytes -> %d new stored (%.2fs)", ino, fmt, size,
+                 stats.new_stored, stats.seconds)
+        return stats
+
+    def _code_all(self, fd: int, pieces: Iterator[Piece], policy: Policy, stats: SealStats,
+                  abort: threading.Event) -> list[tuple[int, bytes]] | None:
+        window: list[Future] = []
+        extents: list[tuple[int, bytes]] = []
+        batch: list[_Result] = []
+        batch_bytes = 0
+        limit = 2 * self.pool._max_workers + 2
+        tindex: dict[bytes, bytes] = {}
+
+        def drain_one() -> None:
+            nonlocal batch_bytes
+            r = window.pop(0).result()
+            extents.append((r.piece.offset + r.piece.length, r.cid))
+            if r.piece.name:
+                stats.tensors += r.piece.index == 0
+                if not policy.allows_lossy(r.piece.dtype, r.piece.role):
+                    tindex[tensor_key(r.piece)] = r.cid
+            if r.enc is None:
+                stats.dedup_bytes += r.piece.length
+            else:
+                batch.append(r)
+                batch_bytes += len(r.enc.frame)
+
+        for p in pieces:
+            if abort.is_set():
+                break
+            if p.hole:
+                while window:
+                    drain_one()
+                extents.append((p.offset + p.length, HOLE))
+                stats.hole_bytes += p.length
+                continue
+            window.append(self.pool.submit(self._code, fd, p, policy))
+            while len(window) >= limit or (window and window[0].done()):
+                drain_one()
+            if batch_bytes >= BATCH_BYTES:
+                self._commit_batch(batch, stats)
+                batch, batch_bytes = [], 0
+        while window:
+            drain_one()
+        if abort.is_set():
+            self._commit_batch(batch, stats)  # garbage with refcount 0; collected later
+            return None
+        self._commit_batch(batch, stats)
+        stats.chunks = len(extents)
+        self._tindex = tindex
+        return extents
+
+    def _commit_batch(self, batch: list[_Result], stats: SealStats) -> None:
+        if not batch:
+            return
+        with self.db.write() as txn:
+            for r in batch:
+                ref = r.ref if self.chunks.record(txn, r.ref) is not None else bytes(16)
+                if self.chunks.add(txn, r.cid, r.enc.frame, r.enc.raw, ref, r.enc.flags):
+                    stats.add(r.enc, ref != bytes(16))
+                else:
+                    stats.dedup_bytes += r.enc.raw
+
+    def _install(self, ino: int, layout: Layout, size: int, stats: SealStats) -> None:
+        with self.db.write() as txn:
+            inode = self.ns.find(txn, ino)
+            if inode is None:  # deleted meanwhile: the new chunks stay garbage
+                self.staging.forget(txn, ino)
+                return
+            for cid, n in Counter(layout.ids()).items():
+                self.chunks.incref(txn, cid, n)
+            old = txn.get(key(ino), db=self.db.t["layouts"])
+            if old:
+                for cid, n in Counter(Layout.from_bytes(old).ids()).items():
+                    self.chunks.decref(txn, cid, n)
+            txn.put(key(ino), layout.to_bytes(), db=self.db.t["layouts"])
+            inode.size = size
+            self.ns.put(txn, inode)
+            txn.put(key(ino), json.dumps(stats.__dict__).encode(), db=self.db.t["fstats"])
+            for k, cid in self._tindex.items():
+                txn.put(k, cid, db=self.db.t["tindex"])
+            self.staging.forget(txn, ino)
+
+    # -- deletion and garbage -----------------------------------------------------
+    def drop(self, ino: int) -> None:
+        """Delete an inode with no links and no users: its layout, staging and attributes."""
+        with self.db.write() as txn:
+            old = txn.get(key(ino), db=self.db.t["layouts"])
+            if old:
+                for cid, n in Counter(Layout.from_bytes(old).ids()).items():
+                    self.chunks.decref(txn, cid, n)
+                txn.delete(key(ino), db=self.db.t["layouts"])
+            txn.delete(key(ino), db=self.db.t["fstats"])
+            self.staging.forget(txn, ino)
+            self.ns.delete_inode(txn, ino)
+        self.staging.remove_file(ino)
+
+    def truncate_layout(self, ino: int) -> None:
+        """Release a sealed file's chunks when it is emptied (O_TRUNC) before it is re-staged."""
+        with self.db.write() as txn:
+            old = txn.get(key(ino), db=self.db.t["layouts"])
+            if old:
+                for cid, n in Counter(Layout.from_bytes(old).ids()).items():
+                    self.chunks.decref(txn, cid, n)
+                txn.delete(key(ino), db=self.db.t["layouts"])
+
+    def collect(self) -> tuple[int, int]:
+        """Delete garbage chunks (refcount 0), dropping tensor-index entries that name them."""
+        total_n = total_b = 0
+        while True:
+            with self.db.write() as txn:
+                n, b = self.chunks.collect(txn, limit=2000)
+            total_n += n
+            total_b += b
+            if n < 2000:
+                break
+        if total_n:
+            log.info("collected %d garbage chunks (%d bytes)", total_n, total_b)
+        return total_n, total_b

@@ -1,0 +1,69 @@
+"""A sealed file's layout: which stored chunk holds each byte range.
+
+On disk (table `layouts`, value) a layout is a packed array of extents, one per
+chunk, in file order::
+
+    end   u64 little-endian   file offset one past the extent's last byte
+    id    16 bytes            chunk id (xxh3-128 of the raw bytes); all zero = hole
+
+Extent i covers [end[i-1], end[i]) (end[-1] = 0). A hole reads as zeros and
+references no chunk, so sparse files stay sparse in the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EXTENT = np.dtype([("end", "<u8"), ("id", "V16")])
+HOLE = bytes(16)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An immutable extent array with fast offset lookup."""
+
+    ext: np.ndarray  # dtype EXTENT
+
+    @classmethod
+    def empty(cls) -> "Layout":
+        return cls(np.zeros(0, dtype=EXTENT))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Layout":
+        if len(raw) % EXTENT.itemsize:
+            raise ValueError("layout record has a partial extent")
+        return cls(np.frombuffer(raw, dtype=EXTENT))
+
+    @classmethod
+    def build(cls, extents: list[tuple[int, bytes]]) -> "Layout":
+        arr = np.zeros(len(extents), dtype=EXTENT)
+        if extents:
+            arr["end"] = [e for e, _ in extents]
+            arr["id"] = [i for _, i in extents]
+        return cls(arr)
+
+    def to_bytes(self) -> bytes:
+        return self.ext.tobytes()
+
+    @property
+    def size(self) -> int:
+        return int(self.ext["end"][-1]) if len(self.ext) else 0
+
+    def __len__(self) -> int:
+        return len(self.ext)
+
+    def start(self, i: int) -> int:
+        return int(self.ext["end"][i - 1]) if i > 0 else 0
+
+    def chunk_id(self, i: int) -> bytes:
+        return bytes(self.ext["id"][i])
+
+    def find(self, offset: int) -> int:
+        """Index of the extent containing `offset` (len(self) if past the end)."""
+        return int(np.searchsorted(self.ext["end"], offset, side="right"))
+
+    def ids(self) -> list[bytes]:
+        """Chunk ids in file order, holes excluded, repeats kept (one reference each)."""
+        return [bytes(x) for x in self.ext["id"] if bytes(x) != HOLE]

@@ -1,0 +1,124 @@
+"""Rebuilds file bytes from a layout: fetch, verify and decode chunks, through the LRU cache.
+
+Everything here is synchronous and thread-safe; the FUSE layer calls it from worker
+threads so that decoding never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .cache import ChunkCache
+from .chunkstore import ChunkStore
+from .coding import decode_chunk
+from .db import Database
+from .errors import StoreCorruptError
+from .layout import HOLE, Layout
+
+
+class ChunkReader:
+    """Decoded-chunk access with single-flight decoding (one decode per chunk at a time)."""
+
+    def __init__(self, db: Database, chunks: ChunkStore, cache: ChunkCache) -> None:
+        self.db = db
+        self.chunks = chunks
+        self.cache = cache
+        self._inflight: dict[bytes, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def get(self, cid: bytes) -> bytes:
+        """The decoded bytes of chunk `cid` (raises ChunkCorruptError on a bad checksum)."""
+        data = self.cache.get(cid)
+        if data is not None:
+            return data
+        with self._lock:
+            ev = self._inflight.get(cid)
+            owner = ev is None
+            if owner:
+                ev = self._inflight[cid] = threading.Event()
+        if not owner:
+            ev.wait(60)
+            data = self.cache.get(cid)
+            if data is not None:
+                return data
+        try:
+            data = self._decode(cid)
+            self.cache.put(cid, data)
+            return data
+        finally:
+            if owner:
+                with self._lock:
+                    self._inflight.pop(cid, None)
+                ev.set()
+
+    def _decode(self, cid: bytes) -> bytes:
+        with self.db.read() as txn:
+            rec = self.chunks.record(txn, cid)
+            if rec is None:
+                raise StoreCorruptError(f"chunk {cid.hex()} is missing; run `elvesfs fsck`")
+            frame = self.chunks.frame(txn, cid)
+        reference = self.get(rec.ref) if rec.is_delta else None
+        return decode_chunk(cid, frame, rec.flags, reference)
+
+    def cached_range(self, layout: Layout, off: int, size: int) -> bytes | None:
+        """The bytes if every chunk they need is cached (a fast path for the event loop)."""
+        parts = []
+        i = layout.find(off)
+        end = min(off + size, layout.size)
+        pos = off
+        while pos < end:
+            cid = layout.chunk_id(i)
+            start, stop = layout.start(i), int(layout.ext["end"][i])
+            if cid == HOLE:
+                data = None
+                parts.append(bytes(min(stop, end) - pos))
+            else:
+                data = self.cache.get(cid)
+                if data is None:
+                    return None
+                parts.append(data[pos - start:min(stop, end) - start])
+            pos = min(stop, end)
+            i += 1
+        return b"".join(parts)
+
+    def read_range(self, layout: Layout, off: int, size: int) -> bytes:
+        """Bytes [off, off+size) of a sealed file, clipped to its size."""
+        parts = []
+        end = min(off + size, layout.size)
+        pos = off
+        i = layout.find(off)
+        while pos < end:
+            cid = layout.chunk_id(i)
+            start, stop = layout.start(i), int(layout.ext["end"][i])
+            take_end = min(stop, end)
+            if cid == HOLE:
+                parts.append(bytes(take_end - pos))
+            else:
+                data = self.get(cid)
+                if len(data) != stop - start:
+                    raise StoreCorruptError(f"chunk {cid.hex()} decodes to {len(data)} bytes, "
+                                            f"layout expects {stop - start}")
+                parts.append(data[pos - start:take_end - start])
+            pos = take_end
+            i += 1
+        return b"".join(parts)
+
+    def copy_to_fd(self, layout: Layout, fd: int, limit: int | None = None) -> None:
+        """Write a sealed file's content into `fd` (holes stay holes): used to stage a rewrite."""
+        n = len(layout) if limit is None else limit
+        for i in range(n):
+            cid = layout.chunk_id(i)
+            if cid == HOLE:
+                continue
+            data = self.get(cid)
+            os_pwrite_all(fd, data, layout.start(i))
+
+
+def os_pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
+    """pwrite that loops over short writes."""
+    import os
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, off)
+        mv = mv[n:]
+        off += n

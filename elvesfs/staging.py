@@ -1,0 +1,60 @@
+"""Staging files: where written data lives until it is sealed into the chunk store.
+
+A staged inode has a plain sparse file STORE/staging/<ino> holding its *whole*
+current content, and a record in table `staging` (key ino, value b"1"). The
+staging file's length is the file's logical size, so recovery needs nothing else:
+at mount every staged inode is sealed again. The record is committed before the
+first byte is written; the seal deletes the record in the same transaction that
+installs the new layout, and only then removes the file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lmdb
+
+from .db import Database
+from .namespace import key
+
+
+class Staging:
+    """Creates, finds and removes staging files and their records."""
+
+    def __init__(self, db: Database, root: str) -> None:
+        self.db = db
+        self.dir = os.path.join(root, "staging")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path(self, ino: int) -> str:
+        return os.path.join(self.dir, str(ino))
+
+    def create(self, txn: lmdb.Transaction, ino: int) -> int:
+        """Open (creating, empty) the staging file of `ino`; returns an O_RDWR fd."""
+        txn.put(key(ino), b"1", db=self.db.t["staging"])
+        return os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+    def open_existing(self, ino: int) -> int:
+        return os.open(self.path(ino), os.O_RDWR | os.O_CLOEXEC)
+
+    def forget(self, txn: lmdb.Transaction, ino: int) -> None:
+        """Drop the record (in the caller's transaction); remove the file after commit."""
+        txn.delete(key(ino), db=self.db.t["staging"])
+
+    def remove_file(self, ino: int) -> None:
+        try:
+            os.unlink(self.path(ino))
+        except FileNotFoundError:
+            pass
+
+    def staged(self, txn: lmdb.Transaction) -> list[int]:
+        """Inodes with a staging record (to recover at mount)."""
+        return [int.from_bytes(k, "big") for k, _ in txn.cursor(db=self.db.t["staging"])]
+
+    def sync_dir(self) -> None:
+        """Make the staging directory's entries durable (after creating a file)."""
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
