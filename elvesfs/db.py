@@ -73,8 +73,7 @@ class Database:
             self._check_format()
 
     def _open_readonly(self) -> dict:
-        with self.env.begin() as txn:
-            return {name: self.env.open_db(name.encode(), txn=txn, create=False) for name in TABLES}
+        return {name: self.env.open_db(name.encode(), create=False) for name in TABLES}
 
     def _check_format(self) -> None:
         with self.write() as txn:

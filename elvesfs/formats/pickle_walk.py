@@ -18,6 +18,10 @@ from . import FormatError, dtype_itemsize
 MAX_OPS = 20_000_000
 
 
+class PickleTruncated(FormatError):
+    """The pickle ran off the end of the bytes given: a longer read may fix it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Global:
     """A GLOBAL reference, never resolved."""
@@ -80,8 +84,9 @@ _SIMPLE_PUSH = frozenset(
 )
 
 
-def walk(data: bytes | io.BufferedIOBase, max_ops: int = MAX_OPS) -> tuple[object, int]:
+def walk(data: bytes, max_ops: int = MAX_OPS) -> tuple[object, int]:
     """Run the pickle at the start of ``data`` symbolically; return (root, end offset)."""
+    bio = io.BytesIO(data)
     stack: list[object] = []
     metastack: list[list[object]] = []
     memo: dict[int, object] = {}
@@ -106,7 +111,7 @@ def walk(data: bytes | io.BufferedIOBase, max_ops: int = MAX_OPS) -> tuple[objec
 
     n = 0
     try:
-        for op, arg, pos in pickletools.genops(data):
+        for op, arg, pos in pickletools.genops(bio):
             n += 1
             if n > max_ops:
                 raise FormatError(f"pickle: more than {max_ops} opcodes")
@@ -221,8 +226,10 @@ def walk(data: bytes | io.BufferedIOBase, max_ops: int = MAX_OPS) -> tuple[objec
     except FormatError:
         raise
     except (ValueError, EOFError, UnicodeDecodeError, OverflowError, IndexError, TypeError) as e:
+        if bio.tell() >= len(data):
+            raise PickleTruncated(f"pickle: truncated ({e})") from None
         raise FormatError(f"pickle: {e}") from None
-    raise FormatError("pickle: no STOP opcode")
+    raise PickleTruncated("pickle: no STOP opcode")
 
 
 def _add_items(target: object, pairs: list[tuple[object, object]]) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import struct
 
 from . import FormatError, Segment, Window, assemble, dtype_itemsize, role_for
-from .pickle_walk import PList, find_storages, walk
+from .pickle_walk import PickleTruncated, PList, find_storages, walk
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 MAX_PICKLE = 256 * 1024 * 1024
-_FIRST_WINDOW = 1 << 20
+_FIRST_WINDOW = 1 << 16
 
 
 def looks_legacy(head: bytes) -> bool:
@@ -24,38 +24,41 @@ def looks_legacy(head: bytes) -> bool:
     return root == MAGIC_NUMBER and not isinstance(root, bool)
 
 
-def _next_pickle(w: Window, pos: int, size: int, budget: list[int]) -> tuple[object, int]:
-    """Walk the pickle at pos, growing the read window until STOP (bounded by the cap)."""
-    n = min(_FIRST_WINDOW, size - pos)
-    while True:
-        if n <= 0:
-            raise FormatError(f"expected a pickle at {pos}, found end of file")
-        raw = w.pread(pos, n)
-        try:
-            root, end = walk(raw)
-        except FormatError:
-            if n >= size - pos or n >= budget[0]:
-                raise
-            n = min(2 * n, size - pos, budget[0])
-            continue
-        budget[0] -= end
-        if budget[0] < 0:
-            raise FormatError(f"pickles exceed {MAX_PICKLE} bytes")
-        return root, pos + end
+class _Prefix:
+    """A growing in-memory copy of the file's head, where all the legacy pickles live."""
+
+    def __init__(self, w: Window, size: int) -> None:
+        self.w = w
+        self.limit = min(size, MAX_PICKLE)
+        self.buf = w.pread(0, min(_FIRST_WINDOW, self.limit))
+
+    def next_pickle(self, pos: int) -> tuple[object, int]:
+        """Walk the pickle at pos, doubling the copy until its STOP is inside (or the cap)."""
+        while True:
+            if pos >= len(self.buf) and len(self.buf) >= self.limit:
+                raise FormatError(f"expected a pickle at {pos}, found the end (or the {MAX_PICKLE}-byte cap)")
+            try:
+                root, end = walk(self.buf[pos:])
+                return root, pos + end
+            except PickleTruncated:
+                if len(self.buf) >= self.limit:
+                    raise
+            n = min(2 * len(self.buf), self.limit)
+            self.buf += self.w.pread(len(self.buf), n - len(self.buf))
 
 
 def parse(w: Window, size: int) -> list[Segment]:
     """Walk magic, protocol, sys_info, the object and the key list; then step over storages."""
-    budget = [MAX_PICKLE]
-    magic, pos = _next_pickle(w, 0, size, budget)
+    head = _Prefix(w, size)
+    magic, pos = head.next_pickle(0)
     if magic != MAGIC_NUMBER:
         raise FormatError("bad magic number")
-    proto, pos = _next_pickle(w, pos, size, budget)
+    proto, pos = head.next_pickle(pos)
     if proto != PROTOCOL_VERSION:
         raise FormatError(f"unsupported legacy protocol {proto!r}")
-    _sys_info, pos = _next_pickle(w, pos, size, budget)
-    root, pos = _next_pickle(w, pos, size, budget)
-    keys, pos = _next_pickle(w, pos, size, budget)
+    _sys_info, pos = head.next_pickle(pos)
+    root, pos = head.next_pickle(pos)
+    keys, pos = head.next_pickle(pos)
     if not isinstance(keys, PList) or not all(isinstance(k, str) for k in keys.elems):
         raise FormatError("storage key list is not a list of strings")
     refs = find_storages(root)

@@ -1,0 +1,78 @@
+"""Basic POSIX behaviour through a real mount, and bytes that survive a remount."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import pytest
+
+
+def sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_write_read_remount(mnt):
+    data = os.urandom(3_000_000) + bytes(1_000_000) + b"tail"
+    p = mnt.path / "blob.bin"
+    p.write_bytes(data)
+    assert p.read_bytes() == data
+    mnt.sync()
+    assert p.read_bytes() == data
+    mnt.remount()
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert p.stat().st_size == len(data)
+
+
+def test_dedup_shows_in_du(mnt):
+    data = os.urandom(2_000_000)
+    (mnt.path / "a").write_bytes(data)
+    (mnt.path / "b").write_bytes(data)
+    mnt.sync()
+    a, b = (mnt.path / "a").stat(), (mnt.path / "b").stat()
+    # each file is charged half of the shared chunks: together about one copy
+    assert a.st_blocks == b.st_blocks
+    assert abs((a.st_blocks + b.st_blocks) * 512 - len(data)) < 0.05 * len(data)
+
+
+def test_partial_rewrite_of_sealed_file(mnt):
+    p = mnt.path / "f"
+    data = bytearray(os.urandom(1_000_000))
+    p.write_bytes(data)
+    mnt.sync()
+    with open(p, "r+b") as f:
+        f.seek(500_000)
+        f.write(b"X" * 1000)
+    data[500_000:501_000] = b"X" * 1000
+    assert p.read_bytes() == data
+    mnt.remount()
+    assert p.read_bytes() == data
+
+
+def test_unlink_open_file_stays_readable(mnt):
+    p = mnt.path / "gone"
+    data = os.urandom(300_000)
+    p.write_bytes(data)
+    mnt.sync()
+    with open(p, "rb") as f:
+        os.unlink(p)
+        assert not p.exists()
+        assert f.read() == data
+
+
+def test_errors(mnt):
+    with pytest.raises(OSError) as e:
+        (mnt.path / ("x" * 256)).write_bytes(b"")
+    assert e.value.errno == errno.ENAMETOOLONG
+    (mnt.path / "d").mkdir()
+    (mnt.path / "d" / "f").write_bytes(b"1")
+    with pytest.raises(OSError) as e:
+        os.rmdir(mnt.path / "d")
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt.path / "nope")
