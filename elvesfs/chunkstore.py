@@ -8,7 +8,8 @@ one). Table `chunks` maps id -> codec frame; table `refs` maps id -> CHUNK recor
     raw       u32   decoded size
     stored    u32   frame size
     ref       16B   id of the reference chunk of an XOR-delta frame, or zeros
-    flags     u8    LOSSY (decoded bytes are not verifiable against the id)
+    flags     u8    LOSSY: the id is seeded by a lossy policy, so the decoded bytes are
+                    verified by the frame's checksums, not against the id
 
 Invariants: a chunk with refcount 0 is listed in `zero` and is garbage; only the
 single sealer thread adds chunks or collects garbage, so a dedup hit can never

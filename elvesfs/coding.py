@@ -28,6 +28,7 @@ class Encoded:
     flags: int
     codec: str
     max_error: float | None
+    needs_reference: bool = False
 
 
 def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
@@ -38,8 +39,10 @@ def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
     frame = codec.encode(data, dtype, codec="auto", bound=policy.bound if lossy else None,
                          reference=reference)
     info = codec.inspect(frame)
-    return Encoded(cid, frame, len(data), LOSSY if info.lossy else 0, info.codec,
-                   info.max_error if info.lossy else None)
+    # A seeded id cannot be checked against the decoded bytes: flag it, and trust the
+    # frame's own checksums for that chunk.
+    return Encoded(cid, frame, len(data), LOSSY if lossy else 0, info.codec,
+                   info.max_error if info.lossy else None, info.needs_reference)
 
 
 def decode_chunk(cid: bytes, frame: bytes, flags: int, reference: bytes | None = None) -> bytes:

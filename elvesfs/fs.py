@@ -40,6 +40,7 @@ ATTR_TIMEOUT = 1.0
 BLKSIZE = 128 << 10
 MAX_FILE_SIZE = (1 << 63) - 1
 READAHEAD = 4
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
 def handler(fn: Callable) -> Callable:
@@ -262,19 +263,23 @@ class Operations(pyfuse3.Operations):
     async def _truncate(self, ino: int, size: int) -> None:
         if size > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
-        inode = self._get(ino)
-        if inode.is_dir:
+        if self._get(ino).is_dir:
             raise FsError(errno.EISDIR)
         st = self._st(ino)
-        async with st.lock:
+        async with st.lock:  # a held lock keeps `st` in self.state while the seal ends
             await self._stop_seal(st)
-            if not st.staged:
-                if size == inode.size:
-                    return
-                await self._stage(st, inode, copy=size > 0)
-            os.ftruncate(st.fd, size)
-            st.size = size
-        if not st.writers:
+            inode = self._get(ino)  # a seal that just finished changed it
+            if not st.staged and size == inode.size:
+                unchanged = True
+            else:
+                unchanged = False
+                if not st.staged:
+                    await self._stage(st, inode, copy=size > 0)
+                os.ftruncate(st.fd, size)
+                st.size = size
+        if unchanged:
+            self._release_state(ino)
+        elif not st.writers:
             self._schedule_seal(ino)
 
     @handler
@@ -335,9 +340,8 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
         inode = self._new_entry(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         self._lookup_inc(inode.ino)
-        st = self._st(inode.ino)
-        async with st.lock:
-            await self._stage(st, inode, copy=False)
+        # no staging file yet: the first write makes one, so an empty file (lock files,
+        # `touch`) costs no staging, seal or garbage collection
         fi = self._open_handle(inode.ino, flags)
         return fi, await self._attrs(inode)
 
@@ -502,7 +506,18 @@ class Operations(pyfuse3.Operations):
         node = self._get(inode)
         if node.is_dir:
             raise FsError(errno.EISDIR)
-        return self._open_handle(inode, flags)
+        fi = self._open_handle(inode, flags)
+        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            # libfuse enables atomic_o_trunc: the kernel sends no setattr for O_TRUNC,
+            # truncating is ours (after the handle exists, so no seal starts in between)
+            try:
+                await self._truncate(inode, 0)
+            except BaseException:
+                await self.release(fi.fh)
+                raise
+            st = self._st(inode)
+            st.mtime_ns = st.ctime_ns = time.time_ns()
+        return fi
 
     async def _stop_seal(self, st: InodeState) -> None:
         """A writer is back: abort a running seal of this inode and wait for it to stop."""
@@ -732,6 +747,10 @@ class Operations(pyfuse3.Operations):
                 raise FsError(errno.EINVAL) from None
         if len(name) > 255:
             raise FsError(errno.ERANGE)
+        if not name.startswith(XATTR_NAMESPACES):
+            # like ext4: unknown namespaces, and system.* (POSIX ACLs would be stored but
+            # never enforced), are not supported
+            raise FsError(errno.EOPNOTSUPP)
         with self.db.write() as txn:
             node = self.ns.get(txn, inode)
             self.ns.setxattr(txn, inode, name, value)

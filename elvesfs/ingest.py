@@ -233,8 +233,7 @@ class Sealer:
                 return _Result(p, cid, None)
         ref_id, ref = self._reference(p)
         enc = encode_chunk(memoryview(data), p.dtype, p.role, policy, ref)
-        import codec  # frame tells us whether the selector actually used the reference
-        if not codec.inspect(enc.frame).needs_reference:
+        if not enc.needs_reference:  # the selector found coding alone smaller
             ref_id = bytes(16)
         return _Result(p, enc.cid, enc, ref_id)
 
@@ -274,7 +273,10 @@ class Sealer:
             extents.append((r.piece.offset + r.piece.length, r.cid))
             if r.piece.name:
                 stats.tensors += r.piece.index == 0
-                if not policy.allows_lossy(r.piece.dtype, r.piece.role):
+                # Index only fresh standalone exact pieces: a delta is never a reference
+                # (one hop), so later versions keep coding against the last standalone base.
+                if (r.enc is not None and r.ref == bytes(16)
+                        and not policy.allows_lossy(r.piece.dtype, r.piece.role)):
                     tindex[tensor_key(r.piece)] = r.cid
             if r.enc is None:
                 stats.dedup_bytes += r.piece.length

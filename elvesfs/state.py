@@ -36,7 +36,7 @@ class InodeState:
     def idle(self) -> bool:
         """Nothing in memory that LMDB lacks: the state can be dropped."""
         return (self.fd is None and not self.handles and not self.sealing
-                and self.mtime_ns is None)
+                and self.mtime_ns is None and not self.lock.locked())
 
 
 @dataclass

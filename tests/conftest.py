@@ -113,3 +113,136 @@ def mnt(make_mount) -> Mount:
 def pytest_configure(config):
     if shutil.which("fusermount3") is None:
         raise pytest.UsageError("fusermount3 not found: apt-get install fuse3")
+
+
+@pytest.fixture(scope="session")
+def shared_mount(tmp_path_factory) -> Mount:
+    """One mount (allow_other, so permission tests can run as another uid) shared by the
+    filesystem test modules: mounting costs seconds, so tests work in their own subdirectory
+    (`shared_dir`). A test may remount it; it must close its files first."""
+    d = tmp_path_factory.mktemp("shared")
+    os.chmod(d, 0o755)
+    m = Mount(d, ("-o", "allow_other"))
+    m.mount()
+    yield m
+    m.cleanup()
+
+
+@pytest.fixture
+def shared_dir(shared_mount: Mount, request) -> Path:
+    """A fresh, empty directory inside the shared mount (re-mounted if a failed test left
+    it unmounted)."""
+    if not _is_mounted(str(shared_mount.path)):
+        if shared_mount.pid:
+            try:
+                os.kill(shared_mount.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["fusermount3", "-u", "-z", str(shared_mount.path)], capture_output=True)
+        shared_mount.mount()
+    name = request.node.name.replace("/", "_").replace("[", "_").replace("]", "")[:200]
+    d = shared_mount.path / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir()
+    return d
+
+
+def check_store(store: Path, *, mounted: bool = False) -> list[str]:
+    """An independent consistency check of a store (a test oracle, not `elvesfs fsck`).
+
+    Returns a list of problems: layouts naming missing chunks, refcounts that differ from
+    the references counted from layouts and delta chunks, entries naming missing inodes,
+    wrong link counts, sizes that differ from layouts; and, when `mounted` is False,
+    leftover staging records/files, orphan inodes and uncollected garbage."""
+    from collections import Counter
+
+    from elvesfs.chunkstore import ChunkRecord, NO_REF
+    from elvesfs.db import Database
+    from elvesfs.layout import Layout
+    from elvesfs.namespace import ROOT_INO, U64, Inode
+
+    problems: list[str] = []
+    db = Database(str(store), readonly=True)
+    try:
+        with db.read() as txn:
+            t = db.t
+            inodes = {U64.unpack(k)[0]: Inode.unpack(U64.unpack(k)[0], v)
+                      for k, v in txn.cursor(db=t["inodes"])}
+            refs = {bytes(k): ChunkRecord.unpack(v) for k, v in txn.cursor(db=t["refs"])}
+            frames = {bytes(k) for k in txn.cursor(db=t["chunks"]).iternext(values=False)}
+            zero = {bytes(k) for k in txn.cursor(db=t["zero"]).iternext(values=False)}
+            layouts = {U64.unpack(k)[0]: Layout.from_bytes(v)
+                       for k, v in txn.cursor(db=t["layouts"])}
+            staged = [int.from_bytes(k, "big") for k in
+                      txn.cursor(db=t["staging"]).iternext(values=False)]
+            dentries = [(U64.unpack(k[:8])[0], bytes(k[8:]), U64.unpack(v)[0])
+                        for k, v in txn.cursor(db=t["dentries"])]
+    finally:
+        db.close()
+    expected: Counter[bytes] = Counter()
+    for ino, lay in layouts.items():
+        node = inodes.get(ino)
+        if node is None:
+            problems.append(f"layout of missing inode {ino}")
+        elif ino not in staged and node.size != lay.size:
+            problems.append(f"inode {ino}: size {node.size} != layout size {lay.size}")
+        ends = [int(e) for e in lay.ext["end"]]
+        if ends != sorted(ends):
+            problems.append(f"inode {ino}: layout extents out of order")
+        expected.update(lay.ids())
+    for cid, rec in refs.items():
+        if rec.ref != NO_REF:
+            expected[rec.ref] += 1
+            if rec.ref not in refs:
+                problems.append(f"delta chunk {cid.hex()} names missing reference")
+    for cid, n in expected.items():
+        if cid not in refs or cid not in frames:
+            problems.append(f"chunk {cid.hex()} referenced {n}x is missing")
+        elif refs[cid].refcount != n:
+            problems.append(f"chunk {cid.hex()}: refcount {refs[cid].refcount} != {n} references")
+    for cid, rec in refs.items():
+        if cid not in frames:
+            problems.append(f"chunk record {cid.hex()} without frame")
+        if rec.refcount and cid not in expected:
+            problems.append(f"chunk {cid.hex()} has refcount {rec.refcount} but no reference")
+        if rec.refcount == 0 and cid not in zero:
+            problems.append(f"garbage chunk {cid.hex()} is not listed in `zero`")
+    links: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    for parent, name, ino in dentries:
+        if parent not in inodes:
+            problems.append(f"entry {name!r} in missing directory {parent}")
+        node = inodes.get(ino)
+        if node is None:
+            problems.append(f"entry {name!r} names missing inode {ino}")
+            continue
+        links[ino] += 1
+        if node.is_dir:
+            subdirs[parent] += 1
+    for ino, node in inodes.items():
+        if ino == ROOT_INO:
+            continue
+        want = 2 + subdirs[ino] if node.is_dir else links[ino]
+        if node.is_dir and links[ino] == 0 and node.nlink == 0:
+            want = 0  # removed directory still open
+        if node.nlink != want:
+            problems.append(f"inode {ino}: nlink {node.nlink} != {want}")
+    root = inodes.get(ROOT_INO)
+    if root is None:
+        problems.append("no root inode")
+    elif root.nlink != 2 + subdirs[ROOT_INO]:
+        problems.append(f"root nlink {root.nlink} != {2 + subdirs[ROOT_INO]}")
+    if not mounted:
+        if staged:
+            problems.append(f"staging records left after unmount: {staged}")
+        left = os.listdir(store / "staging") if (store / "staging").is_dir() else []
+        if left:
+            problems.append(f"staging files left after unmount: {left}")
+        orphans = [i for i, n in inodes.items() if n.nlink == 0 and i != ROOT_INO]
+        if orphans:
+            problems.append(f"orphan inodes left after unmount: {orphans}")
+        garbage = [c for c, r in refs.items() if r.refcount == 0]
+        if garbage:
+            problems.append(f"{len(garbage)} garbage chunks not collected")
+    return problems

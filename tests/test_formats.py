@@ -599,3 +599,37 @@ def test_role_for() -> None:
     assert role_for("state.7.momentum_buffer") == "optimizer"
     assert role_for("rng_state") == "other"
     assert role_for(None) == "weight"
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("proto", [2, 5])
+def test_torch_dtypes_and_pickle_protocols(tmp_path: Path, legacy: bool, proto: int) -> None:
+    """Typed storages (FloatStorage ...) and untyped ones (float8, uint16: dtype in the rebuild call)."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for dt in TORCH_TO_ST:
+        if legacy and TORCH_TO_ST[dt] in ("F8_E4M3", "F8_E5M2", "U16", "U32", "U64"):
+            continue  # torch.load itself cannot read untyped storages back from a legacy file
+        sd[f"t_{TORCH_TO_ST[dt]}"] = (torch.randn(2, 3, generator=g) * 5).to(dt)
+    path = tmp_path / "d.pt"
+    torch.save(sd, path, _use_new_zipfile_serialization=not legacy, pickle_protocol=proto)
+    segs = check_torch_file(path, "torch-legacy" if legacy else "torch-zip")
+    assert set(segs) == set(sd)
+    assert all(s.shape == (2, 3) for s in segs.values())
+
+
+def test_whole_module_pickled(tmp_path: Path) -> None:
+    """torch.save(model): key paths skip _modules/_parameters/_buffers, like state_dict keys."""
+    torch = pytest.importorskip("torch")
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    path = tmp_path / "whole.pt"
+    torch.save(m, path)
+    p = parse_path(path)
+    assert p.format == "torch-zip", p.note
+    assert_cover(p, path.stat().st_size)
+    segs = tensors_of(p)
+    sd = m.state_dict()
+    assert set(segs) == set(sd)
+    for name, s in segs.items():
+        assert seg_bytes(path, s) == storage_bytes(sd[name]), name

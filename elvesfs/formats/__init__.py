@@ -165,10 +165,11 @@ def check_segments(segments: list[Segment], size: int) -> None:
 class Window:
     """A read-only view of the first ``size`` bytes of a file, so parsers agree on the end."""
 
-    def __init__(self, f: typing.BinaryIO, size: int) -> None:
+    def __init__(self, f: typing.BinaryIO, size: int, max_read: int | None = None) -> None:
         self._f = f
         self._size = size
         self._pos = 0
+        self.max_read = max_read  # refuse single reads larger than this (memory bound)
 
     def seekable(self) -> bool:
         return True
@@ -199,6 +200,8 @@ class Window:
         n = max(0, min(n, self._size - self._pos))
         if n == 0:
             return b""
+        if self.max_read is not None and n > self.max_read:
+            raise FormatError(f"refusing a {n}-byte read (cap {self.max_read})")
         self._f.seek(self._pos)
         data = self._f.read(n)
         self._pos += len(data)
@@ -238,12 +241,16 @@ def parse(f: typing.BinaryIO, size: int) -> ParsedFile:
     elif _st.looks_safetensors(head, size):
         kind, parser = "safetensors", _st.parse
     else:
+        log.debug("no known model format in %d bytes: plain", size)
         return plain(size, "no known format detected")
     try:
         segs = parser(w, size)
         check_segments(segs, size)
-    except (FormatError, Exception) as e:  # noqa: BLE001 - any parser failure means plain
-        return _fallback(size, f"{kind}: {e}" if isinstance(e, FormatError) else f"{kind}: {e!r}")
+    except FormatError as e:
+        return _fallback(size, f"{kind}: {e}")
+    except Exception as e:  # noqa: BLE001 - a parser bug must still not lose the file
+        log.warning("format parser %s failed unexpectedly; storing plain bytes", kind, exc_info=True)
+        return plain(size, f"{kind}: unexpected {e!r}")
     return ParsedFile(kind, segs)
 
 

@@ -310,6 +310,8 @@ class StorageRef:
     numel: int
     path: str | None
     shape: tuple[int, ...]
+    nbytes: int
+    untyped: bool  # pickled as UntypedStorage: its legacy on-disk count is in bytes
 
 
 # Module attribute containers that only add noise to a key path.
@@ -358,72 +360,82 @@ def _contiguous(size: tuple[int, ...], stride: object) -> bool:
     return True
 
 
+# A key path as a cons list (parent, component): extending it is O(1) however deep the graph.
+_Path = tuple | None
+
+
+def _join(path: _Path) -> str | None:
+    parts: list[str] = []
+    while path is not None:
+        path, comp = path
+        parts.append(comp)
+    return ".".join(reversed(parts)) if parts else None
+
+
 def find_storages(root: object, prefix: str = "") -> dict[str, StorageRef]:
     """Storages in order of first appearance (depth-first, dict order), each with its key path."""
     found: dict[str, StorageRef] = {}
     seen: set[int] = set()
-    todo: list[tuple[object, tuple[str, ...]]] = [(root, (prefix,) if prefix else ())]
+    # (node, path, transparent): tuples inside a torch.* call's args add no path component,
+    # so Parameter(_rebuild_tensor(...)) and tensor subclasses keep their state-dict key.
+    todo: list[tuple[object, _Path, bool]] = [(root, (None, prefix) if prefix else None, False)]
     while todo:
-        node, path = todo.pop()
+        node, path, transparent = todo.pop()
         if node is None or isinstance(node, (str, bytes, bytearray, int, float, Global, Opaque)):
             continue
         if id(node) in seen:
             continue
         seen.add(id(node))
-        kids: list[tuple[object, tuple[str, ...]]] = []
+        kids: list[tuple[object, _Path, bool]] = []
         if isinstance(node, PersRef):
             _record(found, node, path, None)
         elif isinstance(node, Obj):
             args = node.args
-            if (
-                _is_rebuild(node)
-                and isinstance(args, tuple)
-                and args
-                and isinstance(args[0], PersRef)
-            ):
+            torch_call = isinstance(node.func, Global) and node.func.module.split(".")[0] == "torch"
+            if torch_call and _is_rebuild(node) and isinstance(args, tuple) and args and isinstance(args[0], PersRef):
                 _record(found, args[0], path, args)
                 seen.add(id(args[0]))
-                kids.extend((a, path) for a in args[1:])
+                kids.extend((a, path, True) for a in args[1:])
             else:
-                kids.append((args, path))
+                kids.append((args, path, torch_call))
             st = node.state
             if isinstance(st, PDict):
                 kids.extend(_keyed(st.items, path))
             elif st is not None:
-                kids.append((st, path))
+                kids.append((st, path, True))
             kids.extend(_keyed(node.items, path))
-            kids.extend((e, path + (str(i),)) for i, e in enumerate(node.elems))
+            kids.extend((e, (path, str(i)), False) for i, e in enumerate(node.elems))
         elif isinstance(node, PDict):
             kids.extend(_keyed(node.items, path))
         elif isinstance(node, PList):
-            kids.extend((e, path + (str(i),)) for i, e in enumerate(node.elems))
+            kids.extend((e, (path, str(i)), False) for i, e in enumerate(node.elems))
         elif isinstance(node, tuple):
-            kids.extend((e, path + (str(i),)) for i, e in enumerate(node))
+            if transparent:
+                kids.extend((e, path, True) for e in node)
+            else:
+                kids.extend((e, (path, str(i)), False) for i, e in enumerate(node))
         todo.extend(reversed(kids))
     return found
 
 
-def _keyed(items: list[tuple[object, object]], path: tuple[str, ...]) -> list[tuple[object, tuple[str, ...]]]:
+def _keyed(items: list[tuple[object, object]], path: _Path) -> list[tuple[object, _Path, bool]]:
     out = []
     for k, v in items:
-        if isinstance(k, (str, int, float)) and not isinstance(k, bool):
-            ks = str(k)
-        elif isinstance(k, bool):
-            ks = str(k)
-        else:
-            ks = "?"
-        out.append((v, path if ks in _SKIP_ATTRS else path + (ks,)))
+        ks = str(k) if isinstance(k, (str, int, float)) else "?"
+        out.append((v, path if ks in _SKIP_ATTRS else (path, ks), False))
     return out
 
 
-def _record(found: dict[str, StorageRef], ref: PersRef, path: tuple[str, ...], args: tuple | None) -> None:
+def _record(found: dict[str, StorageRef], ref: PersRef, path: _Path, args: tuple | None) -> None:
     info = _storage_info(ref.pid)
     if info is None:
         return
     key, dtype, count = info
     if key in found:
         return
-    if dtype is None:  # untyped storage: count is bytes; the dtype is a rebuild argument
+    untyped = dtype is None
+    nbytes = count * (dtype_itemsize(dtype) or 1) if dtype else count
+    if untyped:  # count is bytes; the dtype is a rebuild argument
         hint = args[6] if args is not None and len(args) > 6 else None
         dtype = TORCH_DTYPES.get(hint.name, "U8") if isinstance(hint, Global) and hint.module == "torch" else "U8"
         isz = dtype_itemsize(dtype) or 1
@@ -435,4 +447,4 @@ def _record(found: dict[str, StorageRef], ref: PersRef, path: tuple[str, ...], a
         size = _int_tuple(args[2])
         if size is not None and args[1] == 0 and math.prod(size) == count and _contiguous(size, args[3]):
             shape = size
-    found[key] = StorageRef(key, dtype, count, ".".join(path) if path else None, shape)
+    found[key] = StorageRef(key, dtype, count, _join(path), shape, nbytes, untyped)

@@ -14,9 +14,7 @@ _FIRST_WINDOW = 1 << 16
 
 
 def looks_legacy(head: bytes) -> bool:
-    """The first pickle of a legacy file is torch's magic number."""
-    if not head.startswith(b"\x80"):
-        return False
+    """The first pickle of a legacy file is torch's magic number (any pickle protocol)."""
     try:
         root, _ = walk(head, max_ops=16)
     except Exception:  # noqa: BLE001 - a sniff never raises
@@ -67,12 +65,11 @@ def parse(w: Window, size: int) -> list[Segment]:
         ref = refs.get(key)
         if ref is None:
             raise FormatError(f"storage {key!r} is not referenced by the object pickle")
-        (numel,) = struct.unpack("<Q", w.pread(pos, 8))
-        isz = dtype_itemsize(ref.dtype)
-        if isz is None or numel != ref.numel:
-            raise FormatError(f"storage {key!r}: {numel} elements on disk, pickle says {ref.numel} {ref.dtype}")
+        (count,) = struct.unpack("<Q", w.pread(pos, 8))
+        nbytes = count * (1 if ref.untyped else (dtype_itemsize(ref.dtype) or 0))
+        if nbytes != ref.nbytes or count > size:
+            raise FormatError(f"storage {key!r}: {count} on disk, pickle says {ref.nbytes} bytes of {ref.dtype}")
         pos += 8
-        nbytes = numel * isz
         if pos + nbytes > size:
             raise FormatError(f"storage {key!r} runs past the end of the file")
         if nbytes:

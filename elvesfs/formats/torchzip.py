@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import zipfile
 
-from . import FormatError, Segment, Window, assemble, dtype_itemsize, role_for
+from . import FormatError, Segment, Window, assemble, role_for
 from .pickle_walk import StorageRef, find_storages, walk
 
 MAX_PICKLE = 256 * 1024 * 1024
@@ -17,9 +17,10 @@ _WEIGHT_PICKLES = {"data", "constants"}
 
 def parse(w: Window, size: int) -> list[Segment]:
     """List the central directory, read the pickles, map data/<key> entries to tensors."""
+    w.max_read = MAX_PICKLE + (1 << 20)  # a lying end record cannot make zipfile read GBs
     try:
         zf = zipfile.ZipFile(w)  # type: ignore[arg-type]
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
         raise FormatError(f"bad zip: {e}") from None
     with zf:
         infos = zf.infolist()
@@ -40,25 +41,29 @@ def parse(w: Window, size: int) -> list[Segment]:
                 raise FormatError(f"cannot read {info.filename}: {e}") from None
             if len(raw) > MAX_PICKLE:
                 raise FormatError(f"{info.filename} exceeds {MAX_PICKLE} bytes")
-            root, _end = walk(raw)
+            try:
+                root, _end = walk(raw)
+            except FormatError:
+                if stem == "data":
+                    raise
+                continue  # a side pickle (constants, traced inputs) we cannot read: its entries stay bytes
             refs = find_storages(root, "" if stem == "data" else stem)
             for key, ref in refs.items():
                 storages.setdefault(f"{base}/{key}", (ref, stem))
+        starts = _check_entries(w, infos, by_name, getattr(zf, "start_dir", size))
         tensors: list[Segment] = []
         for info in infos:
             hit = storages.get(info.filename)
             if hit is None or info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
                 continue
             ref, stem = hit
-            isz = dtype_itemsize(ref.dtype)
-            if isz is None or ref.numel * isz != info.file_size or info.compress_size != info.file_size:
+            if ref.nbytes != info.file_size or info.compress_size != info.file_size:
                 continue  # the pickle and the entry disagree: keep those bytes plain
-            start = _data_offset(w, info)
+            start = starts[info.filename]
             if start + info.file_size > size:
                 raise FormatError(f"{info.filename}: data past end of file")
             role = role_for(ref.path) if stem in _WEIGHT_PICKLES else "other"
             tensors.append(Segment(start, info.file_size, "tensor", ref.path, ref.dtype, ref.shape, role))
-        _check_entries(w, infos, by_name, getattr(zf, "start_dir", size))
     return assemble(size, tensors)
 
 
@@ -70,14 +75,17 @@ def _data_offset(w: Window, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _LOCAL.size + hdr[9] + hdr[10]
 
 
-def _check_entries(w: Window, infos: list[zipfile.ZipInfo], by_name: dict, cd_start: int) -> None:
-    """Entries must not overlap each other (a lying directory could alias tensor bytes)."""
+def _check_entries(w: Window, infos: list[zipfile.ZipInfo], by_name: dict, cd_start: int) -> dict[str, int]:
+    """Entries must not overlap (a lying directory could alias tensor bytes); returns data offsets."""
     if len(by_name) != len(infos):
         raise FormatError("duplicate entry names in zip")
+    starts: dict[str, int] = {}
     prev_end = 0
     for info in sorted(infos, key=lambda i: i.header_offset):
         if info.header_offset < prev_end:
             raise FormatError(f"{info.filename}: overlaps the previous entry")
-        prev_end = _data_offset(w, info) + info.compress_size
+        starts[info.filename] = _data_offset(w, info)
+        prev_end = starts[info.filename] + info.compress_size
     if prev_end > cd_start:
         raise FormatError("last entry runs into the central directory")
+    return starts

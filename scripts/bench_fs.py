@@ -1,0 +1,587 @@
+#!/usr/bin/env python3
+"""Benchmark elvesfs against a plain directory and pyfuse3's bare passthrough example.
+
+One run, one disk (a fresh directory under --workdir, default /var/tmp), three targets:
+
+  plain        a directory on that disk: the baseline every ratio is taken against
+  passthrough  pyfuse3's examples/passthroughfs.py (fetched from the pyfuse3 sdist of the
+               installed version at bench time) mirroring a directory on that disk: the
+               floor any pyfuse3 filesystem pays for crossing FUSE in Python
+  elvesfs      `python -m elvesfs.cli mount` with a fresh store on that disk
+
+Measurements (each repeated --repeat times, medians reported):
+
+  write   `cp SRC DIR/data.bin` of a --size file (half random bytes, half float32
+          weights-like values; generated once, kept in /dev/shm so reading it costs
+          nothing and does not touch the disk under test). Two times per target:
+            "cp returns"      - the data is in the page cache / staging file
+            "durable"         - plain: + fsync(file) + fsync(dir);
+                                passthrough: + fsync of its backing file and dir (the
+                                example has no fsync handler, the kernel would swallow it);
+                                elvesfs: + `elvesfs sync MNT` (returns once the file is
+                                sealed into the store and LMDB is fsync'd)
+  cold    unmount (FUSE targets), `sync; echo 3 > /proc/sys/vm/drop_caches`, mount again,
+  read    then `cat DIR/data.bin > /dev/null`
+  meta    --files empty files in a fresh directory: os.open(O_CREAT|O_EXCL)+os.close,
+          then os.stat each, then os.unlink each, timed per phase
+
+Every FUSE filesystem runs as its own process (the benchmark never reads a mount served
+by its own threads); mounts are always unmounted (try/finally), and only processes this
+script started are ever signalled, by PID.
+
+Run as root (dropping caches needs it) from the project's venv:
+
+    . .venv/bin/activate
+    sudo -E python scripts/bench_fs.py            # 1 GiB, 10k files, 3 repeats
+    python scripts/bench_fs.py --quick            # 256 MiB, 2k files, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MB = 1_000_000
+MiB = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(s[-1:], None)
+    return int(float(s[:-1]) * mult) if mult else int(s)
+
+
+# -- mounts and caches -------------------------------------------------------------------
+def mountpoints() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4].replace("\\040", " ") for line in f}
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in mountpoints()
+
+
+def wait_mounted(path: Path, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not is_mounted(path):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the filesystem process exited ({proc.returncode}) before "
+                               f"mounting {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not become a mount within {timeout}s")
+        time.sleep(0.02)
+
+
+def drop_caches() -> bool:
+    """sync + drop the page cache, dentries and inodes; False if not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run(cmd: list[str], timeout: float = 3600, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Profiler:
+    """py-spy record attached to one PID for one phase (raw collapsed stacks)."""
+
+    def __init__(self, pid: int | None, out: Path | None) -> None:
+        self.proc = None
+        if pid is None or out is None:
+            return
+        exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.path.exists(exe):
+            log("py-spy not found (pip install py-spy); not profiling")
+            return
+        self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "200",
+                                      "--format", "raw", "--threads", "--nonblocking",
+                                      "--output", str(out)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # let it attach
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- targets ------------------------------------------------------------------------------
+class Target:
+    name = "?"
+    pid: int | None = None
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+
+    @property
+    def dir(self) -> Path:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Mount (FUSE targets)."""
+
+    def stop(self) -> None:
+        """Unmount, waiting for the filesystem process to finish."""
+
+    def durable(self, f: Path) -> None:
+        """Make `f` (just written by cp) durable: fsync, or elvesfs sealed + synced."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Start the next repeat from an empty target (unmounted)."""
+
+    def cleanup(self) -> None:
+        """Never leave a mount or a process behind, even after an error."""
+
+    def describe(self, f: Path) -> str:
+        return ""
+
+
+class Plain(Target):
+    name = "plain"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.root = work / "plain"
+        self.root.mkdir()
+
+    @property
+    def dir(self) -> Path:
+        return self.root
+
+    def durable(self, f: Path) -> None:
+        fsync_path(f)
+        fsync_path(f.parent)
+
+    def reset(self) -> None:
+        shutil.rmtree(self.root)
+        self.root.mkdir()
+
+
+class Passthrough(Target):
+    name = "passthrough"
+
+    def __init__(self, work: Path, script: Path) -> None:
+        super().__init__(work)
+        self.script = script
+        self.backing = work / "pt-backing"
+        self.mnt = work / "pt-mnt"
+        self.backing.mkdir()
+        self.mnt.mkdir()
+        self.proc: subprocess.Popen | None = None
+        self.logf = open(work / "passthrough.log", "ab")
+
+    @property
+    def dir(self) -> Path:
+        return self.mnt
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(self.script), str(self.backing),
+                                      str(self.mnt)], stdin=subprocess.DEVNULL,
+                                     stdout=self.logf, stderr=self.logf)
+        self.pid = self.proc.pid
+        wait_mounted(self.mnt, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        run(["fusermount3", "-u", str(self.mnt)], timeout=120)
+        rc = self.proc.wait(timeout=120)
+        if rc:
+            log(f"passthroughfs exited with {rc} (see {self.work / 'passthrough.log'})")
+        self.proc = None
+        self.pid = None
+
+    def durable(self, f: Path) -> None:
+        # passthroughfs.py has no fsync handler (ENOSYS: the kernel then treats fsync as a
+        # no-op), so make the data durable where it really lives: its backing file.
+        backing = self.backing / f.relative_to(self.mnt)
+        fsync_path(backing)
+        fsync_path(backing.parent)
+
+    def reset(self) -> None:
+        shutil.rmtree(self.backing)
+        self.backing.mkdir()
+
+    def cleanup(self) -> None:
+        if is_mounted(self.mnt):
+            r = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
+            if r.returncode and is_mounted(self.mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # our own child, by PID
+                self.proc.wait()
+            self.proc = None
+
+
+class Elves(Target):
+    name = "elvesfs"
+
+    def __init__(self, work: Path, cache_mb: int | None) -> None:
+        super().__init__(work)
+        self.store = work / "elves-store"
+        self.mnt = work / "elves-mnt"
+        self.mnt.mkdir()
+        self.cache_mb = cache_mb
+        self.resyncs = 0  # times `elvesfs sync` returned while the file was still staged
+
+    @property
+    def dir(self) -> Path:
+        return self.mnt
+
+    def cli(self, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+        return run([sys.executable, "-m", "elvesfs.cli", *args], timeout=timeout, cwd=str(REPO))
+
+    def start(self) -> None:
+        extra = ["--cache-mb", str(self.cache_mb)] if self.cache_mb else []
+        self.cli("mount", str(self.mnt), "--store", str(self.store), *extra, timeout=120)
+        self.pid = int((self.store / "daemon.lock").read_text().strip())
+
+    def stop(self) -> None:
+        self.cli("umount", str(self.mnt))
+        self.pid = None
+
+    def staged(self) -> list[str]:
+        try:
+            return os.listdir(self.store / "staging")
+        except FileNotFoundError:
+            return []
+
+    def durable(self, f: Path) -> None:
+        self.cli("sync", str(self.mnt))
+        # `elvesfs sync` only waits for seals the daemon already knows about; the kernel
+        # sends RELEASE asynchronously after close(), so check the staging area too.
+        while self.staged():
+            self.resyncs += 1
+            time.sleep(0.01)
+            self.cli("sync", str(self.mnt))
+
+    def reset(self) -> None:
+        shutil.rmtree(self.store, ignore_errors=True)  # a fresh store: no dedup across repeats
+
+    def describe(self, f: Path) -> str:
+        st = os.stat(f)
+        return (f"stored {st.st_blocks * 512 / MiB:.1f} MiB for {st.st_size / MiB:.1f} MiB "
+                f"logical ({st.st_blocks * 512 / max(1, st.st_size):.3f})")
+
+    def cleanup(self) -> None:
+        if is_mounted(self.mnt):
+            r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "umount", str(self.mnt),
+                                "--timeout", "120"], capture_output=True, cwd=str(REPO),
+                               timeout=300)
+            if r.returncode and is_mounted(self.mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        if self.pid:  # the daemon we started, by the PID its store lock records
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.pid = None
+
+
+# -- setup --------------------------------------------------------------------------------
+def fetch_passthrough(dest: Path) -> Path:
+    """examples/passthroughfs.py from the sdist of the installed pyfuse3 version."""
+    from importlib.metadata import version
+    ver = version("pyfuse3")
+    dl = dest / "sdist"
+    dl.mkdir()
+    log(f"fetching the pyfuse3 {ver} sdist for examples/passthroughfs.py")
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         f"pyfuse3=={ver}", "-d", str(dl)], timeout=600)
+    tarballs = list(dl.glob("pyfuse3-*.tar.gz"))
+    if not tarballs:
+        raise RuntimeError(f"pip download left no pyfuse3 sdist in {dl}")
+    with tarfile.open(tarballs[0]) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith("examples/passthroughfs.py"))
+        data = tf.extractfile(member).read()
+    out = dest / "passthroughfs.py"
+    out.write_bytes(data)
+    return out
+
+
+def make_source(path: Path, size: int) -> None:
+    """Half random bytes (incompressible), half float32 N(0, 0.02) 'weights'."""
+    import numpy as np
+    rng = np.random.default_rng(12345)
+    block = 64 * MiB
+    half = size // 2
+    with open(path, "wb") as f:
+        for pos in range(0, half, block):
+            f.write(rng.integers(0, 256, min(block, half - pos), dtype=np.uint8).tobytes())
+        for pos in range(half, size, block):
+            n = min(block, size - pos)
+            f.write(rng.normal(0, 0.02, n // 4).astype(np.float32).tobytes())
+            f.write(bytes(n % 4))
+
+
+# -- measurements -------------------------------------------------------------------------
+def timed(fn, *a) -> float:
+    t0 = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t0
+
+
+def bench_write_read(t: Target, src: Path, size: int, res: dict, verify: bool, cold_ok: bool,
+                     prof_dir: Path | None, rep: int) -> None:
+    t.reset()
+    t.start()
+    try:
+        dst = t.dir / "data.bin"
+        prof = Profiler(t.pid, prof_dir and prof_dir / f"{t.name}-write-r{rep}.txt")
+        t0 = time.perf_counter()
+        run(["cp", str(src), str(dst)])
+        t1 = time.perf_counter()
+        t.durable(dst)
+        t2 = time.perf_counter()
+        prof.stop()
+        res["write_cp"].append(t1 - t0)
+        res["write_durable"].append(t2 - t0)
+        extra = t.describe(dst)
+        log(f"  {t.name:12s} write: cp {t1 - t0:7.2f}s  durable {t2 - t0:7.2f}s  "
+            f"({size / MB / (t2 - t0):7.1f} MB/s) {extra}")
+    finally:
+        t.stop()
+    if cold_ok:
+        drop_caches()
+    t.start()
+    try:
+        prof = Profiler(t.pid, prof_dir and prof_dir / f"{t.name}-read-r{rep}.txt")
+        t0 = time.perf_counter()
+        with open(os.devnull, "wb") as null:
+            subprocess.run(["cat", str(dst)], stdout=null, check=True)
+        dt = time.perf_counter() - t0
+        prof.stop()
+        res["read_cold"].append(dt)
+        log(f"  {t.name:12s} cold read: {dt:7.2f}s ({size / MB / dt:7.1f} MB/s)")
+        if verify:
+            r = subprocess.run(["cmp", str(src), str(dst)], capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{t.name}: data read back differs: {r.stdout}{r.stderr}")
+    finally:
+        t.stop()
+
+
+def bench_meta(t: Target, nfiles: int, res: dict) -> None:
+    t.reset()
+    t.start()
+    try:
+        d = t.dir / "meta"
+        os.mkdir(d)
+        names = [os.path.join(d, f"f{i:06d}") for i in range(nfiles)]
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+
+        def create() -> None:
+            for n in names:
+                os.close(os.open(n, flags, 0o644))
+
+        def stat() -> None:
+            for n in names:
+                os.stat(n)
+
+        def unlink() -> None:
+            for n in names:
+                os.unlink(n)
+
+        times = {}
+        for phase, fn in (("create", create), ("stat", stat), ("unlink", unlink)):
+            times[phase] = timed(fn)
+            res[phase].append(times[phase])
+        os.rmdir(d)
+        log(f"  {t.name:12s} meta: " + "  ".join(
+            f"{k} {nfiles / v:8.0f}/s" for k, v in times.items()))
+    finally:
+        t.stop()
+
+
+METRICS = [  # key, label, unit kind
+    ("write_cp", "seq write, until `cp` returns", "bytes"),
+    ("write_durable", "seq write, until durable (fsync / `elvesfs sync`)", "bytes"),
+    ("read_cold", "cold read (`cat`, after remount + drop_caches)", "bytes"),
+    ("create", "create (open O_CREAT+close)", "ops"),
+    ("stat", "stat", "ops"),
+    ("unlink", "unlink", "ops"),
+]
+
+
+def table(results: dict, names: list[str], size: int, nfiles: int) -> str:
+    def rate(name: str, key: str, kind: str) -> float | None:
+        v = results.get(name, {}).get(key)
+        if not v:
+            return None
+        return (size / MB if kind == "bytes" else nfiles) / statistics.median(v)
+
+    fmt_abs = {"bytes": "{:.0f} MB/s", "ops": "{:.0f} ops/s"}
+    head = ["measurement"] + names
+    ratios = [(n, "plain") for n in names if n != "plain"]
+    if "elvesfs" in names and "passthrough" in names:
+        ratios.append(("elvesfs", "passthrough"))
+    head += [f"{a} / {b}" for a, b in ratios]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, kind in METRICS:
+        row = [label]
+        for n in names:
+            r = rate(n, key, kind)
+            row.append("–" if r is None else fmt_abs[kind].format(r))
+        for a, b in ratios:
+            ra, rb = rate(a, key, kind), rate(b, key, kind)
+            row.append("–" if not ra or not rb else f"**{ra / rb:.2f}x**")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/var/tmp",
+                   help="a fresh directory is created (and removed) under this one; every "
+                        "target lives on its disk (default /var/tmp)")
+    p.add_argument("--size", default="1GiB", help="file size for write/read (default 1GiB)")
+    p.add_argument("--files", type=int, default=10_000, help="files for the metadata test")
+    p.add_argument("--repeat", type=int, default=3, help="repeats; medians are reported")
+    p.add_argument("--quick", action="store_true", help="256 MiB, 2000 files, 1 repeat")
+    p.add_argument("--targets", default="plain,passthrough,elvesfs")
+    p.add_argument("--skip", default="", help="comma list of: write, meta")
+    p.add_argument("--source-dir", default=None,
+                   help="where the source file is generated (default /dev/shm if it has room)")
+    p.add_argument("--cache-mb", type=int, default=None, help="elvesfs --cache-mb")
+    p.add_argument("--no-verify", action="store_true", help="skip the cmp of the read-back data")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy record the FUSE daemons during write and cold read (raw "
+                        "collapsed stacks into DIR; perturbs the timings)")
+    p.add_argument("--json", metavar="FILE", help="also write the raw timings as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.size, a.files, a.repeat = "256MiB", 2000, 1
+    size = parse_size(a.size)
+    names = [n for n in a.targets.split(",") if n]
+    skip = set(filter(None, a.skip.split(",")))
+
+    for tool in ("cp", "cat", "cmp", "fusermount3"):
+        if shutil.which(tool) is None:
+            log(f"{tool} not found")
+            return 1
+    cold_ok = os.geteuid() == 0
+    if not cold_ok:
+        log("not root: cannot drop caches; 'cold' reads only follow a remount")
+
+    workdir = Path(tempfile.mkdtemp(prefix="elvesfs-bench-", dir=a.workdir)).resolve()
+    src_parent = Path(a.source_dir) if a.source_dir else None
+    if src_parent is None:
+        shm = Path("/dev/shm")
+        src_parent = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * size else workdir
+    srcdir = Path(tempfile.mkdtemp(prefix="elvesfs-bench-src-", dir=src_parent))
+    prof_dir = Path(a.profile).resolve() if a.profile else None
+    if prof_dir:
+        prof_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_term(signum, frame):  # let the finally blocks unmount
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    targets: list[Target] = []
+    results: dict[str, dict[str, list[float]]] = {
+        n: {k: [] for k, _, _ in METRICS} for n in names}
+    load0 = os.getloadavg()
+    t_start = time.monotonic()
+    try:
+        for n in names:
+            if n == "plain":
+                targets.append(Plain(workdir))
+            elif n == "passthrough":
+                targets.append(Passthrough(workdir, fetch_passthrough(workdir)))
+            elif n == "elvesfs":
+                targets.append(Elves(workdir, a.cache_mb))
+            else:
+                raise SystemExit(f"unknown target {n!r}")
+        src = srcdir / "source.bin"
+        if "write" not in skip:
+            log(f"generating a {size / MiB:.0f} MiB source file in {srcdir}")
+            make_source(src, size)
+        log(f"work directory {workdir} ({os.cpu_count()} CPUs, load {load0[0]:.2f})")
+        for rep in range(a.repeat):
+            order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+            log(f"repeat {rep + 1}/{a.repeat}: order {[t.name for t in order]}")
+            for t in order:
+                if "write" not in skip:
+                    bench_write_read(t, src, size, results[t.name], verify=rep == 0 and
+                                     not a.no_verify, cold_ok=cold_ok, prof_dir=prof_dir,
+                                     rep=rep)
+                if "meta" not in skip:
+                    bench_meta(t, a.files, results[t.name])
+    finally:
+        for t in targets:
+            try:
+                t.cleanup()
+            except Exception as exc:
+                log(f"cleanup of {t.name}: {exc}")
+        left = [str(m) for m in (workdir / "pt-mnt", workdir / "elves-mnt") if is_mounted(m)]
+        if left:
+            log(f"WARNING: still mounted: {left}")
+        shutil.rmtree(srcdir, ignore_errors=True)
+        if not a.keep and not left:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - t_start
+    load1 = os.getloadavg()
+    elves = next((t for t in targets if isinstance(t, Elves)), None)
+    print()
+    print(f"File {size / MiB:.0f} MiB (half random bytes, half float32 N(0, 0.02)), "
+          f"{a.files} files, median of {a.repeat} run(s); {os.cpu_count()} CPUs, "
+          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
+          f"{elapsed / 60:.1f} min in all. Ratios: higher is better (rate / plain rate).")
+    if not cold_ok:
+        print("Caches were NOT dropped (not root): reads are after a remount only.")
+    if elves is not None and elves.resyncs:
+        print(f"Note: `elvesfs sync` returned {elves.resyncs} time(s) before the file was sealed.")
+    print()
+    print(table(results, names, size, a.files))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"size": size, "files": a.files, "repeat": a.repeat,
+                                            "load": [load0, load1], "seconds": results},
+                                           indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
