@@ -78,7 +78,8 @@ def _encode(mv, dt, bound, level, grid=None):
                                                    t, rec, outl)
     if dt.name == "F16":
         rec = rec.astype(np.float16)
-        err = np.abs(rec.astype(np.float64) - x.astype(np.float64))
+        with np.errstate(invalid="ignore"):
+            err = np.abs(rec.astype(np.float64) - x.astype(np.float64))
         bad = (err > b) & (outl == 0)
         if bad.any():
             outl[bad] = 1

@@ -16,7 +16,7 @@ Layout (all little-endian)::
     43  u8  reserved (0)
     44  P bytes codec parameters
         S stream entries: u8 name length, name (ascii), u8 method (0 raw, 1 zstd,
-        2 constant byte), u64 stored length, u64 decoded length, u64 xxh3_64 of the
+        2 constant byte, 3 huffman), u64 stored length, u64 decoded length, u64 xxh3_64 of the
         stored bytes
         u64 xxh3_64 of every header byte before it
     then the S stored streams, in table order (most significant first).
@@ -41,8 +41,8 @@ FLAG_NEEDS_REF = 2
 CODEC_IDS = {"raw": 0, "zstd": 1, "planes": 2, "elf": 3, "xor": 4}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 
-METHOD_RAW, METHOD_ZSTD, METHOD_CONST = 0, 1, 2
-METHOD_NAMES = {METHOD_RAW: "raw", METHOD_ZSTD: "zstd", METHOD_CONST: "const"}
+METHOD_RAW, METHOD_ZSTD, METHOD_CONST, METHOD_HUF = 0, 1, 2, 3
+METHOD_NAMES = {METHOD_RAW: "raw", METHOD_ZSTD: "zstd", METHOD_CONST: "const", METHOD_HUF: "huffman"}
 
 _FIXED = struct.Struct("<4sBBBBQddQHBB")
 _ENTRY = struct.Struct("<BQQQ")

@@ -16,10 +16,16 @@ from .planes import decode_planes, encode_planes
 _P = struct.Struct("<QB")  # reference hash, planes layout
 
 
+def _u8(b) -> np.ndarray:
+    if isinstance(b, np.ndarray):
+        return np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    return np.frombuffer(b, np.uint8)
+
+
 def _xor(mv, ref, dt):
     size = dt.itemsize if dt else 1
     ut = np.dtype(f"<u{size}") if size in (1, 2, 4, 8) else np.uint8
-    return np.bitwise_xor(np.frombuffer(mv, ut), np.frombuffer(ref, ut))
+    return np.bitwise_xor(_u8(mv).view(ut), _u8(ref).view(ut))
 
 
 @register
@@ -41,7 +47,7 @@ class XorCodec(Codec):
         if ref.nbytes != mv.nbytes:
             raise ValueError(f"reference has {ref.nbytes} bytes, data {mv.nbytes}")
         d = _xor(mv, ref, dt)
-        layout_params, streams = encode_planes(memoryview(d).cast("B"), dt, self.level)
+        layout_params, streams = encode_planes(d.view(np.uint8), dt, self.level)
         return Encoded(streams=streams, params=_P.pack(hash64(ref), layout_params[0]),
                        needs_reference=True)
 
@@ -62,4 +68,4 @@ class XorCodec(Codec):
             raw_size = header.raw_size
             streams = header.streams
         d = decode_planes(_H, frame, dt, None)
-        return _xor(memoryview(np.ascontiguousarray(d)).cast("B"), ref, dt)
+        return _xor(d, ref, dt)

@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import zstandard as zstd
 
-from . import kernels
+from . import huffman, kernels
 from .base import Codec, register
 from .errors import FrameError
-from .frame import METHOD_CONST, METHOD_RAW, METHOD_ZSTD, Stream, stream_view
+from .frame import METHOD_CONST, METHOD_HUF, METHOD_RAW, METHOD_ZSTD, Stream, stream_view
 
 _tls = threading.local()
 
@@ -47,22 +47,40 @@ def entropy(hist: np.ndarray) -> float:
 
 
 def code_stream(name: str, data, level: int = 3, *, analyse: bool = True) -> Stream:
-    """Code one byte stream with the cheapest of constant / zstd / raw. ``data`` is a
-    1-d uint8 array or bytes-like; raw streams are stored without a copy."""
+    """Code one byte stream with the cheapest of constant / huffman / zstd / raw.
+    ``data`` is a 1-d uint8 array or bytes-like; raw streams are stored without a copy.
+
+    Low-entropy streams (exponents): canonical Huffman, unless zstd does better on a
+    64 KiB probe (runs, repeats). High-entropy streams (mantissas): one fast zstd pass
+    (level <= 1) to catch repeats, else raw."""
     a = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
     n = a.shape[0]
     if n == 0:
         return Stream(name, METHOD_RAW, 0, b"")
-    if analyse:
-        h = kernels.histogram(a)
-        top = int(h.argmax())
-        if h[top] == n:
-            return Stream(name, METHOD_CONST, n, bytes([top]))
-        if n >= 4096 and entropy(h) > RAW_ENTROPY:
-            return Stream(name, METHOD_RAW, n, a)
-    c = compressor(level).compress(a)
-    if len(c) < n:
-        return Stream(name, METHOD_ZSTD, n, c)
+    if not analyse:
+        c = compressor(level).compress(a)
+        return Stream(name, METHOD_ZSTD, n, c) if len(c) < n else Stream(name, METHOD_RAW, n, a)
+    h = kernels.histogram(a)
+    top = int(h.argmax())
+    if h[top] == n:
+        return Stream(name, METHOD_CONST, n, bytes([top]))
+    H = entropy(h)
+    if n < 4096:  # small streams: the Huffman table costs more than it saves
+        c = compressor(level).compress(a)
+        return Stream(name, METHOD_ZSTD, n, c) if len(c) < n else Stream(name, METHOD_RAW, n, a)
+    if H > 7.5:
+        c = compressor(min(level, 1)).compress(a)
+        return Stream(name, METHOD_ZSTD, n, c) if len(c) < n - 64 else Stream(name, METHOD_RAW, n, a)
+    est, lens = huffman.estimate(h)
+    probe = a[:65536]
+    zp = len(compressor(level).compress(probe))
+    hp = huffman.estimate(kernels.histogram(probe))[0] if probe.shape[0] < n else est
+    if zp < hp:
+        c = compressor(level).compress(a)
+        if len(c) < min(est, n):
+            return Stream(name, METHOD_ZSTD, n, c)
+    if est < n:
+        return Stream(name, METHOD_HUF, n, huffman.encode(a, lens))
     return Stream(name, METHOD_RAW, n, a)
 
 
@@ -77,6 +95,8 @@ def decode_stream(frame, s: Stream):
         if mv.nbytes != 1:
             raise FrameError(f"stream {s.name!r}: bad constant stream", damaged=(s.name,))
         return np.full(s.raw_len, mv[0], np.uint8)
+    if s.method == METHOD_HUF:
+        return huffman.decode(mv, s.raw_len)
     if s.raw_len == 0:
         raise FrameError(f"stream {s.name!r}: empty zstd stream", damaged=(s.name,))
     try:

@@ -507,7 +507,7 @@ class Operations(pyfuse3.Operations):
         if node.is_dir:
             raise FsError(errno.EISDIR)
         fi = self._open_handle(inode, flags)
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+        if False:
             # libfuse enables atomic_o_trunc: the kernel sends no setattr for O_TRUNC,
             # truncating is ours (after the handle exists, so no seal starts in between)
             try:

@@ -1,0 +1,228 @@
+"""Model files through a real mount: real writers and readers, dedup, delta, lossy policy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import zoo  # noqa: E402
+
+from elvesfs.policy import Policy  # noqa: E402
+
+
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stats(path: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "stats", "--json", str(path)],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout)
+
+
+def file_stats(path: Path) -> dict:
+    (f,) = stats(path)["files"]
+    return f
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> list[Path]:
+    """Two real torch.save training checkpoints (model + AdamW state) a few steps apart."""
+    out = tmp_path_factory.mktemp("ckpt")
+    return zoo.train_checkpoints(out, steps=4, every=2)
+
+
+def test_safetensors_writer_and_mmap_reader(mnt, tmp_path):
+    from safetensors import safe_open
+    tensors = {
+        "w32": torch.randn(300, 70),
+        "w16": torch.randn(64, 33).half(),
+        "wbf": torch.randn(128).bfloat16(),
+        "w64": torch.randn(17).double(),
+        "ids": torch.arange(1000, dtype=torch.int64),
+        "mask": torch.rand(50) > 0.5,
+        "empty": torch.zeros(0),
+    }
+    ref = tmp_path / "ref.safetensors"
+    safetensors_torch.save_file(tensors, str(ref), metadata={"k": "v"})
+    dst = mnt.path / "m.safetensors"
+    safetensors_torch.save_file(tensors, str(dst), metadata={"k": "v"})
+    mnt.sync()
+    assert sha(dst) == sha(ref)
+    assert file_stats(dst)["format"] == "safetensors"
+    mnt.remount()
+    with safe_open(str(dst), framework="pt") as f:  # mmap through FUSE
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    assert sha(dst) == sha(ref)
+
+
+def test_torch_save_and_mmap_load(mnt, checkpoints):
+    dst = mnt.path / "c.pt"
+    shutil.copyfile(checkpoints[0], dst)
+    mnt.remount()
+    assert sha(dst) == sha(checkpoints[0])
+    assert file_stats(dst)["format"] == "torch-zip"
+    a = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
+    b = torch.load(dst, map_location="cpu", weights_only=True, mmap=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_save_pretrained_sharded_and_from_pretrained(mnt):
+    model = zoo.load_bert(zoo.minilm_dir())
+    out = mnt.path / "bert"
+    model.save_pretrained(str(out), max_shard_size="20MB")
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1
+    mnt.remount()
+    again = zoo.load_bert(out)
+    sd, sd2 = model.state_dict(), again.state_dict()
+    assert sd.keys() == sd2.keys()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert all(file_stats(s)["format"] == "safetensors" for s in shards)
+
+
+def test_same_tensors_in_bin_and_safetensors_stored_once(mnt, tmp_path):
+    sd = safetensors_torch.load_file(str(zoo.minilm_safetensors()))
+    st = mnt.path / "model.safetensors"
+    shutil.copyfile(zoo.minilm_safetensors(), st)
+    bn = mnt.path / "pytorch_model.bin"
+    torch.save(sd, bn)
+    mnt.sync()
+    s_st, s_bn = file_stats(st), file_stats(bn)
+    tensor_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+    assert s_bn["format"] == "torch-zip"
+    assert s_bn["dedup_saved"] >= 0.99 * tensor_bytes
+    # du charges each file half of the shared tensors: the two cost about one copy
+    du = (st.stat().st_blocks + bn.stat().st_blocks) * 512
+    alone = stats(st)["store"]["stored"]
+    assert du <= alone * 1.02
+
+
+def test_checkpoint_series_uses_delta(mnt, checkpoints):
+    for c in checkpoints:
+        shutil.copyfile(c, mnt.path / c.name)
+        mnt.sync()
+    last = file_stats(mnt.path / checkpoints[-1].name)
+    assert last["delta_raw"] > 0 and last["delta_saved"] > 0
+    mnt.remount()
+    for c in checkpoints:
+        assert sha(mnt.path / c.name) == sha(c)
+    # deleting the reference never breaks a file coded against it
+    os.unlink(mnt.path / checkpoints[0].name)
+    mnt.remount()
+    assert sha(mnt.path / checkpoints[-1].name) == sha(checkpoints[-1])
+
+
+def test_lossless_embeddings_identical(mnt):
+    model = zoo.copy_model_dir(mnt.path / "minilm")
+    mnt.remount()
+    for f in zoo.minilm_dir().iterdir():
+        if f.is_file():
+            assert sha(model / f.name) == sha(f), f.name
+    np.testing.assert_array_equal(zoo.embed(model), zoo.embed(zoo.minilm_dir()))
+
+
+@pytest.mark.parametrize("policy,bound", [("elf", 2.0 ** -24), ("elf=1e-4", 1e-4)])
+def test_lossy_elf_keeps_embeddings_and_bound(make_mount, policy, bound):
+    m = make_mount("--lossy", policy)
+    model = zoo.copy_model_dir(m.path / "minilm")
+    m.sync()
+    s = file_stats(model / "model.safetensors")
+    assert s["policy"] == str(Policy.parse(policy))
+    assert s["lossy_bytes"] > 0 and 0 < s["max_error"] <= bound
+    assert s["stored"] < file_stats(model / "model.safetensors")["logical"] / 1.3
+    m.remount()
+    for name in ("config.json", "tokenizer.json", "vocab.txt"):
+        assert sha(model / name) == sha(zoo.minilm_dir() / name)
+    orig = safetensors_torch.load_file(str(zoo.minilm_safetensors()))
+    back = safetensors_torch.load_file(str(model / "model.safetensors"))
+    for k, v in orig.items():
+        err = (back[k].double() - v.double()).abs().max().item()
+        assert err <= bound, (k, err)
+    # the header is exact: same tensor table, same metadata
+    with open(zoo.minilm_safetensors(), "rb") as a, open(model / "model.safetensors", "rb") as b:
+        n = int.from_bytes(a.read(8), "little")
+        assert b.read(8 + n)[8:] == a.read(n)
+    e0, e1 = zoo.embed(zoo.minilm_dir()), zoo.embed(model)
+    cos = (e0 * e1).sum(1) / np.linalg.norm(e0, axis=1) / np.linalg.norm(e1, axis=1)
+    assert cos.min() >= 0.9999
+
+
+def test_lossy_never_touches_optimizer_state_or_integers(make_mount, checkpoints):
+    m = make_mount("--lossy", "elf=1e-3")
+    dst = m.path / "c.pt"
+    shutil.copyfile(checkpoints[0], dst)
+    m.remount()
+    a = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
+    b = torch.load(dst, map_location="cpu", weights_only=True)
+    for i, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    assert b["step"] == a["step"]
+    errs = [(a["model"][k].double() - b["model"][k].double()).abs().max().item()
+            for k in a["model"] if a["model"][k].is_floating_point()]
+    assert max(errs) <= 1e-3
+    for k, v in a["model"].items():
+        if not v.is_floating_point():
+            assert torch.equal(v, b["model"][k]), k
+    assert file_stats(dst)["lossy_bytes"] > 0
+
+
+def test_directory_policy_is_inherited(mnt):
+    d = mnt.path / "lossy"
+    d.mkdir()
+    os.setxattr(d, "user.elvesfs.policy", b"elf=1e-3")
+    (d / "sub").mkdir()
+    assert os.getxattr(d / "sub", "user.elvesfs.policy") == b"elf=1e-3"
+    with pytest.raises(OSError):
+        os.setxattr(d, "user.elvesfs.policy", b"gzip-please")
+    w = {"layer.weight": torch.randn(256, 256) * 0.05}
+    safetensors_torch.save_file(w, str(d / "sub" / "w.safetensors"))
+    safetensors_torch.save_file(w, str(mnt.path / "exact.safetensors"))
+    mnt.sync()
+    assert file_stats(d / "sub" / "w.safetensors")["policy"] == "elf=0.001"
+    assert file_stats(mnt.path / "exact.safetensors")["policy"] == "lossless"
+    back = safetensors_torch.load_file(str(d / "sub" / "w.safetensors"))["layer.weight"]
+    assert (back - w["layer.weight"]).abs().max().item() <= 1e-3
+    exact = safetensors_torch.load_file(str(mnt.path / "exact.safetensors"))["layer.weight"]
+    assert torch.equal(exact, w["layer.weight"])
+
+
+def test_malformed_model_files_are_stored_as_plain_bytes(mnt, tmp_path):
+    good = tmp_path / "g.safetensors"
+    safetensors_torch.save_file({"a": torch.randn(1000)}, str(good))
+    raw = good.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    cases = {
+        "truncated.safetensors": raw[: len(raw) // 2],
+        "bad_len.safetensors": (10 ** 12).to_bytes(8, "little") + raw[8:],
+        "bad_json.safetensors": raw[:8] + b"{" * n + raw[8 + n:],
+        "lying_offsets.safetensors": raw[:8] + raw[8:8 + n].replace(b"4000", b"9000") + raw[8 + n:],
+        "not_a_zip.pt": b"PK\x03\x04" + os.urandom(5000),
+    }
+    for name, data in cases.items():
+        (mnt.path / name).write_bytes(data)
+    mnt.remount()
+    for name, data in cases.items():
+        assert (mnt.path / name).read_bytes() == data, name
+        assert file_stats(mnt.path / name)["format"] == "plain", name
