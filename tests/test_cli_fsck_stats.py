@@ -1,0 +1,122 @@
+"""The CLI around the mount: errors users see, fsck finding and repairing damage, stats vs du."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from elvesfs.chunkstore import CHUNK
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "elvesfs.cli", *args], capture_output=True,
+                          text=True, cwd=str(ROOT), timeout=300)
+
+
+def test_mount_errors_are_one_clear_line(mnt, tmp_path):
+    r = cli("mount", str(tmp_path / "missing"))
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("mount", str(mnt.path), "--store", str(tmp_path / "other"))
+    assert r.returncode != 0 and "already a mountpoint" in r.stderr
+    other = tmp_path / "mnt2"
+    other.mkdir()
+    r = cli("mount", str(other), "--store", str(mnt.store))
+    assert r.returncode != 0 and "in use" in r.stderr
+    r = cli("fsck", str(mnt.store))
+    assert r.returncode != 0 and "in use" in r.stderr
+
+
+def test_corrupt_store_is_refused(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "data.mdb").write_bytes(os.urandom(65536))
+    m = tmp_path / "m"
+    m.mkdir()
+    r = cli("mount", str(m), "--store", str(store))
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.ismount(m)
+
+
+def _open_env(store: Path) -> tuple[lmdb.Environment, dict]:
+    env = lmdb.open(str(store), max_dbs=20, subdir=True)
+    names = ["chunks", "refs", "zero", "layouts"]
+    return env, {n: env.open_db(n.encode()) for n in names}
+
+
+def test_fsck_clean_then_detects_and_repairs(mnt):
+    for i in range(5):
+        (mnt.path / f"f{i}").write_bytes(os.urandom(200_000) + bytes(50_000))
+    (mnt.path / "dup").write_bytes((mnt.path / "f0").read_bytes())
+    mnt.umount()
+    r = cli("fsck", str(mnt.store), "--verify-data")
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+
+    env, t = _open_env(mnt.store)
+    with env.begin(write=True) as txn:
+        cid, raw = next(iter(txn.cursor(db=t["refs"])))
+        rc, *rest = CHUNK.unpack(raw)
+        txn.put(cid, CHUNK.pack(rc + 5, *rest), db=t["refs"])  # wrong refcount
+    env.close()
+    r = cli("fsck", str(mnt.store))
+    assert r.returncode == 1 and "refcount" in (r.stdout + r.stderr)
+    r = cli("fsck", str(mnt.store), "--repair")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "clean" in cli("fsck", str(mnt.store)).stdout
+
+    env, t = _open_env(mnt.store)
+    with env.begin(write=True) as txn:  # flip a byte inside one chunk's frame
+        cid, frame = next(iter(txn.cursor(db=t["chunks"])))
+        bad = bytearray(frame)
+        bad[len(bad) // 2] ^= 0xFF
+        txn.put(cid, bytes(bad), db=t["chunks"])
+    env.close()
+    r = cli("fsck", str(mnt.store), "--verify-data")
+    assert r.returncode == 1 and "does not verify" in (r.stdout + r.stderr)
+
+    mnt.mount()  # a damaged chunk reads as EIO, never as wrong bytes
+    errors = 0
+    for f in sorted(mnt.path.iterdir()):
+        try:
+            f.read_bytes()
+        except OSError as exc:
+            assert exc.errno == 5
+            errors += 1
+    assert errors >= 1
+
+
+def test_stats_agree_with_du_and_df(mnt):
+    data = os.urandom(1_000_000)
+    for name in ("a", "b", "c"):
+        (mnt.path / name).write_bytes(data)
+    (mnt.path / "z").write_bytes(bytes(3_000_000))
+    mnt.sync()
+    r = cli("stats", "--json", str(mnt.path))
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    files = {Path(f["path"]).name: f for f in s["files"]}
+    assert files["a"]["logical"] == 1_000_000
+    assert files["b"]["dedup_saved"] == 1_000_000
+    store = s["store"]
+    assert store["logical"] == 6_000_000
+    assert store["ratio"] > 2.5
+    du = subprocess.run(["du", "-s", "-B1", str(mnt.path)], capture_output=True, text=True)
+    du_bytes = int(du.stdout.split()[0])
+    assert abs(du_bytes - store["stored"]) < 64 * 1024, (du_bytes, store["stored"])
+    app = subprocess.run(["du", "-s", "-B1", "--apparent-size", str(mnt.path)],
+                         capture_output=True, text=True)
+    assert int(app.stdout.split()[0]) >= 6_000_000
+    st = os.statvfs(mnt.path)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    assert store["stored"] <= used < store["stored"] + 64 * 2**20
+    assert st.f_bavail > 0
