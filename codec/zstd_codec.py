@@ -70,6 +70,11 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True) -> Str
         return Stream(name, METHOD_ZSTD, n, c) if len(c) < n else Stream(name, METHOD_RAW, n, a)
     if H > 7.5:
         c = compressor(min(level, 1)).compress(a)
+        best = min(len(c), n - 64)
+        if H < 7.995:  # Benford-skewed high mantissa bits: Huffman still gains a little
+            est, lens = huffman.estimate(h)
+            if est < best:
+                return Stream(name, METHOD_HUF, n, huffman.encode(a, lens))
         return Stream(name, METHOD_ZSTD, n, c) if len(c) < n - 64 else Stream(name, METHOD_RAW, n, a)
     est, lens = huffman.estimate(h)
     probe = a[:65536]
