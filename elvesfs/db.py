@@ -63,7 +63,7 @@ class Database:
         try:
             self.env = lmdb.open(path, map_size=_map_size(path), max_dbs=len(TABLES) + 1,
                                  subdir=True, readonly=readonly, sync=False, metasync=False,
-                                 readahead=False, max_readers=512, lock=True,
+                                 readahead=True, max_readers=512, lock=True,
                                  create=not readonly)
         except lmdb.Error as exc:
             raise StoreCorruptError(f"cannot open store {path}: {exc}") from exc

@@ -62,6 +62,7 @@ class Piece:
     role: str = "other"
     index: int = 0  # piece number within its tensor
     hole: bool = False
+    data: memoryview | None = None  # the bytes, when the planner already read them
 
 
 @dataclass
@@ -84,6 +85,7 @@ class SealStats:
     codecs: dict = field(default_factory=dict)  # codec -> [raw, stored]
     seconds: float = 0.0
     note: str = ""
+    dup_in_flight: int = 0  # coded twice in one seal, stored once (counted as dedup)
 
     def add(self, enc: Encoded, is_delta: bool) -> None:
         self.new_raw += enc.raw
@@ -171,8 +173,9 @@ class Planner:
             last = pos + n >= b
             if not last and len(cuts) > 1:
                 cuts = cuts[:-1]  # the window's tail is re-chunked with the next window
+            view = memoryview(buf)
             for c in cuts:
-                yield Piece(pos + c.offset, c.length)
+                yield Piece(pos + c.offset, c.length, data=view[c.offset:c.offset + c.length])
             pos += sum(c.length for c in cuts)
 
     def _segments(self, fd: int, segments: list) -> Iterator[Piece]:
@@ -200,11 +203,13 @@ class Sealer:
         self.db, self.ns, self.chunks, self.staging, self.reader = db, ns, chunks, staging, reader
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
                                        thread_name_prefix="elvesfs-code")
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-commit")
         self.planner = Planner()
         self.delta = delta
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.committer.shutdown(wait=True)
 
     # -- piece coding (pool threads) -------------------------------------------
     def _reference(self, p: Piece) -> tuple[bytes, bytes | None]:
@@ -223,7 +228,7 @@ class Sealer:
             return bytes(16), None
 
     def _code(self, fd: int, p: Piece, policy: Policy) -> _Result:
-        data = os.pread(fd, p.length, p.offset)
+        data = p.data if p.data is not None else os.pread(fd, p.length, p.offset)
         if len(data) != p.length:
             raise OSError(f"staging file shrank while sealing at {p.offset}")
         lossy = policy.allows_lossy(p.dtype, p.role)
@@ -252,6 +257,7 @@ class Sealer:
         if extents is None:
             return None
         stats.seconds = round(time.monotonic() - t0, 3)
+        stats.dedup_bytes += stats.dup_in_flight
         self._install(ino, Layout.build(extents), size, stats)
         self.staging.remove_file(ino)
         log.info("sealed inode %d: %s %d bytes -> %d new stored (%.2fs)", ino, fmt, size,
@@ -260,12 +266,26 @@ class Sealer:
 
     def _code_all(self, fd: int, pieces: Iterator[Piece], policy: Policy, stats: SealStats,
                   abort: threading.Event) -> list[tuple[int, bytes]] | None:
+        """Code every piece (pool threads) and store new chunks (committer thread).
+
+        Batches of new chunks are committed by a second thread while coding goes on,
+        so the coders never wait for LMDB. Returns the extents, or None if aborted.
+        """
         window: list[Future] = []
         extents: list[tuple[int, bytes]] = []
         batch: list[_Result] = []
         batch_bytes = 0
         limit = 2 * self.pool._max_workers + 2
         tindex: dict[bytes, bytes] = {}
+        commits: list[Future] = []
+
+        def flush() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                commits.append(self.committer.submit(self._commit_batch, batch, stats))
+            batch, batch_bytes = [], 0
+            while len(commits) > 2:  # bound the frames waiting to be committed
+                commits.pop(0).result()
 
         def drain_one() -> None:
             nonlocal batch_bytes
@@ -284,41 +304,44 @@ class Sealer:
                 batch.append(r)
                 batch_bytes += len(r.enc.frame)
 
-        for p in pieces:
-            if abort.is_set():
-                break
-            if p.hole:
-                while window:
+        try:
+            for p in pieces:
+                if abort.is_set():
+                    break
+                if p.hole:
+                    while window:
+                        drain_one()
+                    extents.append((p.offset + p.length, HOLE))
+                    stats.hole_bytes += p.length
+                    continue
+                window.append(self.pool.submit(self._code, fd, p, policy))
+                while len(window) >= limit or (window and window[0].done()):
                     drain_one()
-                extents.append((p.offset + p.length, HOLE))
-                stats.hole_bytes += p.length
-                continue
-            window.append(self.pool.submit(self._code, fd, p, policy))
-            while len(window) >= limit or (window and window[0].done()):
+                if batch_bytes >= BATCH_BYTES:
+                    flush()
+            while window:
                 drain_one()
-            if batch_bytes >= BATCH_BYTES:
-                self._commit_batch(batch, stats)
-                batch, batch_bytes = [], 0
-        while window:
-            drain_one()
+            flush()
+        finally:
+            for f in window:
+                f.cancel()
+            for c in commits:  # chunks of an aborted seal stay as garbage (refcount 0)
+                c.result()
         if abort.is_set():
-            self._commit_batch(batch, stats)  # garbage with refcount 0; collected later
             return None
-        self._commit_batch(batch, stats)
         stats.chunks = len(extents)
         self._tindex = tindex
         return extents
 
     def _commit_batch(self, batch: list[_Result], stats: SealStats) -> None:
-        if not batch:
-            return
+        """Store new chunks with refcount 0 (committer thread; one batch at a time)."""
         with self.db.write() as txn:
             for r in batch:
                 ref = r.ref if self.chunks.record(txn, r.ref) is not None else bytes(16)
                 if self.chunks.add(txn, r.cid, r.enc.frame, r.enc.raw, ref, r.enc.flags):
                     stats.add(r.enc, ref != bytes(16))
                 else:
-                    stats.dedup_bytes += r.enc.raw
+                    stats.dup_in_flight += r.enc.raw
 
     def _install(self, ino: int, layout: Layout, size: int, stats: SealStats) -> None:
         with self.db.write() as txn:

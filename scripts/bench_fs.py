@@ -25,6 +25,10 @@ Measurements (each repeated --repeat times, medians reported):
   meta    --files empty files in a fresh directory: os.open(O_CREAT|O_EXCL)+os.close,
           then os.stat each, then os.unlink each, timed per phase
 
+The first repeat also checks every target reads back exactly the bytes written (cmp).
+elvesfs runs from a copy of elvesfs/ and codec/ taken at start (--no-snapshot: in place),
+so edits to the tree during a run cannot make one daemon decode another version's frames.
+
 Every FUSE filesystem runs as its own process (the benchmark never reads a mount served
 by its own threads); mounts are always unmounted (try/finally), and only processes this
 script started are ever signalled, by PID.
@@ -53,6 +57,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+CODE = {"root": REPO, "env": None}  # where `python -m elvesfs...` imports from (see snapshot())
 MB = 1_000_000
 MiB = 1 << 20
 
@@ -271,7 +276,8 @@ class Elves(Target):
         return self.mnt
 
     def cli(self, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
-        return run([sys.executable, "-m", "elvesfs.cli", *args], timeout=timeout, cwd=str(REPO))
+        return run([sys.executable, "-m", "elvesfs.cli", *args], timeout=timeout,
+                   cwd=str(CODE["root"]), env=CODE["env"])
 
     def start(self) -> None:
         extra = ["--cache-mb", str(self.cache_mb)] if self.cache_mb else []
@@ -308,8 +314,8 @@ class Elves(Target):
     def cleanup(self) -> None:
         if is_mounted(self.mnt):
             r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "umount", str(self.mnt),
-                                "--timeout", "120"], capture_output=True, cwd=str(REPO),
-                               timeout=300)
+                                "--timeout", "120"], capture_output=True,
+                               cwd=str(CODE["root"]), env=CODE["env"], timeout=300)
             if r.returncode and is_mounted(self.mnt):
                 subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
         if self.pid:  # the daemon we started, by the PID its store lock records
@@ -339,6 +345,33 @@ def fetch_passthrough(dest: Path) -> Path:
     out = dest / "passthroughfs.py"
     out.write_bytes(data)
     return out
+
+
+def snapshot(dest: Path) -> str:
+    """Copy elvesfs/ and codec/ so that edits to the tree during the run cannot mix code
+    versions between the daemon that writes a file and the one that reads it back; warm
+    numba's cache there. Returns a description of the code measured."""
+    for pkg in ("elvesfs", "codec"):
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(dest) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                     else "")
+    CODE["root"], CODE["env"] = dest, env
+    warm = ("import numpy as np, codec\n"
+            "r = np.random.default_rng(0)\n"
+            "for dt, a in (('F32', r.normal(0, .02, 1 << 16).astype(np.float32)),\n"
+            "              ('BF16', r.integers(0, 1 << 16, 1 << 16).astype(np.uint16)),\n"
+            "              (None, r.normal(0, .02, 1 << 16).astype(np.float32))):\n"
+            "    codec.decode(codec.encode(a.tobytes(), dt))\n")
+    run([sys.executable, "-c", warm], cwd=str(dest), env=env, timeout=600)
+    try:
+        head = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "elvesfs",
+                     "codec"]).stdout.strip()
+        return f"commit {head}" + (" + uncommitted changes in elvesfs/ or codec/" if dirty
+                                   else "")
+    except Exception:
+        return "unknown commit"
 
 
 def make_source(path: Path, size: int) -> None:
@@ -403,7 +436,7 @@ def bench_write_read(t: Target, src: Path, size: int, res: dict, verify: bool, c
         t.stop()
 
 
-def bench_meta(t: Target, nfiles: int, res: dict) -> None:
+def bench_meta(t: Target, nfiles: int, res: dict, prof_dir: Path | None, rep: int) -> None:
     t.reset()
     t.start()
     try:
@@ -426,7 +459,9 @@ def bench_meta(t: Target, nfiles: int, res: dict) -> None:
 
         times = {}
         for phase, fn in (("create", create), ("stat", stat), ("unlink", unlink)):
+            prof = Profiler(t.pid, prof_dir and prof_dir / f"{t.name}-{phase}-r{rep}.txt")
             times[phase] = timed(fn)
+            prof.stop()
             res[phase].append(times[phase])
         os.rmdir(d)
         log(f"  {t.name:12s} meta: " + "  ".join(
@@ -454,7 +489,7 @@ def table(results: dict, names: list[str], size: int, nfiles: int) -> str:
 
     fmt_abs = {"bytes": "{:.0f} MB/s", "ops": "{:.0f} ops/s"}
     head = ["measurement"] + names
-    ratios = [(n, "plain") for n in names if n != "plain"]
+    ratios = [(n, "plain") for n in names if n != "plain" and "plain" in names]
     if "elvesfs" in names and "passthrough" in names:
         ratios.append(("elvesfs", "passthrough"))
     head += [f"{a} / {b}" for a, b in ratios]
@@ -480,17 +515,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=10_000, help="files for the metadata test")
     p.add_argument("--repeat", type=int, default=3, help="repeats; medians are reported")
     p.add_argument("--quick", action="store_true", help="256 MiB, 2000 files, 1 repeat")
-    p.add_argument("--targets", default="plain,passthrough,elvesfs")
+    p.add_argument("--targets", default="plain,passthrough,elvesfs",
+                   help="comma list (ratios vs plain need plain)")
     p.add_argument("--skip", default="", help="comma list of: write, meta")
     p.add_argument("--source-dir", default=None,
                    help="where the source file is generated (default /dev/shm if it has room)")
     p.add_argument("--cache-mb", type=int, default=None, help="elvesfs --cache-mb")
     p.add_argument("--no-verify", action="store_true", help="skip the cmp of the read-back data")
     p.add_argument("--profile", metavar="DIR",
-                   help="py-spy record the FUSE daemons during write and cold read (raw "
+                   help="py-spy record the FUSE daemons during each timed phase (raw "
                         "collapsed stacks into DIR; perturbs the timings)")
     p.add_argument("--json", metavar="FILE", help="also write the raw timings as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--no-snapshot", action="store_true",
+                   help="run elvesfs from the tree in place (default: from a copy of elvesfs/ "
+                        "and codec/ taken at start, immune to edits during the run)")
     a = p.parse_args(argv)
     if a.quick:
         a.size, a.files, a.repeat = "256MiB", 2000, 1
@@ -525,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         n: {k: [] for k, _, _ in METRICS} for n in names}
     load0 = os.getloadavg()
     t_start = time.monotonic()
+    failed = True
     try:
         for n in names:
             if n == "plain":
@@ -535,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(Elves(workdir, a.cache_mb))
             else:
                 raise SystemExit(f"unknown target {n!r}")
+        code = "the tree in place"
+        if "elvesfs" in names and not a.no_snapshot:
+            log("snapshotting elvesfs/ and codec/, warming numba's cache")
+            snap = workdir / "code"
+            snap.mkdir()
+            code = snapshot(snap)
         src = srcdir / "source.bin"
         if "write" not in skip:
             log(f"generating a {size / MiB:.0f} MiB source file in {srcdir}")
@@ -549,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                                      not a.no_verify, cold_ok=cold_ok, prof_dir=prof_dir,
                                      rep=rep)
                 if "meta" not in skip:
-                    bench_meta(t, a.files, results[t.name])
+                    bench_meta(t, a.files, results[t.name], prof_dir, rep)
+        failed = False
     finally:
         for t in targets:
             try:
@@ -560,7 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             log(f"WARNING: still mounted: {left}")
         shutil.rmtree(srcdir, ignore_errors=True)
-        if not a.keep and not left:
+        if failed:
+            for lf in (workdir / "elves-store" / "elvesfs.log", workdir / "passthrough.log"):
+                if lf.exists():
+                    tail = lf.read_text(errors="replace").splitlines()[-40:]
+                    log(f"last lines of {lf}:\n" + "\n".join(tail))
+            log(f"run failed: keeping {workdir} for inspection")
+        elif not a.keep and not left:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - t_start
     load1 = os.getloadavg()
@@ -570,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.files} files, median of {a.repeat} run(s); {os.cpu_count()} CPUs, "
           f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
           f"{elapsed / 60:.1f} min in all. Ratios: higher is better (rate / plain rate).")
+    if elves is not None:
+        print(f"elvesfs code measured: {code}.")
     if not cold_ok:
         print("Caches were NOT dropped (not root): reads are after a remount only.")
     if elves is not None and elves.resyncs:
