@@ -83,11 +83,24 @@ def cmd_mount(a: argparse.Namespace) -> int:
     with os.fdopen(rfd) as r:
         msg = r.readline().strip()
     if msg == "OK":
+        _set_read_ahead(mp, a.read_ahead_kb)
         print(f"elvesfs: {mp} mounted (store {store}, log {logfile})", file=sys.stderr)
         return 0
     proc.wait(timeout=30)
     raise CliError(msg[4:] if msg.startswith("ERR ") else
                    f"the daemon exited before mounting (see {logfile})")
+
+
+def _set_read_ahead(mp: str, kb: int) -> None:
+    """Let the kernel read ahead further than FUSE's default 128 KiB (loaders read whole
+    shards sequentially). Needs root; silently skipped otherwise. Runs in this CLI
+    process, never in the daemon: stat()ing its own mount would deadlock the daemon."""
+    try:
+        dev = os.stat(mp).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        log.debug("read_ahead_kb not set: %s", exc)
 
 
 def _daemon_pid(store: str) -> int | None:
@@ -152,6 +165,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--lossy", metavar="elf[=BOUND]",
                    help="allow ELF on float weights (default: lossless)")
     m.add_argument("--cache-mb", type=int, default=256, help="decoded chunk cache size")
+    m.add_argument("--read-ahead-kb", type=int, default=1024,
+                   help="kernel read-ahead for the mount (root only)")
     m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     m.add_argument("--debug", action="store_true")
     m.set_defaults(fn=cmd_mount)
