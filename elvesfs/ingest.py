@@ -219,7 +219,7 @@ class Sealer:
         with self.db.read() as txn:
             ref = txn.get(tensor_key(p), db=self.db.t["tindex"])
             rec = self.chunks.record(txn, ref) if ref else None
-        if rec is None or rec.is_delta or rec.raw != p.length or rec.flags:
+        if rec is None or rec.is_delta or rec.raw != p.length:
             return bytes(16), None
         try:
             return ref, self.reader.get(ref)
@@ -295,8 +295,9 @@ class Sealer:
                 stats.tensors += r.piece.index == 0
                 # Index only fresh standalone exact pieces: a delta is never a reference
                 # (one hop), so later versions keep coding against the last standalone base.
-                if (r.enc is not None and r.ref == bytes(16)
-                        and not policy.allows_lossy(r.piece.dtype, r.piece.role)):
+                # A lossily coded piece is a fine reference too: a delta against its
+                # decoded bytes still reconstructs the new piece exactly.
+                if r.enc is not None and r.ref == bytes(16):
                     tindex[tensor_key(r.piece)] = r.cid
             if r.enc is None:
                 stats.dedup_bytes += r.piece.length
