@@ -90,6 +90,10 @@ def recover(store: Store, default_policy: Policy) -> None:
     with store.db.read() as txn:
         orphans = store.ns.orphans(txn)
         staged = store.staging.staged(txn)
+        stray = store.staging.stray_files(txn)
+    for ino in stray:
+        log.info("recovery: removing unfinished staging copy of inode %d", ino)
+        store.staging.remove_file(ino)
     for ino in orphans:
         log.info("recovery: deleting orphan inode %d", ino)
         store.sealer.drop(ino)

@@ -87,6 +87,8 @@ class Operations(pyfuse3.Operations):
         self.lookups: Counter[int] = Counter()
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
+        self.parents: dict[int, int] = {ROOT_INO: ROOT_INO}  # directory -> parent, for ".."
+        self.prefetching: set[bytes] = set()  # chunks a readahead task is already fetching
         self._next_fh = 1
         self.layouts: dict[int, Layout] = {}
         self.generation = 0  # bumped whenever refcounts change: invalidates st_blocks shares
@@ -214,6 +216,8 @@ class Operations(pyfuse3.Operations):
             inode = self.ns.get(txn, ino)
         attrs = await self._attrs(inode)
         self._lookup_inc(ino)
+        if inode.is_dir:
+            self.parents[ino] = parent_inode
         return attrs
 
     @handler
@@ -328,6 +332,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx):
         inode = self._new_entry(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
         self._lookup_inc(inode.ino)
+        self.parents[inode.ino] = parent_inode
         return await self._attrs(inode)
 
     @handler
@@ -399,6 +404,7 @@ class Operations(pyfuse3.Operations):
             node.ctime_ns = now
             self.ns.put(txn, node)
             self._touch_dir(txn, parent_inode, now, -1)
+        self.parents.pop(ino, None)
         await self._maybe_drop(ino)
 
     @handler
@@ -429,6 +435,10 @@ class Operations(pyfuse3.Operations):
                 for n in (snode, dnode):
                     n.ctime_ns = now
                     self.ns.put(txn, n)
+                if snode.is_dir:
+                    self.parents[src] = parent_inode_new
+                if dnode.is_dir:
+                    self.parents[dst] = parent_inode_old
                 return
             if dst is not None:
                 if flags & pyfuse3.RENAME_NOREPLACE:
@@ -456,6 +466,8 @@ class Operations(pyfuse3.Operations):
             snode.ctime_ns = now
             self.ns.put(txn, snode)
             delta = 1 if snode.is_dir and parent_inode_old != parent_inode_new else 0
+            if snode.is_dir:
+                self.parents[src] = parent_inode_new
             self._touch_dir(txn, parent_inode_old, now, -delta)
             self._touch_dir(txn, parent_inode_new, now, delta)
         if dropped is not None:
@@ -507,7 +519,7 @@ class Operations(pyfuse3.Operations):
         if node.is_dir:
             raise FsError(errno.EISDIR)
         fi = self._open_handle(inode, flags)
-        if False:
+        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
             # libfuse enables atomic_o_trunc: the kernel sends no setattr for O_TRUNC,
             # truncating is ours (after the handle exists, so no seal starts in between)
             try:
@@ -526,24 +538,32 @@ class Operations(pyfuse3.Operations):
             await st.seal_done.wait()
 
     async def _stage(self, st: InodeState, inode: Inode, copy: bool) -> None:
-        """Give the inode a staging file; with `copy`, holding its sealed content first."""
-        with self.db.write() as txn:
-            fd = self.staging.create(txn, inode.ino)
+        """Give the inode a staging file; with `copy`, holding its sealed content first.
+
+        The staging record (what recovery seals) is committed only once the file holds the
+        whole sealed content, durably: a crash during the copy leaves a stray file that
+        recovery deletes, never a half copy that would replace the sealed data."""
+        fd = self.staging.create_file(inode.ino)
         try:
             if copy and inode.size:
                 lay = self._layout(inode.ino)
-                await trio.to_thread.run_sync(self.reader.copy_to_fd, lay, fd,
+                await trio.to_thread.run_sync(self._copy_sealed, lay, fd, inode.size,
                                               limiter=self.read_limiter)
-                os.ftruncate(fd, inode.size)
+            with self.db.write() as txn:
+                self.staging.mark(txn, inode.ino)
         except BaseException:
             os.close(fd)
-            with self.db.write() as txn:
-                self.staging.forget(txn, inode.ino)
             self.staging.remove_file(inode.ino)
             raise
         st.fd = fd
         st.size = inode.size if copy else 0
         self.layouts.pop(inode.ino, None)
+
+    def _copy_sealed(self, lay: Layout, fd: int, size: int) -> None:
+        """Thread side of _stage: the sealed content into the staging file, made durable."""
+        self.reader.copy_to_fd(lay, fd)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -568,7 +588,9 @@ class Operations(pyfuse3.Operations):
         i = lay.find(off)
         for j in range(i, min(i + READAHEAD, len(lay))):
             cid = lay.chunk_id(j)
-            if cid != HOLE and cid not in self.reader.cache:
+            if cid != HOLE and cid not in self.prefetching and cid not in self.reader.cache:
+                # one task per chunk: duplicates would each hold a reader thread slot
+                self.prefetching.add(cid)
                 self.nursery.start_soon(self._prefetch, cid)
 
     async def _prefetch(self, cid: bytes) -> None:
@@ -576,6 +598,8 @@ class Operations(pyfuse3.Operations):
             await trio.to_thread.run_sync(self.reader.get, cid, limiter=self.read_limiter)
         except Exception as exc:  # the real read will report it
             log.debug("readahead of %s failed: %s", cid.hex(), exc)
+        finally:
+            self.prefetching.discard(cid)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -642,7 +666,11 @@ class Operations(pyfuse3.Operations):
         st = self.state.get(h.ino)
         if st is not None and st.staged:
             self._persist_attrs(st)
-            await trio.to_thread.run_sync(os.fsync, st.fd)
+            fd = os.dup(st.fd)  # a seal may close st.fd while the fsync runs in a thread
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
             await trio.to_thread.run_sync(self.staging.sync_dir)
         await trio.to_thread.run_sync(self.db.sync)
 
@@ -718,15 +746,27 @@ class Operations(pyfuse3.Operations):
         if d.entries is None or start_id == 0:
             with self.db.read() as txn:
                 d.entries = self.ns.entries(txn, d.ino)
-        for i in range(start_id, len(d.entries)):
+        # ids: 1 after ".", 2 after "..", i + 3 after entry i. The kernel takes no lookup
+        # reference for "." and ".." (so none is counted here), only for the others.
+        for dot, ino, next_id in ((b".", d.ino, 1), (b"..", self.parents.get(d.ino, d.ino), 2)):
+            if start_id < next_id:
+                with self.db.read() as txn:
+                    node = self.ns.find(txn, ino) or self.ns.find(txn, d.ino)
+                if node is None:
+                    return
+                if not pyfuse3.readdir_reply(token, dot, await self._attrs(node), next_id):
+                    return
+        for i in range(max(start_id - 2, 0), len(d.entries)):
             name, ino = d.entries[i]
             with self.db.read() as txn:
                 node = self.ns.find(txn, ino)
             if node is None:
                 continue
-            if not pyfuse3.readdir_reply(token, name, await self._attrs(node), i + 1):
+            if not pyfuse3.readdir_reply(token, name, await self._attrs(node), i + 3):
                 break
             self._lookup_inc(ino)
+            if node.is_dir:
+                self.parents[ino] = d.ino
 
     @handler
     async def releasedir(self, fh: int) -> None:

@@ -259,6 +259,9 @@ class Sealer:
         stats.seconds = round(time.monotonic() - t0, 3)
         stats.dedup_bytes += stats.dup_in_flight
         self._install(ino, Layout.build(extents), size, stats)
+        # The staging file is the only copy until the new layout is on disk: flush LMDB
+        # before deleting it, or a power loss could keep neither.
+        self.db.sync()
         self.staging.remove_file(ino)
         log.info("sealed inode %d: %s %d bytes -> %d new stored (%.2fs)", ino, fmt, size,
                  stats.new_stored, stats.seconds)

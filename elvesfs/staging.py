@@ -4,8 +4,10 @@ A staged inode has a plain sparse file STORE/staging/<ino> holding its *whole*
 current content, and a record in table `staging` (key ino, value b"1"). The
 staging file's length is the file's logical size, so recovery needs nothing else:
 at mount every staged inode is sealed again. The record is committed before the
-first byte is written; the seal deletes the record in the same transaction that
-installs the new layout, and only then removes the file.
+first byte of new data is written, but after the file holds a complete (fsynced)
+copy of the sealed content it replaces; a file without a record is a copy a crash
+interrupted, and recovery deletes it. The seal deletes the record in the same
+transaction that installs the new layout, and only then removes the file.
 """
 
 from __future__ import annotations
@@ -31,8 +33,25 @@ class Staging:
 
     def create(self, txn: lmdb.Transaction, ino: int) -> int:
         """Open (creating, empty) the staging file of `ino`; returns an O_RDWR fd."""
-        txn.put(key(ino), b"1", db=self.db.t["staging"])
+        self.mark(txn, ino)
+        return self.create_file(ino)
+
+    def create_file(self, ino: int) -> int:
+        """Create (empty) the staging file of `ino` without its record yet."""
         return os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+
+    def mark(self, txn: lmdb.Transaction, ino: int) -> None:
+        """Commit (with the caller's transaction) that `ino`'s content is its staging file."""
+        txn.put(key(ino), b"1", db=self.db.t["staging"])
+
+    def stray_files(self, txn: lmdb.Transaction) -> list[int]:
+        """Staging files without a record: copies a crash interrupted (safe to delete)."""
+        marked = set(self.staged(txn))
+        out = []
+        for name in os.listdir(self.dir):
+            if name.isdigit() and int(name) not in marked:
+                out.append(int(name))
+        return out
 
     def open_existing(self, ino: int) -> int:
         return os.open(self.path(ino), os.O_RDWR | os.O_CLOEXEC)

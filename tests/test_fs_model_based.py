@@ -22,8 +22,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
 
 from conftest import check_store
 
-PATHS = ["f0", "f1", "f2", "d0", "d1", "d0/f0", "d0/f1", "d0/d2", "d0/d2/f0", "d1/f0",
-         "d1/d3"]
+PATHS = ["f0", "f1", "f2", "f3", "d0", "d1", "d0/f0", "d0/f1", "d0/d2", "d0/d2/f0", "d1/f0"]
 OFFSETS = st.one_of(
     st.sampled_from([0, 1, 4095, 4096, 65_535, 65_536, 131_072, 1 << 20, (3 << 20) + 7]),
     st.integers(0, 300_000))
@@ -230,7 +229,7 @@ def test_model_based(shared_mount, tmp_path):
     (shared_mount.path / "model").mkdir(exist_ok=True)
     run_state_machine_as_test(
         FsMachine,
-        settings=settings(max_examples=20, stateful_step_count=30, deadline=None,
+        settings=settings(max_examples=20, stateful_step_count=40, deadline=None,
                           database=None, print_blob=True,
                           suppress_health_check=list(HealthCheck)))
     assert Counters.steps > 100

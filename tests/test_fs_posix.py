@@ -232,6 +232,69 @@ def test_truncate_grow_shrink(shared_dir, plain, shared_mount, sealed):
         assert (shared_dir / "t").read_bytes() == b""
 
 
+def test_truncate_by_path_right_after_close(shared_dir, shared_mount):
+    """truncate(path) racing the seal that the last close started (no handle open)."""
+    n = 40
+    for i in range(n):
+        p = shared_dir / f"r{i}"
+        p.write_bytes(os.urandom(10_000 + 7_000 * i))
+        time.sleep(0.0005 * (i % 8))
+        os.truncate(p, 1000 * i)
+        assert p.stat().st_size == 1000 * i
+        assert len(p.read_bytes()) == 1000 * i
+    shared_mount.sync()
+    for i in range(n):
+        assert (shared_dir / f"r{i}").stat().st_size == 1000 * i
+    assert check_store(shared_mount.store, mounted=True) == []
+
+
+def test_truncate_while_seal_waits_for_collection(shared_dir, shared_mount):
+    """A small file whose seal has installed its layout but still waits (behind a large
+    file's seal) to collect garbage: truncating it by path must not be lost."""
+    big1, small, big2 = shared_dir / "big1", shared_dir / "small", shared_dir / "big2"
+    big1.write_bytes(os.urandom(48 << 20))
+    small.write_bytes(os.urandom(70_000))
+    big2.write_bytes(os.urandom(48 << 20))
+    ino = small.stat().st_ino
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and f"sealed inode {ino}:" not in shared_mount.log():
+        time.sleep(0.01)
+    os.truncate(small, 10)
+    assert small.stat().st_size == 10
+    assert len(small.read_bytes()) == 10
+    shared_mount.sync()
+    assert small.stat().st_size == 10
+    assert len(small.read_bytes()) == 10
+    assert check_store(shared_mount.store, mounted=True) == []
+
+
+def test_special_files_against_plain(shared_dir, plain):
+    out = {}
+    for root in (shared_dir, plain):
+        os.mkfifo(root / "fifo", 0o640)
+        os.mknod(root / "chr", 0o600 | stat.S_IFCHR, os.makedev(1, 3))   # like /dev/null
+        os.mknod(root / "sock", 0o600 | stat.S_IFSOCK)
+        r = []
+        for n in ("fifo", "chr", "sock"):
+            s = os.lstat(root / n)
+            r.append((n, stat.S_IFMT(s.st_mode), stat.S_IMODE(s.st_mode), s.st_rdev, s.st_size))
+        # a FIFO on the mount works as a pipe (the kernel serves it)
+        t = threading.Thread(target=lambda: (root / "fifo").write_bytes(b"through the fifo"))
+        t.start()
+        r.append((root / "fifo").read_bytes())
+        t.join()
+        # (opening the device node is refused on the mount: FUSE mounts are nodev)
+        # a directory removed while open still answers fstat
+        os.mkdir(root / "d")
+        fd = os.open(root / "d", os.O_RDONLY | os.O_DIRECTORY)
+        os.rmdir(root / "d")
+        s = os.fstat(fd)
+        r.append((stat.S_ISDIR(s.st_mode), s.st_nlink, os.listdir(fd)))
+        os.close(fd)
+        out[root] = r
+    assert out[shared_dir] == out[plain]
+
+
 def test_efbig(shared_dir, shared_mount):
     p = shared_dir / "f"
     p.write_bytes(b"0123456789")
@@ -274,6 +337,14 @@ def test_mkdir_rmdir_readdir_against_plain(shared_dir, plain):
         r.append(os.stat(root / "a" / "b").st_nlink)
         r.append(sorted(e.name for e in os.scandir(root / "a")))
         r.append(sorted((e.name, e.is_dir(), e.is_file()) for e in os.scandir(root / "a")))
+        # `ls -a` shows "." and ".." like any Linux filesystem, with the right inodes
+        r.append(subprocess.run(["ls", "-a", str(root / "a")], capture_output=True,
+                                text=True).stdout.split())
+        ls = subprocess.run(["ls", "-ai", str(root / "a" / "b")], capture_output=True,
+                            text=True).stdout.split()
+        r.append(ls[1::2])
+        r.append(ls[0::2] == [str(os.stat(root / "a" / "b").st_ino),
+                              str(os.stat(root / "a").st_ino)])
         # creating inside a removed directory (still open as cwd-like handle)
         os.mkdir(root / "gone")
         dfd = os.open(root / "gone", os.O_RDONLY | os.O_DIRECTORY)
