@@ -65,30 +65,27 @@ def _encode(mv, dt, bound, level, grid=None):
     n = x.shape[0]
     u = x.view(dt.uint)
     sign = (u >> (dt.itemsize * 8 - 1)).astype(np.uint8)
-    xk = x.astype(np.float32) if dt.name == "F16" else x
     t = np.empty(n, np.int64)
-    rec = np.empty(n, xk.dtype)
     outl = np.empty(n, np.uint8)
     qmax1 = max(0, math.floor(1.0 / step - 0.5))  # threshold 1: 1+|w| keeps its exponent
     qmax2 = max(qmax1, 2 ** (dt.mbits + 1) - 1)
-    qbits, maxerr, nout = kernels.elf_quantize(xk, sign, step, 1.0 / step, float(qmax1), b,
-                                               t, rec, outl)
-    if nout > max(16, n // 64) and qmax2 > qmax1:  # many values >= 1 (e.g. norm weights)
-        qbits, maxerr, nout = kernels.elf_quantize(xk, sign, step, 1.0 / step, float(qmax2), b,
-                                                   t, rec, outl)
     if dt.name == "F16":
-        rec = rec.astype(np.float16)
-        with np.errstate(invalid="ignore"):
-            err = np.abs(rec.astype(np.float64) - x.astype(np.float64))
-        bad = (err > b) & (outl == 0)
-        if bad.any():
-            outl[bad] = 1
-            t[bad] = 0
-        ok = outl == 0
-        maxerr = float(err[ok].max()) if ok.any() else 0.0
-        qbits = int(t[ok].max()).bit_length() if ok.any() else 0
+        # all in one numba pass on the bits: the bound is checked on the float16 the
+        # decoder will produce (q*step -> float32 -> float16)
+        rec_u = np.empty(n, np.uint16)
+
+        def quant(qmax):
+            return kernels.elf_quantize_f16(u, step, 1.0 / step, float(qmax), b, t, rec_u, outl)
+    else:
+        rec = np.empty(n, x.dtype)
+        rec_u = rec.view(dt.uint)
+
+        def quant(qmax):
+            return kernels.elf_quantize(x, sign, step, 1.0 / step, float(qmax), b, t, rec, outl)
+    qbits, maxerr, nout = quant(qmax1)
+    if nout > max(16, n // 64) and qmax2 > qmax1:  # many values >= 1 (e.g. norm weights)
+        qbits, maxerr, nout = quant(qmax2)
     idx = np.flatnonzero(outl).astype(np.uint32)
-    rec_u = rec.view(dt.uint)
     rec_u[idx] = u[idx]  # verbatim bits (NaN payloads, -0.0, inf)
     if not maxerr <= b:
         raise AssertionError(f"ELF internal error: max error {maxerr} > bound {b}")
@@ -119,15 +116,27 @@ def _decode(header, frame, dt, fidelity):
         pad = 8 * nplanes - 1 - qbits
         f = max(0, min(int(fidelity), qbits))
         have = next(j + 1 for j in range(nplanes) if 8 * (j + 1) - 1 - pad >= f)
-    planes = np.empty((nplanes, n), np.uint8)
+    decoded = []
     for j in range(have):
         if qs[j].raw_len != n:
             raise FrameError(f"ELF stream {qs[j].name!r} has a wrong length")
-        planes[j] = np.frombuffer(decode_stream(frame, qs[j]), np.uint8)
-    out = np.empty(n, np.float64 if dt.name == "F64" else np.float32)
-    kernels.elf_unplanes(planes, have, nplanes, qbits, step, out)
-    if dt.name == "F16":
-        out = out.astype(np.float16)
+        p = np.frombuffer(decode_stream(frame, qs[j]), np.uint8)
+        if p.flags.writeable:  # one numba signature for elf_unplanes3
+            p.setflags(write=False)
+        decoded.append(p)
+    if dt.name == "F32" and have == nplanes == 3:
+        out = np.empty(n, np.float32)
+        kernels.elf_unplanes3(decoded[0], decoded[1], decoded[2], qbits, step, out)
+    else:
+        planes = np.empty((nplanes, n), np.uint8)
+        for j, p in enumerate(decoded):
+            planes[j] = p
+        if dt.name == "F16":
+            out = np.empty(n, np.uint16)
+            kernels.elf_unplanes_f16(planes, have, nplanes, qbits, step, out)
+        else:
+            out = np.empty(n, np.float64 if dt.name == "F64" else np.float32)
+            kernels.elf_unplanes(planes, have, nplanes, qbits, step, out)
     deltas = np.frombuffer(decode_stream(frame, pos_s), "<u4")
     vals = np.frombuffer(decode_stream(frame, val_s), dt.uint)
     if deltas.size != vals.size:

@@ -4,10 +4,11 @@ ratio and speed. Stored form: 128 bytes of 4-bit code lengths (symbol 2i in the 
 nibble), then the MSB-first bit stream. Code lengths are limited to MAXLEN bits."""
 from __future__ import annotations
 
-import heapq
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from .errors import FrameError
 
@@ -16,42 +17,83 @@ _JIT = dict(cache=True, nogil=True)
 
 
 def code_lengths(hist: np.ndarray, maxlen: int = MAXLEN) -> np.ndarray:
-    f = np.asarray(hist, np.int64).copy()
-    while True:
-        lens = _lengths(f)
-        if lens.max() <= maxlen:
-            return lens
-        f = np.where(f > 0, (f >> 1) | 1, 0)
+    """Huffman code lengths (uint8[256]) limited to ``maxlen`` bits: rare symbols' counts
+    are raised to a growing floor until the longest code fits (close to package-merge)."""
+    return _code_lengths(np.asarray(hist, np.int64), maxlen)
 
 
-def _lengths(f) -> np.ndarray:
+@njit(**_JIT)
+def _huff_lengths(f):
+    """Unlimited Huffman code lengths of the symbols with f > 0 (two-queue method)."""
     lens = np.zeros(256, np.uint8)
-    sym = [int(i) for i in np.flatnonzero(f)]
-    if len(sym) == 1:
+    sym = np.flatnonzero(f > 0)
+    m = sym.shape[0]
+    if m == 0:
+        return lens
+    if m == 1:
         lens[sym[0]] = 1
         return lens
-    heap = [(int(f[s]), s, (s,)) for s in sym]
-    heapq.heapify(heap)
-    tie = 256
-    while len(heap) > 1:
-        fa, _, a = heapq.heappop(heap)
-        fb, _, b = heapq.heappop(heap)
-        for s in a + b:
-            lens[s] += 1
-        heapq.heappush(heap, (fa + fb, tie, a + b))
-        tie += 1
+    order = sym[np.argsort(f[sym], kind="mergesort")]
+    w = np.zeros(2 * m, np.int64)
+    parent = np.zeros(2 * m, np.int64)
+    for k in range(m):
+        w[k] = f[order[k]]
+    nxt = m  # next internal node
+    i = 0  # next leaf
+    j = m  # next internal node to consume
+    for _ in range(m - 1):
+        pick = np.zeros(2, np.int64)
+        for t in range(2):
+            if i < m and (j >= nxt or w[i] <= w[j]):
+                pick[t] = i
+                i += 1
+            else:
+                pick[t] = j
+                j += 1
+        w[nxt] = w[pick[0]] + w[pick[1]]
+        parent[pick[0]] = nxt
+        parent[pick[1]] = nxt
+        nxt += 1
+    depth = np.zeros(2 * m, np.int64)
+    for k in range(nxt - 2, -1, -1):
+        depth[k] = depth[parent[k]] + 1
+    for k in range(m):
+        lens[order[k]] = depth[k]
     return lens
 
 
+@njit(**_JIT)
+def _code_lengths(f, maxlen):
+    lens = _huff_lengths(f)
+    if lens.max() <= maxlen:
+        return lens
+    total = f.sum()
+    floor = max(np.int64(1), total >> (maxlen + 1))
+    g = f.copy()
+    while True:
+        for s in range(256):
+            g[s] = max(f[s], floor) if f[s] > 0 else 0
+        lens = _huff_lengths(g)
+        if lens.max() <= maxlen:
+            return lens
+        floor += max(np.int64(1), floor >> 2)
+
+
 def canonical(lens: np.ndarray) -> np.ndarray:
+    return _canonical(np.asarray(lens, np.int64))
+
+
+@njit(**_JIT)
+def _canonical(lens):
+    """Canonical codes: by (length, symbol), consecutive within a length."""
     codes = np.zeros(256, np.uint32)
     code = 0
-    prev = 0
-    for ln, s in sorted((int(lens[s]), s) for s in range(256) if lens[s]):
-        code <<= ln - prev
-        codes[s] = code
-        code += 1
-        prev = ln
+    for ln in range(1, 33):
+        for s in range(256):
+            if lens[s] == ln:
+                codes[s] = code
+                code += 1
+        code <<= 1
     return codes
 
 
@@ -113,13 +155,18 @@ def _decode(src, n, dsym, dlen, L, out):
 
 
 def estimate(hist: np.ndarray) -> tuple[int, np.ndarray]:
-    """(stored size in bytes, code lengths) for a stream with this histogram."""
+    """(stored size in bytes, code lengths) for a stream with this histogram (v2 form)."""
+    return estimate2(hist)
+
+
+def estimate_v1(hist: np.ndarray) -> tuple[int, np.ndarray]:
     lens = code_lengths(hist)
     bits = int((hist.astype(np.int64) * lens).sum())
     return 128 + (bits + 7) // 8, lens
 
 
-def encode(a: np.ndarray, lens: np.ndarray) -> bytes:
+def encode_v1(a: np.ndarray, lens: np.ndarray) -> bytes:
+    """The v1 form (one MSB-first stream; kept for tests of old frames)."""
     codes = canonical(lens)
     out = np.empty(128 + a.shape[0] * MAXLEN // 8 + 16, np.uint8)
     l2 = lens.astype(np.uint8)
@@ -128,8 +175,423 @@ def encode(a: np.ndarray, lens: np.ndarray) -> bytes:
     return out[:128 + m]
 
 
-def decode(stored, n: int) -> np.ndarray:
+# ---- v2: blocks of four interleaved bit streams, multi-symbol decode tables -------
+# Stored form (v2), all u32 little-endian words (4-byte aligned within the stream):
+#   word 0   bytes 0xFF (a low nibble of 15 is not a valid v1 code length, so v1
+#            decoders reject it and v2 readers dispatch on it), 2 (version), L, 0
+#   word 1   number of blocks B;  word 2  symbols per block S (the last takes the rest)
+#   B words  each block's size in words
+#   blocks:  bytes lo, hi, 0, 0 (the symbol range that has codes); the 4-bit code
+#            lengths of symbols lo..hi (symbol lo+2i in the low nibble of byte i),
+#            padded to a word; 4 words = the sub-streams' word counts; the four
+#            sub-streams (each word holds 32 bits, first bit in its MSB).
+# Sub-stream k of a block codes its symbols [k*q, min((k+1)*q, m)), q = ceil(m/4).
+# Decoding runs the four sub-streams in one loop (independent dependency chains) with
+# a 2^L-entry table that yields up to four symbols per lookup; all blocks are decoded
+# in one numba call. Per-block tables follow the drift of exponent statistics along a
+# tensor (256 Ki symbols per block, when that is smaller than one table).
+MAXLEN2 = 12
+V2_MARK = 0xFF
+
+
+@njit(**_JIT)
+def _enc_part(a, lo, hi, codes, lens, words, wpos):
+    """Symbols a[lo:hi] as an MSB-first bit stream of u32 words from words[wpos]."""
+    acc = np.uint64(0)
+    nb = 0
+    for i in range(lo, hi):
+        s = a[i]
+        ln = lens[s]
+        acc = (acc << np.uint64(ln)) | np.uint64(codes[s])
+        nb += ln
+        if nb >= 32:
+            nb -= 32
+            words[wpos] = np.uint32((acc >> np.uint64(nb)) & np.uint64(0xFFFFFFFF))
+            wpos += 1
+    if nb > 0:
+        words[wpos] = np.uint32((acc << np.uint64(32 - nb)) & np.uint64(0xFFFFFFFF))
+        wpos += 1
+    return wpos
+
+
+@njit(**_JIT)
+def _encode4(a, codes, lens, words, counts):
+    """The four sub-streams back to back in ``words``; returns the number of words."""
+    n = a.shape[0]
+    q = (n + 3) // 4
+    wpos = 0
+    for k in range(4):
+        lo = min(k * q, n)
+        hi = min(lo + q, n)
+        w0 = wpos
+        wpos = _enc_part(a, lo, hi, codes, lens, words, wpos)
+        counts[k] = wpos - w0
+    return wpos
+
+
+@njit(**_JIT)
+def build_table(lens, codes, L):
+    """Multi-symbol decode table: entry = up to 4 symbols (byte j = symbol j) | total
+    bits << 32 | first symbol's bits << 40 | number of symbols << 48."""
+    size = 1 << L
+    ssym = np.zeros(size, np.int64)
+    slen = np.zeros(size, np.int64)
+    for s in range(256):
+        ln = lens[s]
+        if ln > 0:
+            start = np.int64(codes[s]) << (L - ln)
+            for j in range(start, start + (np.int64(1) << (L - ln))):
+                ssym[j] = s
+                slen[j] = ln
+    tab = np.zeros(size, np.uint64)
+    mask = size - 1
+    for p in range(size):
+        used = 0
+        cnt = 0
+        syms = np.uint64(0)
+        first = slen[p]
+        while cnt < 4:
+            idx = (p << used) & mask
+            ln = slen[idx]
+            if ln == 0 or used + ln > L:
+                break
+            syms |= np.uint64(ssym[idx]) << np.uint64(8 * cnt)
+            used += ln
+            cnt += 1
+        if cnt == 0:  # not a code word (one-symbol code): consume L bits, emit symbol 0
+            used = L
+            first = L
+            cnt = 1
+        tab[p] = syms | (np.uint64(used) << np.uint64(32)) | (np.uint64(first) << np.uint64(40)) \
+            | (np.uint64(cnt) << np.uint64(48))
+    return tab
+
+
+@intrinsic
+def _store_u32(typingctx, arr, idx, val):
+    """arr[idx:idx+4] = val (little-endian u32), one unaligned store; arr is uint8."""
+    sig = types.void(arr, idx, val)
+
+    def codegen(context, builder, signature, args):
+        a, i, v = args
+        ary = context.make_array(signature.args[0])(context, builder, a)
+        ptr = builder.gep(ary.data, [i])
+        p32 = builder.bitcast(ptr, ir.IntType(32).as_pointer())
+        builder.store(builder.trunc(v, ir.IntType(32)) if v.type.width > 32 else v, p32, align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(inline="always", **_JIT)
+def _window3(words, bp):
+    """64 valid bits starting at bit ``bp``: words[i..i+2] must exist."""
+    i = bp >> 5
+    s = np.uint64(bp & 31)
+    w = (np.uint64(words[i]) << np.uint64(32)) | np.uint64(words[i + 1])
+    return (w << s) | (np.uint64(words[i + 2]) >> (np.uint64(32) - s))
+
+
+@njit(inline="always", **_JIT)
+def _window_safe(words, bp, we):
+    i = bp >> 5
+    hi = np.uint64(words[i]) if i < we else np.uint64(0)
+    lo = np.uint64(words[i + 1]) if i + 1 < we else np.uint64(0)
+    return ((hi << np.uint64(32)) | lo) << np.uint64(bp & 31)
+
+
+@njit(inline="always", **_JIT)
+def _step(win, bp, o, out, tab, sh, multi):
+    e = tab[win >> sh]
+    if multi:
+        _store_u32(out, o, e)
+        ln = np.int64((e >> np.uint64(32)) & np.uint64(0xFF))
+        return win << np.uint64(ln), bp + ln, o + np.int64(e >> np.uint64(48))
+    out[o] = e & np.uint64(0xFF)
+    ln = np.int64((e >> np.uint64(40)) & np.uint64(0xFF))
+    return win << np.uint64(ln), bp + ln, o + 1
+
+
+@njit(inline="always", **_JIT)
+def _step1(win, bp, o, out, tab, sh):
+    e = tab[win >> sh]
+    out[o] = e & np.uint64(0xFF)
+    ln = np.int64((e >> np.uint64(40)) & np.uint64(0xFF))
+    return win << np.uint64(ln), bp + ln, o + 1
+
+
+@njit(**_JIT)
+def _decode4(words, counts, n, tab, L, out, multi):
+    """Returns 0, or 1 if a sub-stream needed more bits than it holds. Bit positions are
+    absolute in ``words``; each round reads a fresh 64-bit window per stream (no
+    data-dependent branches) and does 4 lookups of <= 12 bits from it."""
+    q = (n + 3) // 4
+    sh = np.uint64(64 - L)
+    w1 = counts[0]
+    w2 = w1 + counts[1]
+    w3 = w2 + counts[2]
+    w4 = w3 + counts[3]
+    e0 = min(q, n)
+    e1 = min(2 * q, n)
+    e2 = min(3 * q, n)
+    e3 = n
+    o0, o1, o2, o3 = 0, e0, e1, e2
+    b0, b1, b2, b3 = 0, 32 * w1, 32 * w2, 32 * w3
+    while (o0 + 20 <= e0 and o1 + 20 <= e1 and o2 + 20 <= e2 and o3 + 20 <= e3
+           and (b0 >> 5) + 2 < w1 and (b1 >> 5) + 2 < w2 and (b2 >> 5) + 2 < w3
+           and (b3 >> 5) + 2 < w4):
+        x0 = _window3(words, b0)
+        x1 = _window3(words, b1)
+        x2 = _window3(words, b2)
+        x3 = _window3(words, b3)
+        for _r in range(4):  # 4 lookups of <= 12 bits from each 64-bit window
+            x0, b0, o0 = _step(x0, b0, o0, out, tab, sh, multi)
+            x1, b1, o1 = _step(x1, b1, o1, out, tab, sh, multi)
+            x2, b2, o2 = _step(x2, b2, o2, out, tab, sh, multi)
+            x3, b3, o3 = _step(x3, b3, o3, out, tab, sh, multi)
+    bad = 0
+    for k in range(4):
+        if k == 0:
+            bp, we, o, e = b0, w1, o0, e0
+        elif k == 1:
+            bp, we, o, e = b1, w2, o1, e1
+        elif k == 2:
+            bp, we, o, e = b2, w3, o2, e2
+        else:
+            bp, we, o, e = b3, w4, o3, e3
+        while o + 4 <= e:
+            x = _window_safe(words, bp, we)
+            x, bp, o = _step(x, bp, o, out, tab, sh, multi)
+        while o < e:
+            x = _window_safe(words, bp, we)
+            x, bp, o = _step1(x, bp, o, out, tab, sh)
+        if bp > 32 * we:
+            bad = 1
+    return bad
+
+
+BLOCK = 1 << 18
+
+
+def _lengths2(hist) -> np.ndarray:
+    return code_lengths(hist, MAXLEN2)
+
+
+@njit(**_JIT)
+def _estimate2(hist, maxlen):
+    lens = _code_lengths(hist, maxlen)
+    bits = 0
+    lo = 256
+    hi = -1
+    for s in range(256):
+        if lens[s] > 0:
+            bits += hist[s] * lens[s]
+            lo = min(lo, s)
+            hi = max(hi, s)
+    table_words = 1 + (hi - lo + 1 + 7) // 8 + 4
+    return 4 * (4 + table_words + (bits + 31) // 32 + 4), lens
+
+
+def estimate2(hist: np.ndarray) -> tuple[int, np.ndarray]:
+    """(stored size in bytes, code lengths) of a one-block v2 stream for this histogram."""
+    est, lens = _estimate2(np.asarray(hist, np.int64), MAXLEN2)
+    return int(est), lens
+
+
+def plan_blocks(a: np.ndarray, hist: np.ndarray | None = None, bh=None):
+    """(stored size, [code lengths per block], symbols per block): one table for the
+    whole stream, or one per BLOCK symbols when that is smaller. ``bh``: the
+    block_hist(a, BLOCK) when the caller has it."""
+    n = a.shape[0]
+    if n < 2 * BLOCK:
+        est, lens = estimate2(histogram(a) if hist is None else hist)
+        return est, [lens], n
+    if bh is None:
+        bh = block_hist(a, BLOCK)
+    est, lens = estimate2(bh.sum(axis=0) if hist is None else hist)
+    tot = 4 * (3 + bh.shape[0])
+    ls = []
+    for k in range(bh.shape[0]):
+        e, ln = estimate2(bh[k])
+        tot += e - 16
+        ls.append(ln)
+    if tot < est:
+        return tot, ls, BLOCK
+    return est, [lens], n
+
+
+@njit(**_JIT)
+def entropy_bits(h):
+    n = 0
+    for s in range(h.shape[0]):
+        n += h[s]
+    if n == 0:
+        return 0.0
+    e = 0.0
+    for s in range(h.shape[0]):
+        if h[s] > 0:
+            p = h[s] / n
+            e -= p * np.log2(p)
+    return e
+
+
+@njit(**_JIT)
+def block_hist(a, bs):
+    nb = (a.shape[0] + bs - 1) // bs
+    h = np.zeros((nb, 256), np.int64)
+    for k in range(nb):
+        h[k] = histogram(a[k * bs:min(a.shape[0], (k + 1) * bs)])
+    return h
+
+
+@njit(**_JIT)
+def histogram(a):
+    """Byte histogram; four interleaved counters (repeated symbols, e.g. exponents,
+    would otherwise serialise on one memory location)."""
+    h = np.zeros((4, 256), np.int32)
+    n = a.shape[0]
+    m = n - n % 4
+    for i in range(0, m, 4):
+        h[0, a[i]] += 1
+        h[1, a[i + 1]] += 1
+        h[2, a[i + 2]] += 1
+        h[3, a[i + 3]] += 1
+    for i in range(m, n):
+        h[0, a[i]] += 1
+    out = np.zeros(256, np.int64)
+    for s in range(256):
+        out[s] = np.int64(h[0, s]) + h[1, s] + h[2, s] + h[3, s]
+    return out
+
+
+def encode(a: np.ndarray, lens, block: int | None = None) -> np.ndarray:
+    """The v2 stored form of ``a``: ``lens`` is one array of code lengths (from
+    estimate()) or a list of them, one per ``block`` symbols (from plan_blocks())."""
+    n = a.shape[0]
+    if isinstance(lens, np.ndarray):
+        lens, block = [lens], max(n, 1)
+    nb = len(lens)
+    cap = 3 + nb + nb * (1 + 32 + 4 + 8) + n * MAXLEN2 // 32
+    buf = np.zeros(cap, np.uint32)
+    b8 = buf.view(np.uint8)
+    b8[0], b8[1], b8[2], b8[3] = V2_MARK, 2, MAXLEN2, 0
+    buf[1] = nb
+    buf[2] = block
+    pos = 3 + nb
+    counts = np.zeros(4, np.uint32)
+    for k, ln in enumerate(lens):
+        ln = np.asarray(ln, np.int64)
+        part = a[k * block:(k + 1) * block if k + 1 < nb else n]
+        if ln.max() > MAXLEN2:
+            ln = _lengths2(histogram(part))
+        nz = np.flatnonzero(ln)
+        lo, hi = int(nz[0]), int(nz[-1])
+        start = pos
+        b8[4 * pos], b8[4 * pos + 1] = lo, hi
+        pos += 1
+        r = ln[lo:hi + 1].astype(np.uint8)
+        if r.shape[0] & 1:
+            r = np.append(r, np.uint8(0))
+        nib = (r[0::2] & 15) | ((r[1::2] & 15) << 4)
+        b8[4 * pos:4 * pos + nib.shape[0]] = nib
+        pos += (nib.shape[0] + 3) // 4
+        m = _encode4(part, canonical(ln), ln, buf[pos + 4:], counts)
+        buf[pos:pos + 4] = counts
+        pos += 4 + m
+        buf[3 + k] = pos - start
+    return b8[:4 * pos]
+
+
+@njit(**_JIT)
+def _decode_blocks(w, n, L, out):
+    """Decode every block of a v2 stream (w: its u32 words). Returns 0 or an error code:
+    1 bad block table, 2 bad code lengths, 3 truncated sub-stream."""
+    nw = w.shape[0]
+    nb = np.int64(w[1])
+    bs = np.int64(w[2])
+    if nb < 1 or 3 + nb > nw or (n > 0 and (bs < 1 or (nb - 1) * bs >= n or nb * bs < n)):
+        return 1
+    pos = 3 + nb
+    lens = np.zeros(256, np.int64)
+    codes = np.zeros(256, np.uint32)
+    for k in range(nb):
+        size = np.int64(w[3 + k])
+        if size < 5 or pos + size > nw:
+            return 1
+        m = bs if k + 1 < nb else n - k * bs
+        lo = np.int64(w[pos] & np.uint32(0xFF))
+        hi = np.int64((w[pos] >> np.uint32(8)) & np.uint32(0xFF))
+        if hi < lo:
+            return 2
+        nlw = (hi - lo + 1 + 7) // 8
+        if 1 + nlw + 4 > size:
+            return 1
+        lens[:] = 0
+        for s in range(lo, hi + 1):
+            j = s - lo
+            word = w[pos + 1 + j // 8]
+            lens[s] = np.int64((word >> np.uint32(4 * (j % 8))) & np.uint32(15))
+        # complete prefix code (or a lone symbol of length 1), lengths <= L
+        kraft = 0
+        nsym = 0
+        mx = 0
+        avg = 0.0
+        short = False
+        for s in range(256):
+            ln = lens[s]
+            if ln > 0:
+                if ln > L:
+                    return 2
+                kraft += np.int64(1) << (L - ln)
+                nsym += 1
+                mx = max(mx, ln)
+                avg += ln * 2.0 ** -ln
+                if ln <= 5:
+                    short = True
+        if not (kraft == (np.int64(1) << L) or (nsym == 1 and kraft == (np.int64(1) << (L - 1)))):
+            return 2
+        code = 0
+        for ln in range(1, L + 1):
+            for s in range(256):
+                if lens[s] == ln:
+                    codes[s] = code
+                    code += 1
+            code <<= 1
+        tab = build_table(lens, codes, L)
+        cw = w[pos + 1 + nlw:pos + 1 + nlw + 4]
+        tw = np.int64(cw[0]) + np.int64(cw[1]) + np.int64(cw[2]) + np.int64(cw[3])
+        if 1 + nlw + 4 + tw != size:
+            return 1
+        body = w[pos + 5 + nlw:pos + size]
+        if _decode4(body, cw.astype(np.int64), m, tab, L, out[k * bs:k * bs + m],
+                    short and avg < 7.0):
+            return 3
+        pos += size
+    if pos != nw:
+        return 1
+    return 0
+
+
+def _decode_v2(b: np.ndarray, n: int, out=None) -> np.ndarray:
+    if b.shape[0] < 12 or b.shape[0] % 4 or b[1] != 2 or not 1 <= b[2] <= MAXLEN2:
+        raise FrameError("huffman stream: bad v2 header")
+    words = b.view("<u4") if b.ctypes.data % 4 == 0 else b.copy().view("<u4")
+    if out is None:
+        out = np.empty(n, np.uint8)
+    err = _decode_blocks(words, n, int(b[2]), out)
+    if err:
+        raise FrameError(("huffman stream: bad block table", "huffman stream: bad code lengths",
+                          "huffman stream truncated")[err - 1])
+    return out
+
+
+def decode(stored, n: int, out=None) -> np.ndarray:
     b = np.frombuffer(stored, np.uint8)
+    if b.shape[0] >= 1 and b[0] == V2_MARK:
+        return _decode_v2(b, n, out)
+    return _decode_v1(b, n)
+
+
+def _decode_v1(b, n: int) -> np.ndarray:
     if b.shape[0] < 128:
         raise FrameError("huffman stream truncated")
     lens = np.empty(256, np.int64)

@@ -11,12 +11,7 @@ from numba import njit
 _JIT = dict(cache=True, nogil=True)
 
 
-@njit(**_JIT)
-def histogram(a):
-    h = np.zeros(256, np.int64)
-    for i in range(a.shape[0]):
-        h[a[i]] += 1
-    return h
+from .huffman import histogram  # noqa: E402,F401  (four-counter byte histogram)
 
 
 # ---- lossless float layouts -------------------------------------------------------
@@ -201,3 +196,236 @@ def max_abs_err(a, b):
         if e > m:
             m = e
     return m
+
+
+# ---- float16 without numpy's (slow, scalar) half conversions ---------------------------
+_F16_SCALE = np.array([2.0 ** (e - 25) if e else 2.0 ** -24 for e in range(32)])
+
+
+@njit(inline="always", **_JIT)
+def f16_to_f64(h):
+    """Exact value of the float16 with bits ``h`` (finite or inf/NaN)."""
+    h = np.int64(h)
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 31:
+        v = np.inf if m == 0 else np.nan
+    elif e == 0:
+        v = m * _F16_SCALE[0]
+    else:
+        v = (1024 + m) * _F16_SCALE[e]
+    return -v if h & 0x8000 else v
+
+
+@njit(inline="always", **_JIT)
+def f32bits_to_f16(f):
+    """numpy's float32 -> float16 cast (round half to even) on the bits, for finite
+    values (overflow gives inf)."""
+    f = np.int64(f)
+    sgn = (f >> 16) & 0x8000
+    fe = f & 0x7F800000
+    if fe >= 0x47800000:
+        return np.uint16(sgn | 0x7C00)
+    if fe <= 0x38000000:  # float16 subnormal (or zero)
+        if fe < 0x33000000:
+            return np.uint16(sgn)
+        shift = 126 - (fe >> 23)
+        sig = 0x800000 + (f & 0x7FFFFF)
+        q = sig >> shift
+        rem = sig & ((np.int64(1) << shift) - 1)
+        half = np.int64(1) << (shift - 1)
+        if rem > half or (rem == half and (q & 1)):
+            q += 1
+        return np.uint16(sgn | q)
+    e = (fe >> 23) - 112
+    m = f & 0x7FFFFF
+    q = m >> 13
+    rem = m & 0x1FFF
+    if rem > 0x1000 or (rem == 0x1000 and (q & 1)):
+        q += 1
+    return np.uint16(sgn | ((e << 10) + q))
+
+
+@njit(inline="always", **_JIT)
+def f64_to_f16(x, s32, s32u):
+    """Bits of float16(float32(x)) -- what ``np.float32(x).astype(np.float16)`` gives;
+    s32/s32u: a 1-element float32 scratch array and its uint32 view."""
+    s32[0] = x
+    return f32bits_to_f16(s32u[0])
+
+
+@njit(**_JIT)
+def _quant_f16(u, step, inv_step, qmax, bound, t, rec, outlier, err):
+    """Per value: t (q), rec (float16 bits the decoder produces: q*step -> float32 ->
+    float16; verbatim for outliers), outlier flag, error (0 for outliers)."""
+    s32 = np.empty(1, np.float32)
+    s32u = s32.view(np.uint32)
+    for i in range(u.shape[0]):
+        v = f16_to_f64(u[i])
+        a = abs(v)
+        ok = a < 1e300  # false for NaN and inf
+        if ok:
+            qf = np.floor(a * inv_step + 0.5)
+            if qf > qmax:
+                ok = False
+            else:
+                q = np.int64(qf)
+                r = q * step
+                if u[i] & 0x8000:
+                    r = -r
+                hb = f64_to_f16(r, s32, s32u)
+                e = abs(f16_to_f64(hb) - v)
+                if e <= bound:
+                    t[i] = q
+                    rec[i] = hb
+                    outlier[i] = 0
+                    err[i] = e
+                else:
+                    ok = False
+        if not ok:
+            t[i] = 0
+            rec[i] = u[i]
+            outlier[i] = 1
+            err[i] = 0.0
+
+
+@njit(**_JIT)
+def elf_quantize_f16(u, step, inv_step, qmax, bound, t, rec, outlier):
+    """elf_quantize for float16 bits ``u``, with the bound checked on the float16 the
+    decoder reconstructs. Large inputs go through a table over all 65536 bit patterns.
+    rec: uint16 bits (outliers verbatim). Returns (qbits, max_error, n_outliers)."""
+    n = u.shape[0]
+    maxerr = 0.0
+    qhi = np.int64(0)
+    nout = 0
+    if n >= 16384:
+        # the result depends on the 16 bits only: compute it once per distinct pattern
+        used = np.zeros(65536, np.uint8)
+        for i in range(n):
+            used[u[i]] = 1
+        pat = np.flatnonzero(used).astype(np.uint16)
+        k = pat.shape[0]
+        tt = np.empty(k, np.int64)
+        tr = np.empty(k, np.uint16)
+        to = np.empty(k, np.uint8)
+        te = np.empty(k, np.float64)
+        _quant_f16(pat, step, inv_step, qmax, bound, tt, tr, to, te)
+        slot = np.zeros(65536, np.int64)
+        for j in range(k):
+            slot[pat[j]] = j
+            if to[j] == 0:
+                if te[j] > maxerr:
+                    maxerr = te[j]
+                if tt[j] > qhi:
+                    qhi = tt[j]
+        for i in range(n):
+            j = slot[u[i]]
+            t[i] = tt[j]
+            rec[i] = tr[j]
+            outlier[i] = to[j]
+        for i in range(n):
+            nout += outlier[i]
+    else:
+        err = np.empty(n, np.float64)
+        _quant_f16(u, step, inv_step, qmax, bound, t, rec, outlier, err)
+        for i in range(n):
+            if outlier[i]:
+                nout += 1
+            else:
+                if err[i] > maxerr:
+                    maxerr = err[i]
+                if t[i] > qhi:
+                    qhi = t[i]
+    qbits = 0
+    while (np.int64(1) << qbits) <= qhi:
+        qbits += 1
+    return qbits, maxerr, nout
+
+
+@njit(**_JIT)
+def elf_unplanes_f16(planes, have, nplanes, qbits, step, out):
+    """elf_unplanes writing float16 bits (q*step -> float32 -> float16, as encoded);
+    through a table of every sign+q when qbits is small (always for the native bound)."""
+    n = out.shape[0]
+    missing_bits = 8 * (nplanes - have)
+    mid = np.uint64(0)
+    if missing_bits > 0:
+        mid = np.uint64(1) << np.uint64(missing_bits - 1)
+    qmask = (np.uint64(1) << np.uint64(qbits)) - np.uint64(1)
+    s32 = np.empty(1, np.float32)
+    s32u = s32.view(np.uint32)
+    use_lut = qbits <= 16 and n >= (np.int64(4) << qbits)
+    lut = np.empty(np.int64(2) << qbits if use_lut else 0, np.uint16)
+    if use_lut:
+        for v in range(lut.shape[0]):
+            r = np.float64(np.uint64(v) & qmask) * step
+            if (v >> qbits) & 1:
+                r = -r
+            lut[v] = f64_to_f16(r, s32, s32u)
+    tmask = (np.uint64(2) << np.uint64(qbits)) - np.uint64(1)
+    for i in range(n):
+        v = np.uint64(0)
+        for j in range(have):
+            v |= np.uint64(planes[j, i]) << np.uint64(8 * (nplanes - 1 - j))
+        if missing_bits > 0:
+            v |= mid
+        if use_lut:
+            out[i] = lut[v & tmask]
+            continue
+        q = v & qmask
+        r = np.float64(q) * step
+        if (v >> np.uint64(qbits)) & np.uint64(1):
+            r = -r
+        out[i] = f64_to_f16(r, s32, s32u)
+
+
+# ---- byte planes of 2- and 4-byte elements (one pass, no stacking) ----------------------
+@njit(**_JIT)
+def split_u16(w, out):
+    for i in range(w.shape[0]):
+        x = w[i]
+        out[0, i] = x >> 8
+        out[1, i] = x & 0xFF
+
+
+@njit(**_JIT)
+def merge_u16(p0, p1, out):
+    """Inverse of split_u16; an empty p1 (reduced fidelity) reads as 0x80."""
+    if p1.shape[0] == 0:
+        for i in range(out.shape[0]):
+            out[i] = (np.uint16(p0[i]) << 8) | np.uint16(0x80)
+    else:
+        for i in range(out.shape[0]):
+            out[i] = (np.uint16(p0[i]) << 8) | np.uint16(p1[i])
+
+
+@njit(**_JIT)
+def split_u32(w, out):
+    for i in range(w.shape[0]):
+        x = w[i]
+        out[0, i] = x >> 24
+        out[1, i] = (x >> 16) & 0xFF
+        out[2, i] = (x >> 8) & 0xFF
+        out[3, i] = x & 0xFF
+
+
+@njit(**_JIT)
+def merge_u32(p0, p1, p2, p3, out):
+    for i in range(out.shape[0]):
+        out[i] = ((np.uint32(p0[i]) << 24) | (np.uint32(p1[i]) << 16) | (np.uint32(p2[i]) << 8)
+                  | np.uint32(p3[i]))
+
+
+@njit(**_JIT)
+def elf_unplanes3(p0, p1, p2, qbits, step, out):
+    """elf_unplanes for the common case of three complete planes (F32), straight from
+    the decoded streams."""
+    qmask = (np.uint32(1) << np.uint32(qbits)) - np.uint32(1)
+    sb = np.uint32(qbits)
+    for i in range(out.shape[0]):
+        v = (np.uint32(p0[i]) << 16) | (np.uint32(p1[i]) << 8) | np.uint32(p2[i])
+        r = np.float64(v & qmask) * step
+        if (v >> sb) & np.uint32(1):
+            r = -r
+        out[i] = r
+

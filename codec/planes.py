@@ -55,6 +55,11 @@ def split(mv, dt, layout: int) -> tuple[np.ndarray, tuple[str, ...]]:
     a = np.frombuffer(mv, np.uint8)
     if size == 1:
         return a.reshape(1, -1), ("bytes",)
+    if size in (2, 4):
+        w = a.view(f"<u{size}")
+        out = np.empty((size, w.shape[0]), np.uint8)
+        (kernels.split_u16 if size == 2 else kernels.split_u32)(w, out)
+        return out, tuple(f"byte{size - 1 - j}" for j in range(size))
     a = a.reshape(-1, size)
     out = np.empty((size, a.shape[0]), np.uint8)
     kernels.split_bytes(a, out)
@@ -81,6 +86,7 @@ def planes_needed(dt, layout: int, nplanes: int, fidelity) -> int:
 def merge(planes: list, dt, layout: int, n: int) -> np.ndarray:
     """Inverse of split; ``planes`` may be a prefix (reduced fidelity)."""
     empty = np.empty(0, np.uint8)
+    empty.setflags(write=False)
     if layout == L_F32:
         p = list(planes) + [empty] * (4 - len(planes))
         out = np.empty(n, np.uint32)
@@ -93,6 +99,14 @@ def merge(planes: list, dt, layout: int, n: int) -> np.ndarray:
     size = dt.itemsize if dt else 1
     if size == 1:
         return planes[0]
+    if size == 2:
+        out = np.empty(n, "<u2")
+        kernels.merge_u16(planes[0], planes[1] if len(planes) > 1 else empty, out)
+        return out
+    if size == 4 and len(planes) == 4:
+        out = np.empty(n, "<u4")
+        kernels.merge_u32(planes[0], planes[1], planes[2], planes[3], out)
+        return out
     stacked = np.empty((size, n), np.uint8)
     for j, p in enumerate(planes):
         stacked[j] = p
@@ -126,7 +140,10 @@ def decode_planes(header, frame, dt, fidelity, streams=None):
     for s in streams[:k]:
         if s.raw_len != n:
             raise FrameError(f"stream {s.name!r} has {s.raw_len} bytes, expected {n}")
-        planes.append(np.frombuffer(decode_stream(frame, s), np.uint8))
+        p = np.frombuffer(decode_stream(frame, s), np.uint8)
+        if p.flags.writeable:  # one numba signature for the merge kernels (read-only
+            p.setflags(write=False)  # views of zstd/raw streams, arrays from Huffman)
+        planes.append(p)
     return merge(planes, dt, layout, n)
 
 

@@ -9,7 +9,8 @@ from .elf import native_bound
 
 SLICE = 64 * 1024
 NSLICES = 4
-WHOLE_BELOW = 4 * SLICE  # chunks up to this size: every candidate on the whole chunk
+WHOLE_BELOW = 64 * 1024  # chunks up to this size: every candidate on the whole chunk
+SMALL_SLICE = 16 * 1024  # the smallest sample slice
 
 
 def candidates(dt, bound, reference) -> list[str]:
@@ -35,9 +36,9 @@ def _make(name, dt, bound, reference, level):
     return REGISTRY[name](**kw)
 
 
-def sample_slices(nbytes: int, itemsize: int) -> list[tuple[int, int]]:
+def sample_slices(nbytes: int, itemsize: int, slice_size: int = SLICE) -> list[tuple[int, int]]:
     """NSLICES element-aligned (start, stop) byte ranges spread over the chunk."""
-    span = SLICE - SLICE % itemsize
+    span = slice_size - slice_size % itemsize
     gap = (nbytes - span) / (NSLICES - 1)
     out = []
     for i in range(NSLICES):
@@ -55,12 +56,16 @@ def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     if n < 64:
         return raw.encode(mv)
     names = candidates(dt, bound, reference)
-    if n <= WHOLE_BELOW:
+    if len(names) == 1:  # e.g. opaque bytes: nothing to choose, no sample pass
+        best = _make(names[0], dt, bound, reference, level).encode(mv)
+    elif n <= WHOLE_BELOW:
         frames = [_make(c, dt, bound, reference, level).encode(mv) for c in names]
         best = min(frames, key=len)
     else:
         size = dt.itemsize if dt else 1
-        parts = sample_slices(n, size)
+        # slices of 1/32 of the chunk, 16..64 KiB each: the sample stays a small
+        # fraction of the work
+        parts = sample_slices(n, size, min(SLICE, max(SMALL_SLICE, n // 32)))
         a = np.frombuffer(mv, np.uint8)
         sample = np.concatenate([a[s:e] for s, e in parts])
         ref_sample = None
