@@ -41,12 +41,15 @@ def mounts() -> dict[str, str]:
     return out
 
 
-def store_of(mountpoint: str) -> str:
-    mp = os.path.realpath(mountpoint)
-    root = mounts().get(mp)
-    if root is None:
-        raise CliError(f"{mountpoint} is not an elvesfs mount")
-    return root
+def store_of(path: str) -> str:
+    """The store behind the elvesfs mount holding `path` (a mountpoint or anything in it)."""
+    live = mounts()
+    p = os.path.realpath(path)
+    while p not in live:
+        if p == "/":
+            raise CliError(f"{path} is not an elvesfs mount or inside one")
+        p = os.path.dirname(p)
+    return live[p]
 
 
 def cmd_mount(a: argparse.Namespace) -> int:
@@ -112,6 +115,8 @@ def _daemon_pid(store: str) -> int | None:
 
 
 def cmd_umount(a: argparse.Namespace) -> int:
+    if os.path.realpath(a.mountpoint) not in mounts():
+        raise CliError(f"{a.mountpoint} is not an elvesfs mountpoint")
     store = store_of(a.mountpoint)
     pid = _daemon_pid(store)
     r = subprocess.run(["fusermount3", "-u", a.mountpoint], capture_output=True, text=True)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import pyfuse3
 import trio
 
+from .accounting import stored_share
 from .chunkstore import ChunkStore
 from .db import Database
 from .errors import ElvesError, StoreFullError
@@ -155,21 +156,9 @@ class Operations(pyfuse3.Operations):
         return blocks
 
     def _share_blocks(self, ino: int) -> int:
-        """Sum over the layout's chunks of stored bytes x uses / refcount (thread side)."""
-        share = 0.0
+        """512-byte blocks of the inode's share of stored bytes (thread side)."""
         with self.db.read() as txn:
-            raw = txn.get(key(ino), db=self.db.t["layouts"])
-            if not raw:
-                return 0
-            for cid, n in Counter(Layout.from_bytes(raw).ids()).items():
-                rec = self.chunks.record(txn, cid)
-                if rec is None or rec.refcount == 0:
-                    continue
-                share += rec.stored * n / rec.refcount
-                if rec.is_delta:
-                    ref = self.chunks.record(txn, rec.ref)
-                    if ref is not None and ref.refcount:
-                        share += ref.stored / ref.refcount * n / rec.refcount
+            share = stored_share(txn, self.db.t, self.chunks, ino)
         return int((share + 511) // 512)
 
     def _layout(self, ino: int) -> Layout:
@@ -495,6 +484,15 @@ class Operations(pyfuse3.Operations):
             self._release_state(ino)
         self.layouts.pop(ino, None)
         self.blocks.pop(ino, None)
+        with self.db.read() as txn:
+            has_data = (txn.get(key(ino), db=self.db.t["layouts"]) is not None
+                        or txn.get(key(ino), db=self.db.t["staging"]) is not None)
+        if not has_data:  # no chunks to release: delete inline, no thread hop
+            with self.db.write() as txn:
+                txn.delete(key(ino), db=self.db.t["fstats"])
+                self.ns.delete_inode(txn, ino)
+            self.staging.remove_file(ino)
+            return
         await trio.to_thread.run_sync(self._drop_and_collect, ino, limiter=self.seal_limiter)
         self.generation += 1
 
@@ -604,6 +602,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
+        h.flushed = False
         if off + len(buf) > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
         st = self._st(h.ino)
@@ -639,6 +638,7 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         h = self.handles.get(fh)
         if h is not None and h.writable:
+            h.flushed = True
             st = self.state.get(h.ino)
             if st is not None and (st.mtime_ns is not None or st.ctime_ns is not None):
                 self._persist_attrs(st)
@@ -724,7 +724,14 @@ class Operations(pyfuse3.Operations):
             log.debug("invalidate_inode(%d): %s", ino, exc)
 
     async def wait_idle(self) -> None:
-        """Return once no seal is pending or running (for `elvesfs sync` and unmount)."""
+        """Return once no seal is pending or running (for `elvesfs sync` and unmount).
+
+        close() returns to the application after FLUSH, but the kernel sends RELEASE (which
+        starts the seal) later: give handles already flushed a moment to be released."""
+        for _ in range(200):
+            if not any(h.flushed for h in self.handles.values()):
+                break
+            await trio.sleep(0.01)
         async with self.idle:
             while self.pending_seals:
                 await self.idle.wait()

@@ -46,6 +46,7 @@ class Handle:
     ino: int
     writable: bool
     flags: int
+    flushed: bool = False  # closed by the application, RELEASE not yet received
 
 
 @dataclass
