@@ -26,7 +26,7 @@ import trio
 from .accounting import stored_share
 from .chunkstore import ChunkStore
 from .db import Database
-from .errors import ElvesError, StoreFullError
+from .errors import ElvesError, StoreCorruptError, StoreFullError
 from .ingest import Sealer
 from .layout import HOLE, Layout
 from .namespace import FsError, Inode, Namespace, ROOT_INO, key
@@ -60,6 +60,8 @@ def handler(fn: Callable) -> Callable:
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("%s: disk full: %s", fn.__name__, exc)
+            elif exc.errno in (errno.EFBIG, errno.EINVAL):
+                log.info("%s: %s", fn.__name__, exc)
             else:
                 log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
@@ -566,18 +568,29 @@ class Operations(pyfuse3.Operations):
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
-        st = self.state.get(h.ino)
-        if st is not None and st.staged:
-            return os.pread(st.fd, size, off)
-        lay = self._layout(h.ino)
-        if off >= lay.size:
-            return b""
-        data = self.reader.cached_range(lay, off, size)
-        if data is None:
-            data = await trio.to_thread.run_sync(self.reader.read_range, lay, off, size,
-                                                 limiter=self.read_limiter)
-        self._readahead(lay, off + size)
-        return data
+        for attempt in (1, 2):
+            st = self.state.get(h.ino)
+            if st is not None and st.staged:
+                return os.pread(st.fd, size, off)
+            lay = self._layout(h.ino)
+            if off >= lay.size:
+                return b""
+            data = self.reader.cached_range(lay, off, size)
+            if data is None:
+                try:
+                    data = await trio.to_thread.run_sync(self.reader.read_range, lay, off,
+                                                         size, limiter=self.read_limiter)
+                except StoreCorruptError:
+                    # A rewrite sealed meanwhile may have released the chunks of the layout
+                    # we started from: read the file's current content instead.
+                    st = self.state.get(h.ino)
+                    if attempt == 1 and ((st is not None and st.staged)
+                                         or self._layout(h.ino) is not lay):
+                        continue
+                    raise
+            self._readahead(lay, off + size)
+            return data
+        raise AssertionError("unreachable")
 
     def _readahead(self, lay: Layout, off: int) -> None:
         """Decode the next chunks ahead of a sequential reader (loaders read whole shards)."""
