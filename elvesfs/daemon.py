@@ -161,6 +161,24 @@ def _seal_remaining(ops: Operations, store: Store) -> None:
     store.sealer.collect()
 
 
+def warm_up_codecs() -> None:
+    """Load the codecs' compiled kernels now, in the background, not in the first seal."""
+    import numpy as np
+
+    import codec
+    sample = (np.random.default_rng(0).standard_normal(4096) * 0.02).astype(np.float32)
+    try:
+        for dtype, data in (("F32", sample), ("F16", sample.astype(np.float16)),
+                            ("BF16", (sample.view(np.uint32) >> 16).astype(np.uint16))):
+            raw = data.tobytes()
+            for bound in (None, "native"):
+                codec.decode(codec.encode(raw, dtype, bound=bound))
+            codec.decode(codec.encode(raw, dtype, reference=raw[::-1]), reference=raw[::-1])
+        codec.decode(codec.encode(b"warm up" * 1000, None))
+    except Exception:  # only a warm-up: the real call reports any problem
+        log.debug("codec warm-up failed", exc_info=True)
+
+
 def fuse_options(extra: list[str], store_root: str) -> set[str]:
     """pyfuse3's defaults plus ours: kernel permission checks and a name `mount` shows."""
     opts = set(pyfuse3.default_options)
@@ -186,6 +204,8 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         ready(f"ERR {exc}")
         log.error("%s", exc)
         return 1
+    import threading
+    threading.Thread(target=warm_up_codecs, name="elvesfs-warmup", daemon=True).start()
     try:
         store.ns.ensure_root(os.getuid(), os.getgid())
         recover(store, default_policy)

@@ -162,7 +162,7 @@ class Planner:
 
     def _cdc_pieces(self, fd: int, a: int, b: int) -> Iterator[Piece]:
         """Content-defined pieces of [a, b), reading 64 MiB windows to bound memory."""
-        window = 64 << 20
+        window = 8 << 20
         pos = a
         while pos < b:
             n = min(window, b - pos)
