@@ -355,10 +355,7 @@ class Sealer:
                 return
             for cid, n in Counter(layout.ids()).items():
                 self.chunks.incref(txn, cid, n)
-            old = txn.get(key(ino), db=self.db.t["layouts"])
-            if old:
-                for cid, n in Counter(Layout.from_bytes(old).ids()).items():
-                    self.chunks.decref(txn, cid, n)
+            self._release_layout(txn, ino)
             txn.put(key(ino), layout.to_bytes(), db=self.db.t["layouts"])
             inode.size = size
             self.ns.put(txn, inode)
@@ -368,30 +365,25 @@ class Sealer:
             self.staging.forget(txn, ino)
 
     # -- deletion and garbage -----------------------------------------------------
+    def _release_layout(self, txn, ino: int) -> None:
+        """Decref every chunk of the inode's layout and delete the layout."""
+        old = txn.get(key(ino), db=self.db.t["layouts"])
+        if old:
+            for cid, n in Counter(Layout.from_bytes(old).ids()).items():
+                self.chunks.decref(txn, cid, n)
+            txn.delete(key(ino), db=self.db.t["layouts"])
+
     def drop(self, ino: int) -> None:
         """Delete an inode with no links and no users: its layout, staging and attributes."""
         with self.db.write() as txn:
-            old = txn.get(key(ino), db=self.db.t["layouts"])
-            if old:
-                for cid, n in Counter(Layout.from_bytes(old).ids()).items():
-                    self.chunks.decref(txn, cid, n)
-                txn.delete(key(ino), db=self.db.t["layouts"])
+            self._release_layout(txn, ino)
             txn.delete(key(ino), db=self.db.t["fstats"])
             self.staging.forget(txn, ino)
             self.ns.delete_inode(txn, ino)
         self.staging.remove_file(ino)
 
-    def truncate_layout(self, ino: int) -> None:
-        """Release a sealed file's chunks when it is emptied (O_TRUNC) before it is re-staged."""
-        with self.db.write() as txn:
-            old = txn.get(key(ino), db=self.db.t["layouts"])
-            if old:
-                for cid, n in Counter(Layout.from_bytes(old).ids()).items():
-                    self.chunks.decref(txn, cid, n)
-                txn.delete(key(ino), db=self.db.t["layouts"])
-
     def collect(self) -> tuple[int, int]:
-        """Delete garbage chunks (refcount 0), dropping tensor-index entries that name them."""
+        """Delete garbage chunks (refcount 0); stale tensor-index entries are skipped on use."""
         total_n = total_b = 0
         while True:
             with self.db.write() as txn:
