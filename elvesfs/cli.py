@@ -61,7 +61,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
     store = os.path.abspath(a.store or default_store(mp))
     if a.lossy:
         try:
-            Policy.parse(a.lossy if a.lossy.startswith("elf") else f"elf={a.lossy}")
+            a.lossy = str(Policy.parse(a.lossy if a.lossy.startswith("elf")
+                                       else f"elf={a.lossy}"))
         except PolicyError as exc:
             raise CliError(str(exc)) from None
     os.makedirs(store, exist_ok=True)
