@@ -120,3 +120,18 @@ def test_stats_agree_with_du_and_df(mnt):
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
     assert store["stored"] <= used < store["stored"] + 64 * 2**20
     assert st.f_bavail > 0
+
+
+def test_mount_lossy_takes_a_bare_bound(make_mount):
+    np = pytest.importorskip("numpy")
+    st = pytest.importorskip("safetensors.numpy")
+    m = make_mount("--lossy", "1e-3")
+    w = (np.random.default_rng(0).standard_normal((256, 256)) * 0.05).astype(np.float32)
+    st.save_file({"layer.weight": w}, str(m.path / "w.safetensors"))
+    m.sync()
+    r = cli("stats", "--json", str(m.path / "w.safetensors"))
+    (f,) = json.loads(r.stdout)["files"]
+    assert f["policy"] == "elf=0.001"
+    assert 0 < f["max_error"] <= 1e-3
+    back = st.load_file(str(m.path / "w.safetensors"))["layer.weight"]
+    assert np.abs(back - w).max() <= 1e-3
