@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     handlers = [logging.FileHandler(a.log)] if a.log else [logging.StreamHandler(sys.stderr)]
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, handlers=handlers,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     policy = Policy.parse(a.lossy) if a.lossy else Policy()
     return run(os.path.abspath(a.mountpoint), os.path.abspath(a.store), a.options, policy,
                a.cache_mb << 20, a.ready_fd)
