@@ -745,6 +745,9 @@ class Operations(pyfuse3.Operations):
             if not any(h.flushed for h in self.handles.values()):
                 break
             await trio.sleep(0.01)
+        for ino, st in list(self.state.items()):  # e.g. a seal that failed on a full disk
+            if st.staged and not st.writers and not st.sealing:
+                self._schedule_seal(ino)
         async with self.idle:
             while self.pending_seals:
                 await self.idle.wait()
