@@ -278,7 +278,7 @@ class Sealer:
         extents: list[tuple[int, bytes]] = []
         batch: list[_Result] = []
         batch_bytes = 0
-        limit = 2 * self.pool._max_workers + 2
+        limit = 4 * self.pool._max_workers + 4  # pieces in flight: bounds memory
         tindex: dict[bytes, bytes] = {}
         commits: list[Future] = []
 
