@@ -8,7 +8,6 @@ daemon writes "OK\n" there once the mount is live, or "ERR <message>\n".
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import logging
 import os

@@ -18,7 +18,6 @@ import logging
 import os
 import stat
 import sys
-import threading
 from collections import Counter
 
 from .chunkstore import ChunkRecord, ChunkStore
@@ -198,7 +197,6 @@ class Fsck:
     def verify_chunks(self) -> None:
         with self.db.read() as txn:
             ids = [k for k, _ in txn.cursor(db=self.t["refs"])]
-        cache: dict[bytes, bytes] = {}
         with self._bar(len(ids), "verifying chunks") as bar:
             for cid in ids:
                 with self.db.read() as txn:

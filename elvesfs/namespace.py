@@ -10,7 +10,7 @@ import errno
 import stat
 import struct
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import lmdb
 

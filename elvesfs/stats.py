@@ -114,7 +114,6 @@ def _walk(path: str):
 
 
 def main(a: argparse.Namespace) -> int:
-    from .cli import CliError
     paths = a.paths or ([] if a.store else ["."])
     store = a.store
     if store is None:

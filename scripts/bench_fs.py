@@ -43,7 +43,6 @@ Run as root (dropping caches needs it) from the project's venv:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,6 @@ def cli(*args: str) -> str:
 
 def make_files(work: Path) -> dict[str, list[Path]]:
     """Create (once, cached in work) the model files of every scenario."""
-    import torch
     from safetensors.torch import load_file, save_file
     ck = work / "ckpt"
     ckpts = sorted(ck.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))

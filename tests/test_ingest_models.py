@@ -108,7 +108,7 @@ def test_same_tensors_in_bin_and_safetensors_stored_once(mnt, tmp_path):
     bn = mnt.path / "pytorch_model.bin"
     torch.save(sd, bn)
     mnt.sync()
-    s_st, s_bn = file_stats(st), file_stats(bn)
+    s_bn = file_stats(bn)
     tensor_bytes = sum(v.numel() * v.element_size() for v in sd.values())
     assert s_bn["format"] == "torch-zip"
     assert s_bn["dedup_saved"] >= 0.99 * tensor_bytes
