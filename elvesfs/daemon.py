@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import pyfuse3
@@ -96,7 +97,6 @@ def recover(store: Store, default_policy: Policy) -> None:
     for ino in orphans:
         log.info("recovery: deleting orphan inode %d", ino)
         store.sealer.drop(ino)
-    import threading
     for ino in staged:
         if ino in orphans:
             continue
@@ -142,7 +142,6 @@ async def _periodic_sync(db: Database) -> None:
 
 def _seal_remaining(ops: Operations, store: Store) -> None:
     """After unmount: seal whatever is still staged (every handle is closed by now)."""
-    import threading
     for ino, st in list(ops.state.items()):
         if st.staged:
             os.close(st.fd)
@@ -203,7 +202,6 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         ready(f"ERR {exc}")
         log.error("%s", exc)
         return 1
-    import threading
     threading.Thread(target=warm_up_codecs, name="elvesfs-warmup", daemon=True).start()
     try:
         store.ns.ensure_root(os.getuid(), os.getgid())

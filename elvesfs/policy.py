@@ -13,6 +13,7 @@ from a known format; headers, integers, optimizer state and plain files stay exa
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 XATTR = b"user.elvesfs.policy"
@@ -63,7 +64,6 @@ class Policy:
         """Hash seed for chunk ids of lossily coded chunks: distinct per bound."""
         if self.bound is None:
             return 0
-        import zlib
         return zlib.crc32(str(self).encode()) | 1
 
     def allows_lossy(self, dtype: str | None, role: str) -> bool:

@@ -15,7 +15,7 @@ import sys
 from .accounting import stored_share
 from .chunkstore import ChunkStore
 from .db import Database
-from .namespace import Namespace, key
+from .namespace import Inode, Namespace, key
 
 
 def _mount_of(path: str) -> tuple[str, str]:
@@ -65,8 +65,7 @@ def store_stats(db: Database) -> dict:
     codecs: dict[str, list[int]] = {}
     dedup = delta_raw = delta_saved = lossy = 0
     with db.read() as txn:
-        for k, v in txn.cursor(db=db.t["inodes"]):
-            from .namespace import Inode
+        for _, v in txn.cursor(db=db.t["inodes"]):
             node = Inode.unpack(0, v)
             if statmod.S_ISREG(node.mode) and node.nlink:
                 logical += node.size

@@ -15,6 +15,28 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def sha_file(path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (the oracle for bytes read back)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_random(path, size: int, block: int = 4 << 20) -> str:
+    """Write `size` random bytes to `path` in blocks; returns their sha256."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size // block):
+            data = os.urandom(block)
+            h.update(data)
+            f.write(data)
+    return h.hexdigest()
+
+
 def _run_cli(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "elvesfs.cli", *args], capture_output=True,
                        text=True, timeout=timeout, cwd=str(ROOT))

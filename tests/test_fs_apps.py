@@ -17,14 +17,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import sha_file
 
-
-def sha_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run(*cmd, **kw) -> subprocess.CompletedProcess:

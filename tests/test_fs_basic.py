@@ -9,14 +9,6 @@ import os
 import pytest
 
 
-def sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def test_write_read_remount(mnt):
     data = os.urandom(3_000_000) + bytes(1_000_000) + b"tail"
     p = mnt.path / "blob.bin"

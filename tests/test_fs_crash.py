@@ -11,15 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, check_store
+from conftest import ROOT, check_store, sha_file, write_random
 
-
-def sha_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha(data: bytes) -> str:
@@ -75,13 +68,7 @@ def test_fsynced_data_survives_kill9(make_mount):
 def test_kill9_while_sealing_a_large_file(make_mount):
     m = make_mount()
     size = 300 << 20
-    h = hashlib.sha256()
-    with open(m.path / "large", "wb") as f:
-        for _ in range(size >> 22):
-            block = os.urandom(4 << 20)
-            h.update(block)
-            f.write(block)
-    want = h.hexdigest()
+    want = write_random(m.path / "large", size)
     syncer = subprocess.Popen([sys.executable, "-m", "elvesfs.cli", "sync", str(m.path)],
                               cwd=str(ROOT), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -166,13 +153,7 @@ def test_kill9_while_a_sealed_file_is_staged_again(make_mount):
     import threading
     m = make_mount()
     size = 160 << 20
-    h = hashlib.sha256()
-    with open(m.path / "model", "wb") as f:
-        for _ in range(size >> 22):
-            block = os.urandom(4 << 20)
-            h.update(block)
-            f.write(block)
-    want = h.hexdigest()
+    want = write_random(m.path / "model", size)
     m.sync()
     m.remount()                       # nothing cached: the copy has to decode every chunk
     fd = os.open(m.path / "model", os.O_RDWR)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_store
+from conftest import check_store, sha_file as sha
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -45,13 +45,6 @@ def err(fn, *args, **kw) -> int:
         return exc.errno
     return 0
 
-
-def sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree(root: Path) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,16 +17,10 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import zoo  # noqa: E402
+from conftest import sha_file as sha  # noqa: E402
 
 from elvesfs.policy import Policy  # noqa: E402
 
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stats(path: Path) -> dict:
@@ -226,3 +219,25 @@ def test_malformed_model_files_are_stored_as_plain_bytes(mnt, tmp_path):
     for name, data in cases.items():
         assert (mnt.path / name).read_bytes() == data, name
         assert file_stats(mnt.path / name)["format"] == "plain", name
+
+
+def test_exact_file_delta_coded_against_a_lossy_reference_stays_exact(mnt):
+    """A lossily stored tensor may serve as the delta reference of an exact file: the delta
+    is taken against its decoded bytes, so the exact file still reads back bit for bit."""
+    lossy, exact = mnt.path / "lossy", mnt.path / "exact"
+    lossy.mkdir()
+    exact.mkdir()
+    os.setxattr(lossy, "user.elvesfs.policy", b"elf")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 512, generator=g) * 0.05
+    tuned = base + torch.randn(512, 512, generator=g) * 1e-4
+    safetensors_torch.save_file({"layer.weight": base}, str(lossy / "m.safetensors"))
+    mnt.sync()
+    assert file_stats(lossy / "m.safetensors")["lossy_bytes"] > 0
+    safetensors_torch.save_file({"layer.weight": tuned}, str(exact / "m.safetensors"))
+    mnt.sync()
+    s = file_stats(exact / "m.safetensors")
+    assert s["policy"] == "lossless" and s["delta_raw"] > 0 and s["lossy_bytes"] == 0
+    mnt.remount()
+    back = safetensors_torch.load_file(str(exact / "m.safetensors"))["layer.weight"]
+    assert torch.equal(back, tuned)
