@@ -101,23 +101,28 @@ class ChunkStore:
             txn.put(cid, b"", db=self.t["zero"])
         txn.put(cid, rec.pack(), db=self.t["refs"])
 
-    def collect(self, txn: lmdb.Transaction, limit: int = 10000) -> tuple[int, int]:
-        """Delete up to `limit` garbage chunks; returns (chunks, bytes) reclaimed."""
+    def collect(self, txn: lmdb.Transaction, limit: int = 10000,
+                keep: set[bytes] | frozenset = frozenset()) -> tuple[int, int]:
+        """Delete up to `limit` garbage chunks, except those in `keep` (pre-sealed chunks
+        of files still being written); returns (chunks, bytes) reclaimed."""
         n = freed = 0
-        while n < limit:
+        while n < limit:  # again: freeing a delta chunk can free its reference
             cur = txn.cursor(db=self.t["zero"])
-            if not cur.first():
+            todo = [c for c in cur.iternext(keys=True, values=False) if c not in keep]
+            if not todo:
                 break
-            cid = cur.key()
-            rec = self.record(txn, cid)
-            txn.delete(cid, db=self.t["zero"])
-            if rec is not None and rec.refcount == 0:
-                txn.delete(cid, db=self.t["chunks"])
-                txn.delete(cid, db=self.t["refs"])
-                freed += rec.stored
-                n += 1
-                if rec.is_delta and self.record(txn, rec.ref) is not None:
-                    self.decref(txn, rec.ref)
+            for cid in todo:
+                if n >= limit:
+                    break
+                rec = self.record(txn, cid)
+                txn.delete(cid, db=self.t["zero"])
+                if rec is not None and rec.refcount == 0:
+                    txn.delete(cid, db=self.t["chunks"])
+                    txn.delete(cid, db=self.t["refs"])
+                    freed += rec.stored
+                    n += 1
+                    if rec.is_delta and self.record(txn, rec.ref) is not None:
+                        self.decref(txn, rec.ref)
         return n, freed
 
     def totals(self, txn: lmdb.Transaction) -> tuple[int, int, int]:

@@ -32,10 +32,13 @@ class Encoded:
 
 
 def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
-                 reference: bytes | None = None) -> Encoded:
-    """Pick the best codec the policy allows for this chunk (codec/'s selector decides)."""
+                 reference: bytes | None = None, cid: bytes | None = None) -> Encoded:
+    """Pick the best codec the policy allows for this chunk (codec/'s selector decides).
+
+    `cid`, when the caller already hashed the chunk, must be chunk_id() under the policy."""
     lossy = policy.allows_lossy(dtype, role)
-    cid = chunk_id(data, policy.seed() if lossy else 0)
+    if cid is None:
+        cid = chunk_id(data, policy.seed() if lossy else 0)
     frame = codec.encode(data, dtype, codec="auto", bound=policy.bound if lossy else None,
                          reference=reference)
     info = codec.inspect(frame)

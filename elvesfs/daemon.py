@@ -32,6 +32,7 @@ from .reader import ChunkReader
 from .staging import Staging
 
 log = logging.getLogger("elvesfs.daemon")
+SWITCH_INTERVAL = float(os.environ.get("ELVESFS_SWITCH_INTERVAL", "0.0005"))  # seconds
 
 
 @dataclass
@@ -190,6 +191,9 @@ def fuse_options(extra: list[str], store_root: str) -> set[str]:
 def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         cache_bytes: int, ready_fd: int | None) -> int:
     """Open, recover, mount and serve; returns the process exit code."""
+    # Worker threads (seal, pre-seal, reads) hold the GIL between their C calls; hand it
+    # over sooner than the default 5 ms so the FUSE loop thread is not starved by them.
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
     def ready(msg: str) -> None:
         if ready_fd is not None:

@@ -84,9 +84,12 @@ class Database:
                 raise StoreCorruptError(f"store {self.path} has format {fmt!r}, expected {FORMAT!r}")
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        """A read-only snapshot; cheap, usable from any thread (py-lmdb uses MDB_NOTLS)."""
-        with self.env.begin(write=False, buffers=False) as txn:
+    def read(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """A read-only snapshot; cheap, usable from any thread (py-lmdb uses MDB_NOTLS).
+
+        With `buffers`, get() returns views into the map instead of copies: they are
+        valid only until the transaction ends."""
+        with self.env.begin(write=False, buffers=buffers) as txn:
             yield txn
 
     @contextlib.contextmanager

@@ -33,12 +33,15 @@ from .namespace import FsError, Inode, Namespace, ROOT_INO, key
 from .policy import XATTR as POLICY_XATTR, Policy, PolicyError
 from .reader import ChunkReader
 from .staging import Staging
-from .state import DirHandle, Handle, InodeState
+from .state import DirHandle, Handle, InodeState, Preseal
 
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 1.0
-BLKSIZE = 128 << 10
+BLKSIZE = 1 << 20  # st_blksize: cp and friends write 1 MiB at a time (fewer FUSE calls)
+PRESEAL_STEP = 32 << 20  # pre-seal once this much more of a file being written is there
+PRESEAL_MAX = 64 << 20  # at most this much per pre-seal call (holds the seal limiter)
+PRESEAL_RESERVE = 256 << 20  # free disk space a pre-seal never eats into
 MAX_FILE_SIZE = (1 << 63) - 1
 READAHEAD = 4
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
@@ -272,6 +275,7 @@ class Operations(pyfuse3.Operations):
                     await self._stage(st, inode, copy=size > 0)
                 os.ftruncate(st.fd, size)
                 st.size = size
+                self._reset_preseal(st, fresh=size == 0)
         if unchanged:
             self._release_state(ino)
         elif not st.writers:
@@ -479,6 +483,9 @@ class Operations(pyfuse3.Operations):
             st.abort.set()
             if st.seal_done is not None:
                 await st.seal_done.wait()
+            if st.preseal is not None and st.preseal.running:
+                await st.preseal.done.wait()
+            self._reset_preseal(st, fresh=False)
             if st.fd is not None:
                 os.close(st.fd)
                 st.fd = None
@@ -558,6 +565,7 @@ class Operations(pyfuse3.Operations):
         st.fd = fd
         st.size = inode.size if copy else 0
         self.layouts.pop(inode.ino, None)
+        self._reset_preseal(st, fresh=st.size == 0)
 
     def _copy_sealed(self, lay: Layout, fd: int, size: int) -> None:
         """Thread side of _stage: the sealed content into the staging file, made durable."""
@@ -630,7 +638,61 @@ class Operations(pyfuse3.Operations):
         if off + n > st.size:
             st.size = off + n
         st.mtime_ns = st.ctime_ns = time.time_ns()
+        self._preseal_after_write(st, off)
         return n
+
+    # -- pre-seal: overlap coding with a long sequential write -----------------------
+    def _reset_preseal(self, st: InodeState, fresh: bool) -> None:
+        """Forget a pre-seal (its chunks become garbage); start anew if the file is empty."""
+        if st.preseal is not None:
+            self.sealer.unpin(st.ino)
+        st.preseal = Preseal(self._policy(st.ino)) if fresh else None
+
+    def _preseal_after_write(self, st: InodeState, off: int) -> None:
+        pre = st.preseal
+        if pre is None:
+            return
+        if off < pre.claimed:  # rewrites what a pre-seal read: its plan no longer holds
+            self._reset_preseal(st, fresh=False)
+        elif (not pre.running and self.nursery is not None
+              and st.size - pre.pos >= PRESEAL_STEP):
+            pre.running = True
+            pre.done = trio.Event()
+            self.nursery.start_soon(self._preseal_task, st, pre)
+
+    def _room_for_preseal(self, n: int) -> bool:
+        """Pre-sealed chunks sit beside the staged bytes until close: only with room."""
+        disk = os.statvfs(self.db.path)
+        return disk.f_bavail * disk.f_frsize > 4 * n + PRESEAL_RESERVE
+
+    async def _preseal_task(self, st: InodeState, pre: Preseal) -> None:
+        """Store a growing file's prefix while the writer goes on, so that sealing at
+        close has only the tail left. Any failure only costs the head start."""
+        try:
+            while (st.preseal is pre and st.staged and not st.sealing
+                   and st.size - pre.pos >= PRESEAL_STEP):
+                end = min(st.size, pre.pos + PRESEAL_MAX)
+                if not self._room_for_preseal(end - pre.pos):
+                    break  # the file's bytes would be on disk twice: leave it to close
+                pre.claimed = max(pre.claimed, end)
+                fd = os.dup(st.fd)
+                try:
+                    pos, pieces = await trio.to_thread.run_sync(
+                        self.sealer.preseal, st.ino, fd, pre.pos, end,
+                        pre.policy, limiter=self.seal_limiter)
+                finally:
+                    os.close(fd)
+                if pos == pre.pos:
+                    break
+                pre.pieces.extend(pieces)
+                pre.pos = pos
+        except Exception:
+            log.exception("pre-sealing inode %d failed; it is sealed at close", st.ino)
+            if st.preseal is pre:
+                self._reset_preseal(st, fresh=False)
+        finally:
+            pre.running = False
+            pre.done.set()
 
     def _persist_attrs(self, st: InodeState) -> None:
         """Write in-memory size and times into the stored inode."""
@@ -711,9 +773,15 @@ class Operations(pyfuse3.Operations):
         st.seal_done = trio.Event()
         try:
             policy = self._policy(ino)
+            pre = st.preseal
+            if pre is not None and pre.running:
+                await pre.done.wait()
+            resume = (list(pre.pieces) if pre is not None and st.preseal is pre
+                      and pre.policy == policy else None)
             stats = await trio.to_thread.run_sync(self.sealer.seal, ino, policy, st.abort,
-                                                  limiter=self.seal_limiter)
+                                                  resume, limiter=self.seal_limiter)
             if stats is not None:
+                self._reset_preseal(st, fresh=False)
                 os.close(st.fd)
                 st.fd = None
                 self.layouts.pop(ino, None)

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 TENSOR_PIECE = 4 << 20
 CDC = dict(avg_size=64 << 10, min_size=16 << 10, max_size=256 << 10)
 BATCH_BYTES = 16 << 20
+GROUP_BYTES = 4 << 20  # bytes of pieces per coding task
+CDC_WINDOW = 8 << 20  # CDC reads the file in windows of this size (bounds memory)
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
             "C64": 8, "C128": 16}
@@ -63,6 +65,23 @@ class Piece:
     index: int = 0  # piece number within its tensor
     hole: bool = False
     data: memoryview | None = None  # the bytes, when the planner already read them
+    pre: "Presealed | None" = None  # already coded and stored while the file was written
+
+
+@dataclass(frozen=True)
+class Presealed:
+    """A chunk coded and stored while its file was still being written (a pre-seal).
+
+    The final seal reuses it for the piece at the same (offset, length): the plan of a
+    file's prefix does not depend on what follows it (see Planner.cdc_windows)."""
+
+    offset: int
+    length: int
+    cid: bytes
+    added: bool  # stored as a new chunk by the pre-seal (else it was a dedup hit)
+    stored: int = 0
+    codec: str = ""
+    max_error: float | None = None
 
 
 @dataclass
@@ -88,24 +107,30 @@ class SealStats:
     dup_in_flight: int = 0  # coded twice in one seal, stored once (counted as dedup)
 
     def add(self, enc: Encoded, is_delta: bool) -> None:
-        self.new_raw += enc.raw
-        self.new_stored += len(enc.frame)
-        raw, stored = self.codecs.get(enc.codec, (0, 0))
-        self.codecs[enc.codec] = [raw + enc.raw, stored + len(enc.frame)]
+        self.add_chunk(enc.raw, len(enc.frame), enc.codec, is_delta, enc.max_error)
+
+    def add_chunk(self, n: int, frame: int, codec: str, is_delta: bool,
+                  max_error: float | None) -> None:
+        """Count one new chunk of `n` raw bytes stored as a `frame`-byte frame."""
+        self.new_raw += n
+        self.new_stored += frame
+        raw, stored = self.codecs.get(codec, (0, 0))
+        self.codecs[codec] = [raw + n, stored + frame]
         if is_delta:
-            self.delta_raw += enc.raw
-            self.delta_stored += len(enc.frame)
-        if enc.max_error is not None:
-            self.lossy_bytes += enc.raw
-            self.max_error = max(self.max_error, enc.max_error)
+            self.delta_raw += n
+            self.delta_stored += frame
+        if max_error is not None:
+            self.lossy_bytes += n
+            self.max_error = max(self.max_error, max_error)
 
 
 @dataclass
 class _Result:
     piece: Piece
     cid: bytes
-    enc: Encoded | None  # None: the chunk was already stored (dedup)
+    enc: Encoded | None  # None: the chunk was already stored (dedup, or a pre-seal)
     ref: bytes = bytes(16)
+    added: bool = False  # set by the committer: the chunk was new to the store
 
 
 def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
@@ -142,41 +167,62 @@ class Planner:
             self._cdc.c = FastCDC(**CDC)
         return self._cdc.c
 
-    def plan(self, fd: int, size: int) -> tuple[str, str, Iterator[Piece]]:
-        """(format, note, pieces) for the file behind `fd`."""
+    def plan(self, fd: int, size: int, resume: list[Presealed] | None = None
+             ) -> tuple[str, str, Iterator[Piece]]:
+        """(format, note, pieces) for the file behind `fd`.
+
+        `resume`: pieces a pre-seal already stored for a prefix of the file, in order
+        from offset 0; used when the file turns out to be plain bytes."""
         with os.fdopen(os.dup(fd), "rb") as f:
             parsed = formats.parse(f, size)
         if parsed.format == "plain":
-            return "plain", parsed.note, self._plain(fd, 0, size)
+            return "plain", parsed.note, self._plain(fd, size, resume or [])
         return parsed.format, parsed.note, self._segments(fd, parsed.segments)
 
-    def _plain(self, fd: int, start: int, end: int) -> Iterator[Piece]:
-        for a, b, hole in _data_regions(fd, end) if start == 0 else [(start, end, False)]:
-            if b <= start:
-                continue
-            a = max(a, start)
+    def _plain(self, fd: int, size: int, resume: list[Presealed]) -> Iterator[Piece]:
+        resume_end = resume[-1].offset + resume[-1].length if resume else 0
+        for a, b, hole in _data_regions(fd, size):
             if hole:
                 yield Piece(a, b - a, hole=True)
+            elif a == 0 and resume_end and b >= resume_end:
+                # the plan of [0, resume_end) is what the pre-seal cut: reuse it
+                for r in resume:
+                    yield Piece(r.offset, r.length, pre=r)
+                yield from self._cdc_pieces(fd, resume_end, b)
             else:
                 yield from self._cdc_pieces(fd, a, b)
 
+    def _window(self, fd: int, pos: int, n: int, last: bool) -> list[Piece]:
+        """CDC pieces of the n bytes at pos; unless `last`, without the window's tail,
+        which is re-chunked with the next window."""
+        buf = os.pread(fd, n, pos)
+        if len(buf) < n:
+            raise OSError(f"staging file shrank while sealing (read {len(buf)} of {n} bytes)")
+        cuts = list(self.cdc().cut_buf(buf))
+        if not last and len(cuts) > 1:
+            cuts = cuts[:-1]
+        view = memoryview(buf)
+        return [Piece(pos + c.offset, c.length, data=view[c.offset:c.offset + c.length])
+                for c in cuts]
+
     def _cdc_pieces(self, fd: int, a: int, b: int) -> Iterator[Piece]:
-        """Content-defined pieces of [a, b), reading 64 MiB windows to bound memory."""
-        window = 8 << 20
+        """Content-defined pieces of [a, b), reading CDC_WINDOW at a time to bound memory."""
         pos = a
         while pos < b:
-            n = min(window, b - pos)
-            buf = os.pread(fd, n, pos)
-            if len(buf) < n:
-                raise OSError(f"staging file shrank while sealing (read {len(buf)} of {n} bytes)")
-            cuts = list(self.cdc().cut_buf(buf))
-            last = pos + n >= b
-            if not last and len(cuts) > 1:
-                cuts = cuts[:-1]  # the window's tail is re-chunked with the next window
-            view = memoryview(buf)
-            for c in cuts:
-                yield Piece(pos + c.offset, c.length, data=view[c.offset:c.offset + c.length])
-            pos += sum(c.length for c in cuts)
+            n = min(CDC_WINDOW, b - pos)
+            pieces = self._window(fd, pos, n, last=pos + n >= b)
+            yield from pieces
+            pos = pieces[-1].offset + pieces[-1].length
+
+    def cdc_windows(self, fd: int, pos: int, end: int, done: list[int]) -> Iterator[Piece]:
+        """The pieces _cdc_pieces(fd, 0, b) cuts in its windows from `pos` on, for every
+        b > end: only whole windows that end before `end`, never a last window. Sets
+        done[0] to where the next window starts."""
+        done[0] = pos
+        while pos + CDC_WINDOW < end:
+            pieces = self._window(fd, pos, CDC_WINDOW, last=False)
+            yield from pieces
+            pos = done[0] = pieces[-1].offset + pieces[-1].length
 
     def _segments(self, fd: int, segments: list) -> Iterator[Piece]:
         for seg in segments:
@@ -206,6 +252,8 @@ class Sealer:
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-commit")
         self.planner = Planner()
         self.delta = delta
+        self._pins: dict[int, set[bytes]] = {}  # inode -> pre-sealed chunks not yet referenced
+        self._pins_lock = threading.Lock()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -227,29 +275,52 @@ class Sealer:
             log.warning("reference chunk %s unreadable; coding without delta", ref.hex())
             return bytes(16), None
 
-    def _code(self, fd: int, p: Piece, policy: Policy) -> _Result:
-        data = p.data if p.data is not None else os.pread(fd, p.length, p.offset)
-        if len(data) != p.length:
-            raise OSError(f"staging file shrank while sealing at {p.offset}")
-        lossy = policy.allows_lossy(p.dtype, p.role)
-        cid = chunk_id(data, policy.seed() if lossy else 0)
+    def _code_group(self, fd: int, group: list[Piece], policy: Policy) -> list[_Result]:
+        """Hash a group of pieces, look them all up in one transaction, code the new ones.
+
+        Grouping (a few MiB per task) keeps per-chunk overhead (task, transaction) small
+        next to the hashing and coding of ~64 KiB CDC chunks."""
+        datas, cids = [], []
+        for p in group:
+            if p.pre is not None:  # stored by a pre-seal: no read, no hash
+                datas.append(None)
+                cids.append(p.pre.cid)
+                continue
+            data = p.data if p.data is not None else os.pread(fd, p.length, p.offset)
+            if len(data) != p.length:
+                raise OSError(f"staging file shrank while sealing at {p.offset}")
+            lossy = policy.allows_lossy(p.dtype, p.role)
+            datas.append(data)
+            cids.append(chunk_id(data, policy.seed() if lossy else 0))
         with self.db.read() as txn:
-            if self.chunks.record(txn, cid) is not None:
-                return _Result(p, cid, None)
-        ref_id, ref = self._reference(p)
-        enc = encode_chunk(memoryview(data), p.dtype, p.role, policy, ref)
-        if not enc.needs_reference:  # the selector found coding alone smaller
-            ref_id = bytes(16)
-        return _Result(p, enc.cid, enc, ref_id)
+            known = [self.chunks.record(txn, cid) is not None for cid in cids]
+        out = []
+        for p, data, cid, hit in zip(group, datas, cids, known):
+            if hit:
+                out.append(_Result(p, cid, None))
+                continue
+            if data is None:  # a pre-sealed chunk is gone (cannot happen while pinned)
+                log.warning("pre-sealed chunk %s missing; coding it again", cid.hex())
+                p = Piece(p.offset, p.length)
+                data = os.pread(fd, p.length, p.offset)
+            ref_id, ref = self._reference(p)
+            enc = encode_chunk(memoryview(data), p.dtype, p.role, policy, ref, cid)
+            if not enc.needs_reference:  # the selector found coding alone smaller
+                ref_id = bytes(16)
+            out.append(_Result(p, enc.cid, enc, ref_id))
+        return out
 
     # -- the seal ---------------------------------------------------------------
-    def seal(self, ino: int, policy: Policy, abort: threading.Event) -> SealStats | None:
-        """Seal inode `ino`'s staging file; None if aborted (a writer came back)."""
+    def seal(self, ino: int, policy: Policy, abort: threading.Event,
+             resume: list[Presealed] | None = None) -> SealStats | None:
+        """Seal inode `ino`'s staging file; None if aborted (a writer came back).
+
+        `resume`: what pre-seals of this file stored under the same policy."""
         t0 = time.monotonic()
         fd = os.open(self.staging.path(ino), os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            fmt, note, pieces = self.planner.plan(fd, size)
+            fmt, note, pieces = self.planner.plan(fd, size, resume)
             stats = SealStats(format=fmt, policy=str(policy), logical=size, note=note)
             extents = self._code_all(fd, pieces, policy, stats, abort)
         finally:
@@ -268,19 +339,22 @@ class Sealer:
         return stats
 
     def _code_all(self, fd: int, pieces: Iterator[Piece], policy: Policy, stats: SealStats,
-                  abort: threading.Event) -> list[tuple[int, bytes]] | None:
+                  abort: threading.Event, results: list[_Result] | None = None
+                  ) -> list[tuple[int, bytes]] | None:
         """Code every piece (pool threads) and store new chunks (committer thread).
 
         Batches of new chunks are committed by a second thread while coding goes on,
         so the coders never wait for LMDB. Returns the extents, or None if aborted.
         """
-        window: list[Future] = []
+        window: list[Future] = []  # each: the results of one group of pieces
         extents: list[tuple[int, bytes]] = []
         batch: list[_Result] = []
         batch_bytes = 0
-        limit = 4 * self.pool._max_workers + 4  # pieces in flight: bounds memory
+        limit = 2 * self.pool._max_workers + 2  # groups in flight: bounds memory
         tindex: dict[bytes, bytes] = {}
         commits: list[Future] = []
+        group: list[Piece] = []
+        group_bytes = 0
 
         def flush() -> None:
             nonlocal batch, batch_bytes
@@ -290,9 +364,10 @@ class Sealer:
             while len(commits) > 2:  # bound the frames waiting to be committed
                 commits.pop(0).result()
 
-        def drain_one() -> None:
+        def take(r: _Result) -> None:
             nonlocal batch_bytes
-            r = window.pop(0).result()
+            if results is not None:
+                results.append(r)
             extents.append((r.piece.offset + r.piece.length, r.cid))
             if r.piece.name:
                 stats.tensors += r.piece.index == 0
@@ -302,27 +377,45 @@ class Sealer:
                 # decoded bytes still reconstructs the new piece exactly.
                 if r.enc is not None and r.ref == bytes(16):
                     tindex[tensor_key(r.piece)] = r.cid
-            if r.enc is None:
+            pre = r.piece.pre
+            if r.enc is None and pre is not None and pre.added:  # new, stored earlier
+                stats.add_chunk(pre.length, pre.stored, pre.codec, False, pre.max_error)
+            elif r.enc is None:
                 stats.dedup_bytes += r.piece.length
             else:
                 batch.append(r)
                 batch_bytes += len(r.enc.frame)
+
+        def drain_one() -> None:
+            for r in window.pop(0).result():
+                take(r)
+            if batch_bytes >= BATCH_BYTES:
+                flush()
+
+        def submit() -> None:
+            nonlocal group, group_bytes
+            if group:
+                window.append(self.pool.submit(self._code_group, fd, group, policy))
+            group, group_bytes = [], 0
+            while len(window) >= limit or (window and window[0].done()):
+                drain_one()
 
         try:
             for p in pieces:
                 if abort.is_set():
                     break
                 if p.hole:
+                    submit()
                     while window:
                         drain_one()
                     extents.append((p.offset + p.length, HOLE))
                     stats.hole_bytes += p.length
                     continue
-                window.append(self.pool.submit(self._code, fd, p, policy))
-                while len(window) >= limit or (window and window[0].done()):
-                    drain_one()
-                if batch_bytes >= BATCH_BYTES:
-                    flush()
+                group.append(p)
+                group_bytes += p.length
+                if group_bytes >= GROUP_BYTES:
+                    submit()
+            submit()
             while window:
                 drain_one()
             flush()
@@ -343,6 +436,7 @@ class Sealer:
             for r in batch:
                 ref = r.ref if self.chunks.record(txn, r.ref) is not None else bytes(16)
                 if self.chunks.add(txn, r.cid, r.enc.frame, r.enc.raw, ref, r.enc.flags):
+                    r.added = True
                     stats.add(r.enc, ref != bytes(16))
                 else:
                     stats.dup_in_flight += r.enc.raw
@@ -363,6 +457,35 @@ class Sealer:
             for k, cid in self._tindex.items():
                 txn.put(k, cid, db=self.db.t["tindex"])
             self.staging.forget(txn, ino)
+
+    # -- pre-seal: code a file's prefix while it is still being written --------------
+    def preseal(self, ino: int, fd: int, pos: int, end: int, policy: Policy
+                ) -> tuple[int, list[Presealed]]:
+        """Code and store the whole CDC windows of [pos, end) of a file being written.
+
+        Returns (next window start, what was stored). The chunks are pinned against
+        garbage collection until unpin(ino): they have refcount 0 until the final seal
+        references them. Caller holds the seal limiter (one store writer at a time)."""
+        done = [pos]
+        results: list[_Result] = []
+        stats = SealStats()
+        pieces = self.planner.cdc_windows(fd, pos, end, done)
+        self._code_all(fd, pieces, policy, stats, threading.Event(), results)
+        out = [Presealed(r.piece.offset, r.piece.length, r.cid, r.added,
+                         len(r.enc.frame) if r.enc else 0, r.enc.codec if r.enc else "",
+                         r.enc.max_error if r.enc else None) for r in results]
+        with self._pins_lock:
+            self._pins.setdefault(ino, set()).update(p.cid for p in out)
+        return done[0], out
+
+    def unpin(self, ino: int) -> None:
+        """The pre-sealed chunks of `ino` are referenced or abandoned: collectable again."""
+        with self._pins_lock:
+            self._pins.pop(ino, None)
+
+    def _pinned(self) -> set[bytes]:
+        with self._pins_lock:
+            return set().union(*self._pins.values()) if self._pins else set()
 
     # -- deletion and garbage -----------------------------------------------------
     def _release_layout(self, txn, ino: int) -> None:
@@ -385,9 +508,10 @@ class Sealer:
     def collect(self) -> tuple[int, int]:
         """Delete garbage chunks (refcount 0); stale tensor-index entries are skipped on use."""
         total_n = total_b = 0
+        keep = self._pinned()
         while True:
             with self.db.write() as txn:
-                n, b = self.chunks.collect(txn, limit=2000)
+                n, b = self.chunks.collect(txn, limit=2000, keep=keep)
             total_n += n
             total_b += b
             if n < 2000:

@@ -7,6 +7,23 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .policy import Policy
+
+
+@dataclass
+class Preseal:
+    """Progress of coding a file's prefix while it is being written (see Sealer.preseal).
+
+    Invariant: `pieces` are the final plan of [0, pos) as long as no write landed below
+    `claimed` (the end of what a pre-seal has read); such a write drops the Preseal."""
+
+    policy: Policy  # what the pre-seal coded with; the final seal reuses it only if equal
+    pos: int = 0
+    claimed: int = 0
+    pieces: list = field(default_factory=list)
+    running: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
 
 @dataclass
 class InodeState:
@@ -26,6 +43,7 @@ class InodeState:
     sealing: bool = False
     abort: threading.Event = field(default_factory=threading.Event)
     seal_done: trio.Event | None = None
+    preseal: Preseal | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -36,7 +54,8 @@ class InodeState:
     def idle(self) -> bool:
         """Nothing in memory that LMDB lacks: the state can be dropped."""
         return (self.fd is None and not self.handles and not self.sealing
-                and self.mtime_ns is None and not self.lock.locked())
+                and self.mtime_ns is None and not self.lock.locked()
+                and not (self.preseal is not None and self.preseal.running))
 
 
 @dataclass
