@@ -333,7 +333,9 @@ def fetch_passthrough(dest: Path) -> Path:
     dl = dest / "sdist"
     dl.mkdir()
     log(f"fetching the pyfuse3 {ver} sdist for examples/passthroughfs.py")
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    # only pyfuse3 as a source archive: its build requirements may come as wheels (with
+    # ":all:" pip would compile Cython from source just to read the sdist's metadata)
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "pyfuse3",
          f"pyfuse3=={ver}", "-d", str(dl)], timeout=600)
     tarballs = list(dl.glob("pyfuse3-*.tar.gz"))
     if not tarballs:
