@@ -25,7 +25,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import xxhash
@@ -82,6 +82,13 @@ class Presealed:
     stored: int = 0
     codec: str = ""
     max_error: float | None = None
+    delta: bool = False  # coded against a reference chunk
+    tensor: tuple | None = None  # (dtype, name, role, index) of a tensor piece
+
+    def matches(self, p: "Piece") -> bool:
+        """Whether this chunk is exactly what the final plan wants for piece p."""
+        return (self.offset, self.length) == (p.offset, p.length) and self.tensor == (
+            (p.dtype, p.name, p.role, p.index) if p.name is not None else None)
 
 
 @dataclass
@@ -177,7 +184,38 @@ class Planner:
             parsed = formats.parse(f, size)
         if parsed.format == "plain":
             return "plain", parsed.note, self._plain(fd, size, resume or [])
-        return parsed.format, parsed.note, self._segments(fd, parsed.segments)
+        pieces = self._segments(fd, parsed.segments)
+        if resume:
+            pieces = self._attach(pieces, resume)
+        return parsed.format, parsed.note, pieces
+
+    @staticmethod
+    def _attach(pieces: Iterator[Piece], resume: list[Presealed]) -> Iterator[Piece]:
+        """Mark the pieces a pre-seal already stored (tensor pieces of a safetensors file)."""
+        done = {(r.offset, r.length): r for r in resume}
+        for p in pieces:
+            r = done.get((p.offset, p.length))
+            if r is not None and r.matches(p):
+                p.pre = r
+            yield p
+
+    def prefix_pieces(self, fd: int, pos: int, end: int, done: list[int]) -> Iterator[Piece]:
+        """Pieces of a file still being written, from `pos` on, that its final plan will
+        hold whatever comes after `end`: CDC windows of plain files, tensor pieces of a
+        safetensors file whose header is complete. Sets done[0] past the last one."""
+        done[0] = pos
+        with os.fdopen(os.dup(fd), "rb") as f:
+            kind, segments = formats.parse_prefix(f, end)
+        if kind == "plain":
+            yield from self.cdc_windows(fd, pos, end, done)
+        elif kind == "safetensors":
+            for p in self._segments(fd, [s for s in segments if s.kind == "tensor"]):
+                if p.offset < pos:
+                    continue
+                if p.offset + p.length > end:
+                    break
+                yield p
+                done[0] = p.offset + p.length
 
     def _plain(self, fd: int, size: int, resume: list[Presealed]) -> Iterator[Piece]:
         resume_end = resume[-1].offset + resume[-1].length if resume else 0
@@ -301,7 +339,7 @@ class Sealer:
                 continue
             if data is None:  # a pre-sealed chunk is gone (cannot happen while pinned)
                 log.warning("pre-sealed chunk %s missing; coding it again", cid.hex())
-                p = Piece(p.offset, p.length)
+                p = replace(p, pre=None)
                 data = os.pread(fd, p.length, p.offset)
             ref_id, ref = self._reference(p)
             enc = encode_chunk(memoryview(data), p.dtype, p.role, policy, ref, cid)
@@ -369,17 +407,20 @@ class Sealer:
             if results is not None:
                 results.append(r)
             extents.append((r.piece.offset + r.piece.length, r.cid))
+            pre = r.piece.pre
+            fresh = r.enc is not None or (pre is not None and pre.added)
             if r.piece.name:
                 stats.tensors += r.piece.index == 0
                 # Index only fresh standalone exact pieces: a delta is never a reference
                 # (one hop), so later versions keep coding against the last standalone base.
                 # A lossily coded piece is a fine reference too: a delta against its
                 # decoded bytes still reconstructs the new piece exactly.
-                if r.enc is not None and r.ref == bytes(16):
+                standalone = r.ref == bytes(16) if r.enc is not None else (
+                    pre is not None and not pre.delta)
+                if fresh and standalone:
                     tindex[tensor_key(r.piece)] = r.cid
-            pre = r.piece.pre
             if r.enc is None and pre is not None and pre.added:  # new, stored earlier
-                stats.add_chunk(pre.length, pre.stored, pre.codec, False, pre.max_error)
+                stats.add_chunk(pre.length, pre.stored, pre.codec, pre.delta, pre.max_error)
             elif r.enc is None:
                 stats.dedup_bytes += r.piece.length
             else:
@@ -469,14 +510,20 @@ class Sealer:
         done = [pos]
         results: list[_Result] = []
         stats = SealStats()
-        pieces = self.planner.cdc_windows(fd, pos, end, done)
+        pieces = self.planner.prefix_pieces(fd, pos, end, done)
         self._code_all(fd, pieces, policy, stats, threading.Event(), results)
-        out = [Presealed(r.piece.offset, r.piece.length, r.cid, r.added,
-                         len(r.enc.frame) if r.enc else 0, r.enc.codec if r.enc else "",
-                         r.enc.max_error if r.enc else None) for r in results]
+        out = [self._presealed(r) for r in results]
         with self._pins_lock:
             self._pins.setdefault(ino, set()).update(p.cid for p in out)
         return done[0], out
+
+    @staticmethod
+    def _presealed(r: _Result) -> Presealed:
+        p, enc = r.piece, r.enc
+        return Presealed(p.offset, p.length, r.cid, r.added,
+                         len(enc.frame) if enc else 0, enc.codec if enc else "",
+                         enc.max_error if enc else None, r.ref != bytes(16),
+                         (p.dtype, p.name, p.role, p.index) if p.name is not None else None)
 
     def unpin(self, ino: int) -> None:
         """The pre-sealed chunks of `ino` are referenced or abandoned: collectable again."""

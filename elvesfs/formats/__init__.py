@@ -8,6 +8,7 @@ pickle; anything a parser rejects becomes one plain ``bytes`` segment.
 from __future__ import annotations
 
 import logging
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ __all__ = [
     "role_for",
     "FormatError",
     "check_segments",
+    "parse_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -252,6 +254,34 @@ def parse(f: typing.BinaryIO, size: int) -> ParsedFile:
         log.warning("format parser %s failed unexpectedly; storing plain bytes", kind, exc_info=True)
         return plain(size, f"{kind}: unexpected {e!r}")
     return ParsedFile(kind, segs)
+
+
+def parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment] | None]:
+    """Plan a file that is still being written, from its first `available` bytes.
+
+    ("plain", None): no model format starts this file; ("safetensors", segments): the
+    header is complete and valid for the size it promises, and segments are what parse()
+    will return once the file has that size; ("later", None): a model format that can
+    only be planned when the file is complete (or its header is not all there yet)."""
+    from . import safetensors as _st
+    from . import torchlegacy as _tl
+
+    head = os.pread(f.fileno(), 64, 0) if available >= 64 else b""
+    if len(head) < 64:
+        return "later", None
+    if head.startswith(b"PK") or _tl.looks_legacy(head):
+        return "later", None
+    promised = _st.promised_size(f, available)
+    if promised is None:
+        if _st.looks_safetensors(head, 1 << 62):
+            return "later", None
+        return "plain", None
+    try:
+        segs = _st.parse(Window(f, promised), promised)
+        check_segments(segs, promised)
+    except FormatError:
+        return "later", None
+    return "safetensors", segs
 
 
 def _fallback(size: int, note: str) -> ParsedFile:

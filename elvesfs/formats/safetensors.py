@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 
 from . import DTYPE_BITS, FormatError, Segment, Window, assemble, role_for
@@ -17,6 +18,32 @@ def looks_safetensors(head: bytes, size: int) -> bool:
         return False
     (n,) = struct.unpack_from("<Q", head, 0)
     return 2 <= n <= min(size - 8, MAX_HEADER) and head[8:9] == b"{"
+
+
+def promised_size(f, available: int) -> int | None:
+    """The file size a safetensors header promises (8 + header + the end of its last
+    tensor), once the header is all within the first `available` bytes; else None."""
+    head = os.pread(f.fileno(), 9, 0)
+    if not looks_safetensors(head, 1 << 62):
+        return None
+    (n,) = struct.unpack_from("<Q", head, 0)
+    if 8 + n > available:
+        return None
+    try:
+        header = json.loads(os.pread(f.fileno(), n, 8))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offs = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(map(_is_int, offs))):
+            return None
+        end = max(end, offs[1])
+    return 8 + n + end
 
 
 def _is_int(v: object) -> bool:
