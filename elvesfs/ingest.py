@@ -208,7 +208,7 @@ class Planner:
             kind, segments = formats.parse_prefix(f, end)
         if kind == "plain":
             yield from self.cdc_windows(fd, pos, end, done)
-        elif kind == "safetensors":
+        elif kind in ("safetensors", "torch-zip"):
             for p in self._segments(fd, [s for s in segments if s.kind == "tensor"]):
                 if p.offset < pos:
                     continue

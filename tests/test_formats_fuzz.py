@@ -351,3 +351,46 @@ def test_random_state_dicts_roundtrip_segments(spec: dict, fmt: str) -> None:
         assert blob[s.offset : s.offset + s.length] == t.reshape(-1).view(torch.uint8).numpy().tobytes()
         assert s.length == t.numel() * t.element_size()
         assert s.shape == tuple(t.shape)
+
+
+# ------------------------------------------------- planning a file still being written
+
+
+def prefix_plan(blob: bytes, available: int, tmp_path) -> tuple[str, list | None]:
+    from elvesfs.formats import parse_prefix
+    path = tmp_path / "growing"
+    path.write_bytes(blob)
+    with open(path, "rb") as f:
+        return parse_prefix(f, available)
+
+
+@pytest.mark.parametrize("make", [safetensors_blob, zip_blob, legacy_blob])
+def test_prefix_plan_agrees_with_the_final_parse(make, tmp_path) -> None:
+    """What parse_prefix() plans from any prefix is what parse() finds in the whole file
+    (the pre-seal relies on it only for speed, but a wrong plan would waste its work)."""
+    blob = make()
+    final = {(s.offset, s.length, s.name, s.dtype, s.role)
+             for s in parse(io.BytesIO(blob), len(blob)).segments if s.kind == "tensor"}
+    planned = 0
+    for cut in sorted(boundaries(blob) | {len(blob)}):
+        kind, segs = prefix_plan(blob, cut, tmp_path)
+        assert kind in ("plain", "safetensors", "torch-zip", "later")
+        assert kind != "plain"  # a model file is never planned as plain bytes
+        for s in segs or []:
+            assert (s.offset, s.length, s.name, s.dtype, s.role) in final, s
+            planned += 1
+    if make is not legacy_blob:
+        assert planned > 0
+
+
+@FUZZ
+@given(data=st.data())
+def test_prefix_plan_never_raises_on_damaged_files(data, tmp_path_factory) -> None:
+    blob = bytearray(data.draw(st.sampled_from([safetensors_blob, zip_blob]))())
+    for _ in range(data.draw(st.integers(0, 4))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(blob)))
+    kind, segs = prefix_plan(bytes(blob), cut, tmp_path_factory.mktemp("p"))
+    assert kind in ("plain", "safetensors", "torch-zip", "later")
+    for s in segs or []:
+        assert s.kind == "tensor" and s.offset >= 0 and s.length > 0

@@ -259,16 +259,30 @@ def parse(f: typing.BinaryIO, size: int) -> ParsedFile:
 def parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment] | None]:
     """Plan a file that is still being written, from its first `available` bytes.
 
-    ("plain", None): no model format starts this file; ("safetensors", segments): the
-    header is complete and valid for the size it promises, and segments are what parse()
-    will return once the file has that size; ("later", None): a model format that can
-    only be planned when the file is complete (or its header is not all there yet)."""
+    ("plain", None): no model format starts this file; ("safetensors", tensor segments):
+    the header is complete and valid for the size it promises, and these are the tensor
+    segments parse() will return once the file has that size; ("torch-zip", tensor
+    segments): those of a torch.save archive whose local headers are written so far;
+    ("later", None): a model format that can only be planned when the file is complete
+    (or not yet). Never raises: it only lets the pre-seal get ahead."""
+    try:
+        return _parse_prefix(f, available)
+    except Exception as e:  # noqa: BLE001 - only a head start: the final seal decides
+        log.debug("cannot plan a file being written (%d bytes so far): %r", available, e)
+        return "later", None
+
+
+def _parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment] | None]:
     from . import safetensors as _st
     from . import torchlegacy as _tl
+    from . import torchzip as _tz
 
     head = os.pread(f.fileno(), 64, 0) if available >= 64 else b""
     if len(head) < 64:
         return "later", None
+    if head.startswith(b"PK\x03\x04"):
+        segs = _tz.prefix_segments(f, available)
+        return ("torch-zip", segs) if segs else ("later", None)
     if head.startswith(b"PK") or _tl.looks_legacy(head):
         return "later", None
     promised = _st.promised_size(f, available)
@@ -281,7 +295,7 @@ def parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment]
         check_segments(segs, promised)
     except FormatError:
         return "later", None
-    return "safetensors", segs
+    return "safetensors", [s for s in segs if s.kind == "tensor"]
 
 
 def _fallback(size: int, note: str) -> ParsedFile:
