@@ -44,7 +44,10 @@ from .staging import Staging
 log = logging.getLogger(__name__)
 
 TENSOR_PIECE = 4 << 20
-CDC = dict(avg_size=64 << 10, min_size=16 << 10, max_size=256 << 10)
+# Content-defined chunks of ~256 KiB: big enough that per-chunk costs (task, LMDB
+# overflow pages, checksums, frame headers) stay small next to hashing and coding
+# (64 KiB chunks sealed at half the speed), small enough to dedup edited files well.
+CDC = dict(avg_size=256 << 10, min_size=64 << 10, max_size=1024 << 10)
 BATCH_BYTES = 16 << 20
 GROUP_BYTES = 4 << 20  # bytes of pieces per coding task
 CDC_WINDOW = 8 << 20  # CDC reads the file in windows of this size (bounds memory)

@@ -71,7 +71,7 @@ def test_sequential_write_is_stored_before_close_and_counted_as_new(mnt):
     try:
         write_blocks(fd, h, 80, seed=1)
         # the file is still open: only a pre-seal can have put its chunks in the store
-        assert wait_for_chunks(mnt.store, 100) >= 100, mnt.log()[-3000:]
+        assert wait_for_chunks(mnt.store, 40) >= 40, mnt.log()[-3000:]
         write_blocks(fd, h, 16, seed=2)
     finally:
         os.close(fd)
@@ -96,7 +96,7 @@ def test_changes_below_a_preseal_are_not_lost(mnt, change):
     try:
         expect += blocks(64, seed=3)
         os.write(fd, expect)
-        assert wait_for_chunks(mnt.store, 100) >= 100, mnt.log()[-3000:]
+        assert wait_for_chunks(mnt.store, 40) >= 40, mnt.log()[-3000:]
         if change == "overwrite":  # inside what the pre-seal already stored
             os.pwrite(fd, b"\xee" * 5000, 3 * MiB + 17)
             expect[3 * MiB + 17:3 * MiB + 17 + 5000] = b"\xee" * 5000
@@ -123,7 +123,7 @@ def test_unlink_while_presealing_reclaims_everything(mnt):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         write_blocks(fd, hashlib.sha256(), 64, seed=5)
-        assert wait_for_chunks(mnt.store, 100) >= 100, mnt.log()[-3000:]
+        assert wait_for_chunks(mnt.store, 40) >= 40, mnt.log()[-3000:]
         os.unlink(path)
         write_blocks(fd, hashlib.sha256(), 8, seed=6)
     finally:
@@ -141,7 +141,7 @@ def test_kill9_after_a_preseal_keeps_fsynced_data_and_a_clean_store(mnt):
     try:
         write_blocks(fd, h, 64, seed=7)
         os.fsync(fd)
-        assert wait_for_chunks(mnt.store, 100) >= 100, mnt.log()[-3000:]
+        assert wait_for_chunks(mnt.store, 40) >= 40, mnt.log()[-3000:]
         mnt.kill9()
     finally:
         try:
