@@ -73,6 +73,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         cmd += ["-o", o]
     if a.lossy:
         cmd += ["--lossy", a.lossy]
+    if a.no_preseal:
+        cmd.append("--no-preseal")
     if a.debug:
         cmd.append("--debug")
     if a.foreground:
@@ -171,6 +173,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--lossy", metavar="elf[=BOUND]",
                    help="allow ELF on float weights (default: lossless)")
     m.add_argument("--cache-mb", type=int, default=256, help="decoded chunk cache size")
+    m.add_argument("--no-preseal", action="store_true",
+                   help="code files only once closed, never while they are being written "
+                        "(uses less disk while writing; sealing at close takes longer)")
     m.add_argument("--read-ahead-kb", type=int, default=1024,
                    help="kernel read-ahead for the mount (root only)")
     m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")

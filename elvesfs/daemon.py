@@ -189,7 +189,7 @@ def fuse_options(extra: list[str], store_root: str) -> set[str]:
 
 
 def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
-        cache_bytes: int, ready_fd: int | None) -> int:
+        cache_bytes: int, ready_fd: int | None, preseal: bool = True) -> int:
     """Open, recover, mount and serve; returns the process exit code."""
     # Worker threads (seal, pre-seal, reads) hold the GIL between their C calls; hand it
     # over sooner than the default 5 ms so the FUSE loop thread is not starved by them.
@@ -211,7 +211,7 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         store.ns.ensure_root(os.getuid(), os.getgid())
         recover(store, default_policy)
         ops = Operations(store.db, store.ns, store.chunks, store.staging, store.reader,
-                         store.sealer, default_policy)
+                         store.sealer, default_policy, preseal=preseal)
         try:
             pyfuse3.init(ops, mountpoint, fuse_options(options, root))
         except RuntimeError as exc:
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("--lossy", default=None)
     p.add_argument("--cache-mb", type=int, default=256)
+    p.add_argument("--no-preseal", action="store_true")
     p.add_argument("--ready-fd", type=int, default=None)
     p.add_argument("--log", default=None)
     p.add_argument("--debug", action="store_true")
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     policy = Policy.parse(a.lossy) if a.lossy else Policy()
     return run(os.path.abspath(a.mountpoint), os.path.abspath(a.store), a.options, policy,
-               a.cache_mb << 20, a.ready_fd)
+               a.cache_mb << 20, a.ready_fd, preseal=not a.no_preseal)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,10 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, db: Database, ns: Namespace, chunks: ChunkStore, staging: Staging,
-                 reader: ChunkReader, sealer: Sealer, default_policy: Policy) -> None:
+                 reader: ChunkReader, sealer: Sealer, default_policy: Policy,
+                 preseal: bool = True) -> None:
         super().__init__()
+        self.preseal = preseal  # code growing files while they are written (Sealer.preseal)
         self.db, self.ns, self.chunks, self.staging = db, ns, chunks, staging
         self.reader, self.sealer = reader, sealer
         self.default_policy = default_policy
@@ -646,7 +648,7 @@ class Operations(pyfuse3.Operations):
         """Forget a pre-seal (its chunks become garbage); start anew if the file is empty."""
         if st.preseal is not None:
             self.sealer.unpin(st.ino)
-        st.preseal = Preseal(self._policy(st.ino)) if fresh else None
+        st.preseal = Preseal(self._policy(st.ino)) if fresh and self.preseal else None
 
     def _preseal_after_write(self, st: InodeState, off: int) -> None:
         pre = st.preseal

@@ -20,6 +20,9 @@ Measurements (each repeated --repeat times, medians reported):
                                 example has no fsync handler, the kernel would swallow it);
                                 elvesfs: + `elvesfs sync MNT` (returns once the file is
                                 sealed into the store and LMDB is fsync'd)
+  paced   the same file written by a 200 MB/s writer (1 MiB blocks, like a download or
+          a training loop's torch.save), then made durable as above: the time from the
+          first byte to durable, which shows how much work is left after close
   cold    unmount (FUSE targets), `sync; echo 3 > /proc/sys/vm/drop_caches`, mount again,
   read    then `cat DIR/data.bin > /dev/null`
   meta    --files empty files in a fresh directory: os.open(O_CREAT|O_EXCL)+os.close,
@@ -59,6 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 CODE = {"root": REPO, "env": None}  # where `python -m elvesfs...` imports from (see snapshot())
 MB = 1_000_000
 MiB = 1 << 20
+PACED_RATE = 200 * MB  # bytes/s of the paced writer
 
 
 def log(msg: str) -> None:
@@ -437,6 +441,33 @@ def bench_write_read(t: Target, src: Path, size: int, res: dict, verify: bool, c
         t.stop()
 
 
+def bench_paced(t: Target, src: Path, size: int, res: dict, rate: float) -> None:
+    """A writer slower than the disk (a download, a training loop's torch.save): write at
+    `rate` bytes/s, then time until durable. Here the filesystem can work while the
+    writer writes, so what counts is how little is left to do after close."""
+    t.reset()
+    t.start()
+    try:
+        dst = t.dir / "paced.bin"
+        t0 = time.perf_counter()
+        done = 0
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            while block := fin.read(MiB):
+                fout.write(block)
+                done += len(block)
+                ahead = done / rate - (time.perf_counter() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        t1 = time.perf_counter()
+        t.durable(dst)
+        t2 = time.perf_counter()
+        res["paced_durable"].append(t2 - t0)
+        log(f"  {t.name:12s} paced write at {rate / MB:.0f} MB/s: written {t1 - t0:6.2f}s, "
+            f"close -> durable {t2 - t1:6.2f}s")
+    finally:
+        t.stop()
+
+
 def bench_meta(t: Target, nfiles: int, res: dict, prof_dir: Path | None, rep: int) -> None:
     t.reset()
     t.start()
@@ -474,6 +505,7 @@ def bench_meta(t: Target, nfiles: int, res: dict, prof_dir: Path | None, rep: in
 METRICS = [  # key, label, unit kind
     ("write_cp", "seq write, until `cp` returns", "bytes"),
     ("write_durable", "seq write, until durable (fsync / `elvesfs sync`)", "bytes"),
+    ("paced_durable", "paced write (a 200 MB/s writer), until durable", "bytes"),
     ("read_cold", "cold read (`cat`, after remount + drop_caches)", "bytes"),
     ("create", "create (open O_CREAT+close)", "ops"),
     ("stat", "stat", "ops"),
@@ -518,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="256 MiB, 2000 files, 1 repeat")
     p.add_argument("--targets", default="plain,passthrough,elvesfs",
                    help="comma list (ratios vs plain need plain)")
-    p.add_argument("--skip", default="", help="comma list of: write, meta")
+    p.add_argument("--skip", default="", help="comma list of: write, paced, meta")
     p.add_argument("--source-dir", default=None,
                    help="where the source file is generated (default /dev/shm if it has room)")
     p.add_argument("--cache-mb", type=int, default=None, help="elvesfs --cache-mb")
@@ -583,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
             snap.mkdir()
             code = snapshot(snap)
         src = srcdir / "source.bin"
-        if "write" not in skip:
+        if "write" not in skip or "paced" not in skip:
             log(f"generating a {size / MiB:.0f} MiB source file in {srcdir}")
             make_source(src, size)
         log(f"work directory {workdir} ({os.cpu_count()} CPUs, load {load0[0]:.2f})")
@@ -595,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_write_read(t, src, size, results[t.name], verify=rep == 0 and
                                      not a.no_verify, cold_ok=cold_ok, prof_dir=prof_dir,
                                      rep=rep)
+                if "paced" not in skip:
+                    bench_paced(t, src, size, results[t.name], PACED_RATE)
                 if "meta" not in skip:
                     bench_meta(t, a.files, results[t.name], prof_dir, rep)
         failed = False

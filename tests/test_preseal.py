@@ -208,3 +208,19 @@ def test_model_file_written_slowly_is_presealed_tensor_by_tensor(mnt, writer):
     assert sha_file(path) == hashlib.sha256(serialize(v2)).hexdigest()
     mnt.umount()
     assert check_store(mnt.store) == []
+
+
+def test_no_preseal_mount_codes_only_at_close(make_mount):
+    m = make_mount("--no-preseal")
+    path = m.path / "late.bin"
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_blocks(fd, h, 64, seed=9)
+        time.sleep(3)  # time enough for a pre-seal to store tens of chunks (see above)
+        assert stored_chunks(m.store) == 0
+    finally:
+        os.close(fd)
+    m.sync()
+    assert stored_chunks(m.store) > 0
+    assert sha_file(path) == h.hexdigest()
