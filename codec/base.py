@@ -112,7 +112,7 @@ def decode_frame(frame, reference=None, fidelity=None) -> bytes:
     out = bytes(out) if not isinstance(out, bytes) else out
     if len(out) != header.raw_size:
         raise FrameError(f"decoded {len(out)} bytes but the frame says {header.raw_size}")
-    if fidelity is None and hash64(out) != header.content_hash:
+    if fidelity is None and not header.content_ok(out):
         raise FrameError(f"{header.codec} frame decoded to bytes whose checksum does not match "
                          "the one recorded at encode time" +
                          (" (wrong reference?)" if header.needs_reference else ""))

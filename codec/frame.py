@@ -1,11 +1,39 @@
 """The frame format: a self-describing, versioned, checksummed container.
 
-Layout (all little-endian)::
+Two layouts, told apart by the version byte after the magic; both decode, v2 is written.
+
+**v2 (compact, written now)**: small chunks (a 768-byte LayerNorm bias) paid ~115
+header bytes in v1; v2 spends ~40 there. Varints are unsigned LEB128 (7 bits per byte,
+low groups first, high bit = more follows, at most 10 bytes)::
 
     0   4s  magic  b"ELVC"
-    4   u8  version (FORMAT_VERSION)
-    5   u8  codec id          (raw 0, zstd 1, planes 2, elf 3, xor 4)
+    4   u8  version 2
+    5   u8  codec id (bits 0..3: raw 0, zstd 1, planes 2, elf 3, xor 4) | flags << 4
+            (bit4 lossy, bit5 needs reference, bit6 bound follows, bit7 max error follows)
     6   u8  dtype id          (0 = opaque bytes; see codec.dtypes)
+    7   varint raw size in bytes
+        varint params length P, then P bytes of codec parameters
+        [f64 error bound]      if bit6
+        [f64 max error]        if bit7 (measured at encode time)
+        u8  number of streams S
+        S stream entries: u8 name code (an index into STREAM_NAMES; 255 = u8 length and
+        the ascii name follow), u8 method (0 raw, 1 zstd, 2 constant byte, 3 huffman),
+        varint stored length, varint decoded length, C-byte checksum of the stored bytes
+        C-byte checksum of the decoded bytes (what decode must return)
+        C-byte checksum of every header byte before it
+    then the S stored streams, in table order (most significant first).
+
+    Checksums are xxh3_64; C = 8 (the whole hash) when the raw size is >= 64 KiB, else
+    C = 4 (its low 32 bits). A 32-bit check misses a random corruption with
+    probability 2^-32, and a damaged stream must pass both its own check and the
+    content check to go unnoticed; on large frames 4 more bytes per check cost nothing.
+
+**v1 (the first version, still decoded)**::
+
+    0   4s  magic  b"ELVC"
+    4   u8  version 1
+    5   u8  codec id
+    6   u8  dtype id
     7   u8  flags             (bit0 lossy, bit1 needs reference)
     8   u64 raw size in bytes
     16  f64 error bound       (NaN = none)
@@ -15,13 +43,12 @@ Layout (all little-endian)::
     42  u8  number of streams S
     43  u8  reserved (0)
     44  P bytes codec parameters
-        S stream entries: u8 name length, name (ascii), u8 method (0 raw, 1 zstd,
-        2 constant byte, 3 huffman), u64 stored length, u64 decoded length, u64 xxh3_64 of the
-        stored bytes
+        S stream entries: u8 name length, name (ascii), u8 method, u64 stored length,
+        u64 decoded length, u64 xxh3_64 of the stored bytes
         u64 xxh3_64 of every header byte before it
-    then the S stored streams, in table order (most significant first).
+    then the S stored streams, in table order.
 
-A frame must be exactly header + sum(stored lengths) bytes long.
+A frame must be exactly header + sum(stored lengths) bytes long (all little-endian).
 """
 from __future__ import annotations
 
@@ -34,9 +61,11 @@ import xxhash
 from .errors import FrameError
 
 MAGIC = b"ELVC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 FLAG_LOSSY = 1
 FLAG_NEEDS_REF = 2
+_V2_BOUND, _V2_MAXERR = 4, 8  # v2 flag bits (after the lossy / reference bits)
 
 CODEC_IDS = {"raw": 0, "zstd": 1, "planes": 2, "elf": 3, "xor": 4}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
@@ -44,9 +73,18 @@ CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 METHOD_RAW, METHOD_ZSTD, METHOD_CONST, METHOD_HUF = 0, 1, 2, 3
 METHOD_NAMES = {METHOD_RAW: "raw", METHOD_ZSTD: "zstd", METHOD_CONST: "const", METHOD_HUF: "huffman"}
 
+#: v2 stream name codes: the names the codecs write (append only; never reorder)
+STREAM_NAMES = ("bytes", "exponent", "sign+mant_hi", "mant_mid", "mant_lo", "sign+mant",
+                *(f"byte{j}" for j in range(8)), "outlier_pos", "outlier_val",
+                *(f"q{j}" for j in range(8)))
+_NAME_CODE = {nm: i for i, nm in enumerate(STREAM_NAMES)}
+_NAME_LITERAL = 255
+WIDE_FROM = 1 << 16  # v2: raw sizes from here on get 64-bit checksums
+
 _FIXED = struct.Struct("<4sBBBBQddQHBB")
 _ENTRY = struct.Struct("<BQQQ")
 _U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
 
 
 def hash64(data) -> int:
@@ -65,6 +103,7 @@ class Stream:
     stored_len: int = 0
     checksum: int = 0
     offset: int = 0  # in the frame (set by parse)
+    check_bits: int = 64  # width of ``checksum`` (v2 frames under WIDE_FROM: 32)
 
 
 @dataclass
@@ -80,6 +119,7 @@ class Header:
     params: bytes
     streams: list[Stream] = field(default_factory=list)
     header_size: int = 0
+    check_bits: int = 64  # width of ``content_hash``
 
     @property
     def lossy(self) -> bool:
@@ -89,18 +129,88 @@ class Header:
     def needs_reference(self) -> bool:
         return bool(self.flags & FLAG_NEEDS_REF)
 
+    def content_ok(self, data) -> bool:
+        """Whether ``data`` matches the recorded checksum of the decoded bytes."""
+        return _trunc(hash64(data), self.check_bits) == self.content_hash
+
+
+def _trunc(h: int, bits: int) -> int:
+    return h & ((1 << bits) - 1)
+
 
 def _opt(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
+def varint(x: int) -> bytes:
+    """Unsigned LEB128: small numbers (most lengths) in one or two bytes."""
+    if not 0 <= x < 1 << 64:
+        raise ValueError(f"varint out of range: {x}")
+    out = bytearray()
+    while x >= 0x80:
+        out.append((x & 0x7F) | 0x80)
+        x >>= 7
+    out.append(x)
+    return bytes(out)
+
+
+def read_varint(mv, pos: int) -> tuple[int, int]:
+    """(value, next position); IndexError when the bytes run out."""
+    x = shift = 0
+    for i in range(10):
+        b = mv[pos + i]
+        x |= (b & 0x7F) << shift
+        if b < 0x80:
+            return x, pos + i + 1
+        shift += 7
+    raise FrameError("frame header has an overlong varint: the chunk's header is corrupt")
+
+
 def pack(codec: str, dtype_id: int, raw_size: int, params: bytes, streams: list[Stream],
          content_hash: int, *, lossy: bool = False, needs_reference: bool = False,
-         bound: float | None = None, max_error: float | None = None) -> bytes:
+         bound: float | None = None, max_error: float | None = None,
+         version: int = FORMAT_VERSION) -> bytes:
+    """The frame of these streams (``version`` 1 only to make old-format test data)."""
     if len(streams) > 255 or len(params) > 65535:
         raise ValueError("too many streams or parameters for one frame")
     flags = (FLAG_LOSSY if lossy else 0) | (FLAG_NEEDS_REF if needs_reference else 0)
-    parts = [_FIXED.pack(MAGIC, FORMAT_VERSION, CODEC_IDS[codec], dtype_id, flags, raw_size,
+    if version == 1:
+        head = _head_v1(codec, dtype_id, raw_size, params, streams, content_hash, flags,
+                        bound, max_error)
+        return b"".join([head, _U64.pack(hash64(head))] + [s.stored for s in streams])
+    if version != 2:
+        raise ValueError(f"cannot write frame version {version}")
+    c = 8 if raw_size >= WIDE_FROM else 4
+    if bound is not None:
+        flags |= _V2_BOUND
+    if max_error is not None:
+        flags |= _V2_MAXERR
+    parts = [MAGIC, bytes([2, CODEC_IDS[codec] | flags << 4, dtype_id]), varint(raw_size),
+             varint(len(params)), bytes(params)]
+    if bound is not None:
+        parts.append(_F64.pack(bound))
+    if max_error is not None:
+        parts.append(_F64.pack(max_error))
+    parts.append(bytes([len(streams)]))
+    for s in streams:
+        mv = memoryview(s.stored).cast("B")
+        code = _NAME_CODE.get(s.name)
+        if code is None:
+            name = s.name.encode("ascii")
+            parts.append(bytes([_NAME_LITERAL, len(name)]) + name)
+        else:
+            parts.append(bytes([code]))
+        parts += [bytes([s.method]), varint(mv.nbytes), varint(s.raw_len),
+                  _trunc(hash64(mv), 8 * c).to_bytes(c, "little")]
+    parts.append(_trunc(content_hash, 8 * c).to_bytes(c, "little"))
+    head = b"".join(parts)
+    return b"".join([head, _trunc(hash64(head), 8 * c).to_bytes(c, "little")] +
+                    [s.stored for s in streams])
+
+
+def _head_v1(codec, dtype_id, raw_size, params, streams, content_hash, flags, bound,
+             max_error) -> bytes:
+    parts = [_FIXED.pack(MAGIC, 1, CODEC_IDS[codec], dtype_id, flags, raw_size,
                          _opt(bound), _opt(max_error), content_hash, len(params),
                          len(streams), 0), bytes(params)]
     for s in streams:
@@ -108,49 +218,30 @@ def pack(codec: str, dtype_id: int, raw_size: int, params: bytes, streams: list[
         mv = memoryview(s.stored).cast("B")
         parts.append(bytes([len(name)]) + name)
         parts.append(_ENTRY.pack(s.method, mv.nbytes, s.raw_len, hash64(mv)))
-    head = b"".join(parts)
-    return b"".join([head, _U64.pack(hash64(head))] + [s.stored for s in streams])
+    return b"".join(parts)
 
 
 def parse(frame) -> Header:
     """Parse and verify the header (not the streams' contents)."""
     mv = memoryview(frame).cast("B")
     n = mv.nbytes
-    if n < _FIXED.size + 8:
-        raise FrameError(f"frame truncated: {n} bytes is shorter than the {_FIXED.size + 8}-byte "
-                         "minimum header; the stored chunk is damaged or not a codec frame")
-    (magic, version, cid, dtype_id, flags, raw_size, bound, max_error, content_hash,
-     plen, nstreams, _res) = _FIXED.unpack_from(mv, 0)
-    if magic != MAGIC:
-        raise FrameError(f"not a codec frame: bad magic {bytes(magic)!r} (expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
+    if n < 16:
+        raise FrameError(f"frame truncated: {n} bytes is shorter than any header; the stored "
+                         "chunk is damaged or not a codec frame")
+    if bytes(mv[:4]) != MAGIC:
+        raise FrameError(f"not a codec frame: bad magic {bytes(mv[:4])!r} (expected {MAGIC!r})")
+    version = mv[4]
+    if version not in SUPPORTED_VERSIONS:
         raise FrameError(f"frame format version {version} is not supported by this codec library "
-                         f"(supports {FORMAT_VERSION}); upgrade the codec package")
-    pos = _FIXED.size
+                         f"(supports {SUPPORTED_VERSIONS}); upgrade the codec package")
     try:
-        params = bytes(mv[pos:pos + plen])
-        if len(params) != plen:
-            raise IndexError
-        pos += plen
-        streams = []
-        for _ in range(nstreams):
-            ln = mv[pos]
-            name = bytes(mv[pos + 1:pos + 1 + ln]).decode("ascii", "replace")
-            pos += 1 + ln
-            method, stored_len, raw_len, ck = _ENTRY.unpack_from(mv, pos)
-            pos += _ENTRY.size
-            streams.append(Stream(name, method, raw_len, None, stored_len, ck))
-        (hh,) = _U64.unpack_from(mv, pos)
+        h, pos = (_parse_v1 if version == 1 else _parse_v2)(mv)
     except (IndexError, struct.error):
         raise FrameError(f"frame truncated inside its header ({n} bytes); the stored chunk is "
                          "damaged") from None
-    if hash64(mv[:pos]) != hh:
-        raise FrameError("frame header checksum mismatch: the chunk's header is corrupt")
-    pos += 8
-    header_size = pos
-    if cid not in CODEC_NAMES:
-        raise FrameError(f"unknown codec id {cid} in frame; upgrade the codec package")
-    for s in streams:
+    if h.codec not in CODEC_IDS:
+        raise FrameError(f"unknown codec id {h.codec} in frame; upgrade the codec package")
+    for s in h.streams:
         if s.method not in METHOD_NAMES:
             raise FrameError(f"stream {s.name!r} has unknown coding method {s.method}")
         s.offset = pos
@@ -159,16 +250,82 @@ def parse(frame) -> Header:
         what = "truncated" if pos > n else "has trailing bytes"
         raise FrameError(f"frame {what}: header says {pos} bytes, got {n}; the stored chunk is "
                          "damaged")
-    return Header(CODEC_NAMES[cid], version, dtype_id, flags, raw_size,
-                  None if math.isnan(bound) else bound,
-                  None if math.isnan(max_error) else max_error,
-                  content_hash, params, streams, header_size)
+    return h
+
+
+def _check_header(mv, pos: int, c: int) -> int:
+    """Verify the c-byte header checksum at ``pos``; the position after it."""
+    if pos + c > mv.nbytes:
+        raise IndexError
+    if _trunc(hash64(mv[:pos]), 8 * c) != int.from_bytes(mv[pos:pos + c], "little"):
+        raise FrameError("frame header checksum mismatch: the chunk's header is corrupt")
+    return pos + c
+
+
+def _parse_v2(mv) -> tuple[Header, int]:
+    cid, flags, dtype_id = mv[5] & 15, mv[5] >> 4, mv[6]
+    raw_size, pos = read_varint(mv, 7)
+    c = 8 if raw_size >= WIDE_FROM else 4
+    plen, pos = read_varint(mv, pos)
+    params = bytes(mv[pos:pos + plen])
+    if len(params) != plen:
+        raise IndexError
+    pos += plen
+    bound = max_error = None
+    if flags & _V2_BOUND:
+        (bound,), pos = _F64.unpack_from(mv, pos), pos + 8
+    if flags & _V2_MAXERR:
+        (max_error,), pos = _F64.unpack_from(mv, pos), pos + 8
+    nstreams, pos = mv[pos], pos + 1
+    streams = []
+    for _ in range(nstreams):
+        code, pos = mv[pos], pos + 1
+        if code == _NAME_LITERAL:
+            ln = mv[pos]
+            name = bytes(mv[pos + 1:pos + 1 + ln]).decode("ascii", "replace")
+            pos += 1 + ln
+        else:
+            name = STREAM_NAMES[code] if code < len(STREAM_NAMES) else f"#{code}"
+        method, pos = mv[pos], pos + 1
+        stored_len, pos = read_varint(mv, pos)
+        raw_len, pos = read_varint(mv, pos)
+        ck, pos = int.from_bytes(mv[pos:pos + c], "little"), pos + c
+        streams.append(Stream(name, method, raw_len, None, stored_len, ck, check_bits=8 * c))
+    content, pos = int.from_bytes(mv[pos:pos + c], "little"), pos + c
+    pos = _check_header(mv, pos, c)
+    h = Header(CODEC_NAMES.get(cid, cid), 2, dtype_id, flags & 3, raw_size, bound, max_error,
+               content, params, streams, pos, check_bits=8 * c)
+    return h, pos
+
+
+def _parse_v1(mv) -> tuple[Header, int]:
+    (_magic, _version, cid, dtype_id, flags, raw_size, bound, max_error, content_hash,
+     plen, nstreams, _res) = _FIXED.unpack_from(mv, 0)
+    pos = _FIXED.size
+    params = bytes(mv[pos:pos + plen])
+    if len(params) != plen:
+        raise IndexError
+    pos += plen
+    streams = []
+    for _ in range(nstreams):
+        ln = mv[pos]
+        name = bytes(mv[pos + 1:pos + 1 + ln]).decode("ascii", "replace")
+        pos += 1 + ln
+        method, stored_len, raw_len, ck = _ENTRY.unpack_from(mv, pos)
+        pos += _ENTRY.size
+        streams.append(Stream(name, method, raw_len, None, stored_len, ck))
+    pos = _check_header(mv, pos, 8)
+    h = Header(CODEC_NAMES.get(cid, cid), 1, dtype_id, flags, raw_size,
+               None if math.isnan(bound) else bound,
+               None if math.isnan(max_error) else max_error,
+               content_hash, params, streams, pos)
+    return h, pos
 
 
 def stream_view(frame, s: Stream) -> memoryview:
     """The stored bytes of stream ``s``, checksum verified."""
     mv = memoryview(frame).cast("B")[s.offset:s.offset + s.stored_len]
-    if hash64(mv) != s.checksum:
+    if _trunc(hash64(mv), s.check_bits) != s.checksum:
         raise FrameError(f"stream {s.name!r} checksum mismatch: its stored bytes are corrupt",
                          damaged=(s.name,))
     return mv

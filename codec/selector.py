@@ -75,6 +75,7 @@ def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
         sizes = [len(_make(c, dt, bound, ref_sample, level).encode(sample)) for c in names]
         win = names[int(np.argmin(sizes))]
         best = _make(win, dt, bound, reference, level).encode(mv)
-    if len(best) >= n + 64:  # coding did not pay: the raw frame (header ~60 bytes)
-        return raw.encode(mv)
+    if len(best) > n:  # coding barely paid: the smaller of it and the raw frame
+        plain = raw.encode(mv)
+        return plain if len(plain) <= len(best) else best
     return best
