@@ -429,3 +429,13 @@ def elf_unplanes3(p0, p1, p2, qbits, step, out):
             r = -r
         out[i] = r
 
+
+
+# ---- statistics -------------------------------------------------------------------
+@njit(**_JIT)
+def equal_neighbours(a):
+    """How many a[i] == a[i - 1]: runs show up as more than the order-0 rate sum(p^2)."""
+    c = 0
+    for i in range(1, a.shape[0]):
+        c += a[i] == a[i - 1]
+    return c

@@ -1,11 +1,17 @@
 """The selector (Elves' rule): try the allowed codecs on a sample of the chunk, encode
-the whole chunk with the winner, and never store more than the raw frame."""
+the whole chunk with the winner, and never store more than the raw frame.
+
+Candidates that cannot win are skipped rather than tried: plain zstd beats the planes
+layout on a float chunk only through repeats (runs, repeated rows), and planes already
+tries zstd on each plane where repeats show. So on float data planes goes first; zstd
+is tried only when one of planes' streams chose zstd (or planes is not a candidate)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .base import REGISTRY
 from .elf import native_bound
+from .frame import METHOD_ZSTD, parse
 
 SLICE = 64 * 1024
 NSLICES = 4
@@ -48,6 +54,57 @@ def sample_slices(nbytes: int, itemsize: int, slice_size: int = SLICE) -> list[t
     return out
 
 
+def uses_zstd(frame: bytes) -> bool:
+    """Whether any stream of the frame is zstd-coded (a sign of repeats)."""
+    return any(s.method == METHOD_ZSTD for s in parse(frame).streams)
+
+
+def _try_all(names, mv, dt, bound, reference, level) -> bytes:
+    """The smallest frame of the candidates on the whole chunk; planes first, so zstd
+    is skipped on float data without repeats."""
+    frames = []
+    for c in _planes_first(names):
+        if c == "zstd" and _zstd_hopeless(dt, frames, names):
+            continue
+        frames.append(_make(c, dt, bound, reference, level).encode(mv))
+    return min(frames, key=len)
+
+
+def _planes_first(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda c: c != "planes")
+
+
+def _zstd_hopeless(dt, frames: list[bytes], names: list[str]) -> bool:
+    """zstd cannot beat a float planes frame none of whose streams chose zstd."""
+    return (dt is not None and dt.is_float and "planes" in names and bool(frames)
+            and not uses_zstd(frames[0]))
+
+
+def _sample_winner(names, mv, dt, bound, reference, level) -> str:
+    """The candidate whose frame of four spread slices (1/32 of the chunk) is smallest."""
+    n = mv.nbytes
+    size = dt.itemsize if dt else 1
+    # slices of 1/32 of the chunk, 16..64 KiB each: the sample stays a small fraction
+    # of the work
+    parts = sample_slices(n, size, min(SLICE, max(SMALL_SLICE, n // 32)))
+    a = np.frombuffer(mv, np.uint8)
+    sample = np.concatenate([a[s:e] for s, e in parts])
+    ref_sample = None
+    if reference is not None:
+        r = np.frombuffer(reference, np.uint8)
+        ref_sample = np.concatenate([r[s:e] for s, e in parts])
+    best, win = None, names[0]
+    frames: list[bytes] = []
+    for c in _planes_first(names):
+        if c == "zstd" and _zstd_hopeless(dt, frames, names):
+            continue
+        f = _make(c, dt, bound, ref_sample, level).encode(sample)
+        frames.append(f)
+        if best is None or len(f) < best:
+            best, win = len(f), c
+    return win
+
+
 def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     n = mv.nbytes
     raw = REGISTRY["raw"](dtype=dt.name if dt else None)
@@ -58,22 +115,12 @@ def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     names = candidates(dt, bound, reference)
     if len(names) == 1:  # e.g. opaque bytes: nothing to choose, no sample pass
         best = _make(names[0], dt, bound, reference, level).encode(mv)
-    elif n <= WHOLE_BELOW:
-        frames = [_make(c, dt, bound, reference, level).encode(mv) for c in names]
-        best = min(frames, key=len)
+    elif n <= WHOLE_BELOW or names == ["zstd", "planes"] and dt.is_float:
+        # small chunks, and lossless floats without a reference (planes, and zstd only
+        # where planes saw repeats): every candidate on the whole chunk
+        best = _try_all(names, mv, dt, bound, reference, level)
     else:
-        size = dt.itemsize if dt else 1
-        # slices of 1/32 of the chunk, 16..64 KiB each: the sample stays a small
-        # fraction of the work
-        parts = sample_slices(n, size, min(SLICE, max(SMALL_SLICE, n // 32)))
-        a = np.frombuffer(mv, np.uint8)
-        sample = np.concatenate([a[s:e] for s, e in parts])
-        ref_sample = None
-        if reference is not None:
-            r = np.frombuffer(reference, np.uint8)
-            ref_sample = np.concatenate([r[s:e] for s, e in parts])
-        sizes = [len(_make(c, dt, bound, ref_sample, level).encode(sample)) for c in names]
-        win = names[int(np.argmin(sizes))]
+        win = _sample_winner(names, mv, dt, bound, reference, level)
         best = _make(win, dt, bound, reference, level).encode(mv)
     if len(best) > n:  # coding barely paid: the smaller of it and the raw frame
         plain = raw.encode(mv)

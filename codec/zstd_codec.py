@@ -19,6 +19,8 @@ RAW_ENTROPY = 7.97
 #: below this order-0 entropy a stream is Huffman-coded unless zstd wins on a sample
 LOW_ENTROPY = 5.0
 PROBE = 1 << 14
+#: equal-neighbour rate above sum(p^2) from which a low-entropy stream is probed with zstd
+RUN_EXCESS = 0.01
 
 
 def compressor(level: int) -> zstd.ZstdCompressor:
@@ -81,10 +83,13 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True) -> Str
     # Huffman, unless zstd wins clearly on four spread 16 KiB slices. zstd wins
     # near-ties (its decoder is faster on high-entropy bytes).
     H = entropy(h)
-    est, lens, block = n, None, n
-    if H < 7.98:  # above, Huffman saves < 0.25 % and zstd's decoder is faster
-        est, lens, block = huffman.plan_blocks(a, h, bh)
+    plan = None
     if H < LOW_ENTROPY and n > 4 * PROBE:
+        plan = est, lens, block = huffman.plan_blocks(a, h, bh)
+        # zstd beats Huffman on low-entropy bytes through runs, or where Huffman's whole
+        # bits per symbol are far above the entropy (one dominant byte); neither: no probes
+        if est <= 1.03 * n * H / 8 + 1024 and not _has_runs(a, h, n):
+            return Stream(name, METHOD_HUF, n, huffman.encode(a, lens, block))
         zs = hs = 0
         for o in np.linspace(0, n - PROBE, min(4, n // PROBE)).astype(np.int64):
             p = a[o:o + PROBE]
@@ -96,11 +101,33 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True) -> Str
     # near-ties go to zstd when the Huffman codes are long (fp16 sign+exponent+2 bits,
     # mantissas): its decoder is faster there; exponent planes take the smaller
     tie = 1.0 if H < LOW_ENTROPY else 1.002
-    if lens is not None and est < n - 64 and est * tie < len(c):
-        return Stream(name, METHOD_HUF, n, huffman.encode(a, lens, block))
+    if H < 7.98 and _huffman_may_win(h, bh, n, tie, min(len(c), n - 64)):
+        # (above 7.98, Huffman saves < 0.25 % and zstd's decoder is faster)
+        est, lens, block = plan or huffman.plan_blocks(a, h, bh)
+        if est < n - 64 and est * tie < len(c):
+            return Stream(name, METHOD_HUF, n, huffman.encode(a, lens, block))
     if len(c) < n - 64:
         return Stream(name, METHOD_ZSTD, n, c)
     return Stream(name, METHOD_RAW, n, a)
+
+
+def _has_runs(a, h, n: int) -> bool:
+    """Whether equal neighbours are more frequent than independent symbols would make
+    them (sum p^2) by RUN_EXCESS: the sign of zero runs (sparse optimizer state) or
+    repeats that zstd codes better than Huffman."""
+    p = h.astype(np.float64) / n
+    return kernels.equal_neighbours(a) > (float(p @ p) + RUN_EXCESS) * (n - 1)
+
+
+def _huffman_may_win(h, bh, n: int, tie: float, limit: int) -> bool:
+    """Whether the entropy bound (per block when there are blocks: Huffman can never
+    do better than it) leaves Huffman a chance to beat ``limit`` bytes; saves planning
+    code tables for mantissa planes that end up raw or zstd."""
+    if bh is None:
+        bound = n * entropy(h) / 8
+    else:
+        bound = sum(float(hk.sum()) * entropy(hk) for hk in bh) / 8
+    return bound * tie < limit
 
 
 def decode_stream(frame, s: Stream):
