@@ -439,3 +439,39 @@ def equal_neighbours(a):
     for i in range(1, a.shape[0]):
         c += a[i] == a[i - 1]
     return c
+
+
+# ---- context classes of a delta (by the reference's exponent) -----------------------
+@njit(**_JIT)
+def ref_classes(ref, shift, emask, lut, cls, counts):
+    """cls[i] = lut[exponent field of ref[i]]; counts[c] = how many of class c."""
+    for c in range(counts.shape[0]):
+        counts[c] = 0
+    for i in range(ref.shape[0]):
+        c = lut[(ref[i] >> shift) & emask]
+        cls[i] = c
+        counts[c] += 1
+
+
+@njit(**_JIT)
+def group_by_class(vals, cls, counts, out):
+    """Stable counting sort of vals by class: class 0's values first, in order."""
+    pos = np.zeros(counts.shape[0], np.int64)
+    for c in range(1, counts.shape[0]):
+        pos[c] = pos[c - 1] + counts[c - 1]
+    for i in range(vals.shape[0]):
+        c = cls[i]
+        out[pos[c]] = vals[i]
+        pos[c] += 1
+
+
+@njit(**_JIT)
+def ungroup_by_class(grouped, cls, counts, out):
+    """Inverse of group_by_class."""
+    pos = np.zeros(counts.shape[0], np.int64)
+    for c in range(1, counts.shape[0]):
+        pos[c] = pos[c - 1] + counts[c - 1]
+    for i in range(out.shape[0]):
+        c = cls[i]
+        out[i] = grouped[pos[c]]
+        pos[c] += 1

@@ -1,0 +1,109 @@
+"""The sub+ctx delta (zigzag(data - reference) coded per class of the reference's
+exponent): exact on every float dtype and special value, chosen where it pays,
+and corrupt frames or wrong references raise."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import codec
+from codec import xor as X
+from codec.frame import parse
+
+SET = settings(max_examples=30, deadline=None)
+FLOATS = ["F32", "BF16", "F16", "F64"]
+SPECIAL_BITS = {4: [0x7FC00000, 0xFFC00123, 0x7F800000, 0xFF800000, 0x80000000, 0, 1, 0x807FFFFF],
+                2: [0x7E00, 0xFE01, 0x7C00, 0xFC00, 0x8000, 0, 1, 0x7F80, 0xFF81],
+                8: [0x7FF8000000000001, 0xFFF0000000000000, 0x8000000000000000, 1, 0]}
+
+
+def _bits(x: np.ndarray, dt: str) -> np.ndarray:
+    if dt == "BF16":
+        return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return x.astype({"F32": np.float32, "F16": np.float16, "F64": np.float64}[dt]).view(
+        {"F32": np.uint32, "F16": np.uint16, "F64": np.uint64}[dt])
+
+
+def _pair(dt, n, seed, specials):
+    """A reference and its successor after Adam-like steps (same size for every
+    weight), with special values sprinkled into both."""
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(0, 0.05, n) * np.exp(rng.normal(0, 1, n))
+    new = ref - 1e-3 * np.sign(rng.normal(0, 1, n)) * rng.random(n)
+    r, x = _bits(ref, dt), _bits(new, dt)
+    if specials and n:
+        sp = np.array(SPECIAL_BITS[r.itemsize], np.uint64).astype(r.dtype)
+        for a in (r, x):
+            idx = rng.integers(0, n, min(n, 40))
+            a[idx] = rng.choice(sp, idx.size)
+    return x.tobytes(), r.tobytes()
+
+
+@pytest.fixture
+def force_ctx(monkeypatch):
+    monkeypatch.setattr(X, "_pick_transform", lambda mv, ref, dt, level: X.T_SUBCTX
+                        if X._ctx_ok(dt) else X.T_XOR)
+
+
+@SET
+@given(st.sampled_from(FLOATS), st.integers(0, 5000), st.integers(0, 2**32 - 1), st.booleans())
+def test_ctx_roundtrip_exact(dt, n, seed, specials):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(X, "_pick_transform", lambda mv, ref, d, level: X.T_SUBCTX)
+        data, ref = _pair(dt, n, seed, specials)
+        frame = codec.encode(data, dt, codec="xor", reference=ref)
+    if n:
+        assert parse(frame).params[9] == X.T_SUBCTX
+    assert codec.decode(frame, reference=ref) == data
+    # unrelated reference of the same length: still exact
+    other = bytes(np.random.default_rng(seed + 1).integers(0, 256, len(data), dtype=np.uint8))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(X, "_pick_transform", lambda mv, ref, d, level: X.T_SUBCTX)
+        frame = codec.encode(data, dt, codec="xor", reference=other)
+    assert codec.decode(frame, reference=other) == data
+
+
+@pytest.mark.parametrize("dt", ["F32", "BF16"])
+def test_ctx_is_chosen_and_smaller_on_adam_steps(dt):
+    data, ref = _pair(dt, 200000, 0, False)
+    frame = codec.encode(data, dt, reference=ref)
+    h = parse(frame)
+    assert h.codec == "xor" and h.params[9] == X.T_SUBCTX
+    assert h.streams[0].name == "c0.byte" + str(len(_bits(np.zeros(1), dt).tobytes()) - 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(X, "_pick_transform", lambda mv, r, d, level: X.T_SUB)
+        plain = codec.encode(data, dt, codec="xor", reference=ref)
+    assert len(frame) < 0.98 * len(plain)
+    assert codec.decode(frame, reference=ref) == data
+
+
+def test_ctx_wrong_reference_and_corruption(force_ctx):
+    data, ref = _pair("F32", 3000, 5, True)
+    frame = codec.encode(data, "F32", codec="xor", reference=ref)
+    bad_ref = bytearray(ref)
+    bad_ref[100] ^= 1
+    with pytest.raises(codec.FrameError, match="wrong reference"):
+        codec.decode(frame, reference=bytes(bad_ref))
+    with pytest.raises(codec.FrameError):
+        codec.decode(frame)
+    rng = np.random.default_rng(0)
+    for pos in rng.integers(0, len(frame), 300):
+        bad = bytearray(frame)
+        bad[pos] ^= int(rng.integers(1, 256))
+        with pytest.raises(codec.FrameError):
+            codec.decode(bytes(bad), reference=ref)
+
+
+def test_ctx_classes_cover_every_element():
+    from codec.dtypes import BY_NAME
+    r = np.random.default_rng(1).normal(0, 1, 10000).astype(np.float32).view(np.uint32)
+    exps = X._class_exponents(r, BY_NAME["F32"])
+    assert len(exps) == X.NCLASSES - 1 and exps == sorted(exps)
+    cls, counts = X._classes(r, BY_NAME["F32"], exps)
+    assert counts.sum() == r.size and np.array_equal(np.bincount(cls, minlength=8), counts)
+    g = np.empty_like(r)
+    from codec import kernels
+    kernels.group_by_class(r, cls, counts, g)
+    assert np.array_equal(g, r[np.argsort(cls, kind="stable")])
+    back = np.empty_like(r)
+    kernels.ungroup_by_class(g, cls, counts, back)
+    assert np.array_equal(back, r)
