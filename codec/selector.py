@@ -80,8 +80,9 @@ def _zstd_hopeless(dt, frames: list[bytes], names: list[str]) -> bool:
             and not uses_zstd(frames[0]))
 
 
-def _sample_winner(names, mv, dt, bound, reference, level) -> str:
-    """The candidate whose frame of four spread slices (1/32 of the chunk) is smallest."""
+def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True) -> str:
+    """The candidate whose frame of four spread slices (1/32 of the chunk) is smallest
+    (``skip``: leave out zstd where planes' sample frame shows it cannot win)."""
     n = mv.nbytes
     size = dt.itemsize if dt else 1
     # slices of 1/32 of the chunk, 16..64 KiB each: the sample stays a small fraction
@@ -96,13 +97,24 @@ def _sample_winner(names, mv, dt, bound, reference, level) -> str:
     best, win = None, names[0]
     frames: list[bytes] = []
     for c in _planes_first(names):
-        if c == "zstd" and _zstd_hopeless(dt, frames, names):
+        if skip and c == "zstd" and _zstd_hopeless(dt, frames, names):
             continue
         f = _make(c, dt, bound, ref_sample, level).encode(sample)
         frames.append(f)
         if best is None or len(f) < best:
             best, win = len(f), c
     return win
+
+
+def _planes_then_zstd(mv, dt, level) -> bytes:
+    """Lossless floats without a reference: planes on the whole chunk; zstd only where
+    planes saw repeats and zstd wins on the sample, then the smaller whole frame."""
+    planes = _make("planes", dt, None, None, level).encode(mv)
+    if not uses_zstd(planes) or \
+            _sample_winner(["zstd", "planes"], mv, dt, None, None, level, skip=False) != "zstd":
+        return planes
+    other = _make("zstd", dt, None, None, level).encode(mv)
+    return other if len(other) < len(planes) else planes
 
 
 def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
@@ -115,10 +127,10 @@ def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     names = candidates(dt, bound, reference)
     if len(names) == 1:  # e.g. opaque bytes: nothing to choose, no sample pass
         best = _make(names[0], dt, bound, reference, level).encode(mv)
-    elif n <= WHOLE_BELOW or names == ["zstd", "planes"] and dt.is_float:
-        # small chunks, and lossless floats without a reference (planes, and zstd only
-        # where planes saw repeats): every candidate on the whole chunk
+    elif n <= WHOLE_BELOW:  # small chunks: every candidate on the whole chunk
         best = _try_all(names, mv, dt, bound, reference, level)
+    elif names == ["zstd", "planes"] and dt.is_float:
+        best = _planes_then_zstd(mv, dt, level)
     else:
         win = _sample_winner(names, mv, dt, bound, reference, level)
         best = _make(win, dt, bound, reference, level).encode(mv)
