@@ -80,22 +80,21 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True) -> Str
     # High-entropy streams (mantissas): a whole-stream fast zstd pass (GB/s on such
     # bytes; it catches repeats a sample misses, e.g. repeated embedding rows) against
     # the exact Huffman size from the histograms. Low-entropy streams (exponents):
-    # Huffman, unless zstd wins clearly on four spread 16 KiB slices. zstd wins
+    # Huffman, unless zstd wins clearly on four spread 16 KiB slices (only probed when
+    # the stream shows runs, repeats in its middle 16 KiB, or a dominant byte). zstd wins
     # near-ties (its decoder is faster on high-entropy bytes).
     H = entropy(h)
     plan = None
     if H < LOW_ENTROPY and n > 4 * PROBE:
         plan = est, lens, block = huffman.plan_blocks(a, h, bh)
-        # zstd beats Huffman on low-entropy bytes through runs, or where Huffman's whole
-        # bits per symbol are far above the entropy (one dominant byte); neither: no probes
-        if est <= 1.03 * n * H / 8 + 1024 and not _has_runs(a, h, n):
+        # zstd beats Huffman on low-entropy bytes through runs, repeats (e.g. repeated
+        # rows), or where Huffman's whole bits per symbol are far above the entropy (one
+        # dominant byte); none of them (one probe for repeats): no further probes
+        if est <= 1.03 * n * H / 8 + 1024 and not _has_runs(a, h, n) and \
+                not _zstd_wins_probe(a[(n - PROBE) // 2:(n + PROBE) // 2], level):
             return Stream(name, METHOD_HUF, n, huffman.encode(a, lens, block))
-        zs = hs = 0
-        for o in np.linspace(0, n - PROBE, min(4, n // PROBE)).astype(np.int64):
-            p = a[o:o + PROBE]
-            zs += len(compressor(min(level, 1)).compress(p))
-            hs += huffman.estimate2(kernels.histogram(p))[0]
-        if zs >= 0.98 * hs:
+        probes = np.linspace(0, n - PROBE, min(4, n // PROBE)).astype(np.int64)
+        if not _zstd_wins_probe([a[o:o + PROBE] for o in probes], level):
             return Stream(name, METHOD_HUF, n, huffman.encode(a, lens, block))
     c = compressor(min(level, 1)).compress(a)
     # near-ties go to zstd when the Huffman codes are long (fp16 sign+exponent+2 bits,
@@ -109,6 +108,15 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True) -> Str
     if len(c) < n - 64:
         return Stream(name, METHOD_ZSTD, n, c)
     return Stream(name, METHOD_RAW, n, a)
+
+
+def _zstd_wins_probe(probes, level: int) -> bool:
+    """Whether zstd (level <= 1) codes the probe(s) 2 % smaller than Huffman."""
+    zs = hs = 0
+    for p in probes if isinstance(probes, list) else [probes]:
+        zs += len(compressor(min(level, 1)).compress(p))
+        hs += huffman.estimate2(kernels.histogram(p))[0]
+    return zs < 0.98 * hs
 
 
 def _has_runs(a, h, n: int) -> bool:
