@@ -38,28 +38,37 @@ def _pair(dt, n, seed, specials):
     return x.tobytes(), r.tobytes()
 
 
-@pytest.fixture
-def force_ctx(monkeypatch):
-    monkeypatch.setattr(X, "_pick_transform", lambda mv, ref, dt, level: X.T_SUBCTX
+CTX = [X.T_SUBCTX, X.T_SUBCTX_HI]
+
+
+@pytest.fixture(params=CTX)
+def force_ctx(monkeypatch, request):
+    monkeypatch.setattr(X, "_pick_transform", lambda mv, ref, dt, level: request.param
                         if X._ctx_ok(dt) else X.T_XOR)
+    return request.param
+
+
+def _encode_with(t, data, dt, ref):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(X, "_pick_transform", lambda mv, r, d, level: t)
+        return codec.encode(data, dt, codec="xor", reference=ref)
 
 
 @SET
-@given(st.sampled_from(FLOATS), st.integers(0, 5000), st.integers(0, 2**32 - 1), st.booleans())
-def test_ctx_roundtrip_exact(dt, n, seed, specials):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(X, "_pick_transform", lambda mv, ref, d, level: X.T_SUBCTX)
-        data, ref = _pair(dt, n, seed, specials)
-        frame = codec.encode(data, dt, codec="xor", reference=ref)
+@given(st.sampled_from(FLOATS), st.integers(0, 5000), st.integers(0, 2**32 - 1), st.booleans(),
+       st.sampled_from(CTX))
+def test_ctx_roundtrip_exact(dt, n, seed, specials, t):
+    data, ref = _pair(dt, n, seed, specials)
+    frame = _encode_with(t, data, dt, ref)
     if n:
-        assert parse(frame).params[9] == X.T_SUBCTX
+        h = parse(frame)
+        assert h.params[9] == t
+        size = len(data) // n
+        assert len(h.streams) == 8 * (size if t == X.T_SUBCTX else 1 + (size - 1) * 4)
     assert codec.decode(frame, reference=ref) == data
     # unrelated reference of the same length: still exact
     other = bytes(np.random.default_rng(seed + 1).integers(0, 256, len(data), dtype=np.uint8))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(X, "_pick_transform", lambda mv, ref, d, level: X.T_SUBCTX)
-        frame = codec.encode(data, dt, codec="xor", reference=other)
-    assert codec.decode(frame, reference=other) == data
+    assert codec.decode(_encode_with(t, data, dt, other), reference=other) == data
 
 
 @pytest.mark.parametrize("dt", ["F32", "BF16"])
@@ -67,11 +76,9 @@ def test_ctx_is_chosen_and_smaller_on_adam_steps(dt):
     data, ref = _pair(dt, 200000, 0, False)
     frame = codec.encode(data, dt, reference=ref)
     h = parse(frame)
-    assert h.codec == "xor" and h.params[9] == X.T_SUBCTX
+    assert h.codec == "xor" and h.params[9] == X.T_SUBCTX_HI
     assert h.streams[0].name == "c0.byte" + str(len(_bits(np.zeros(1), dt).tobytes()) - 1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(X, "_pick_transform", lambda mv, r, d, level: X.T_SUB)
-        plain = codec.encode(data, dt, codec="xor", reference=ref)
+    plain = _encode_with(X.T_SUB, data, dt, ref)
     assert len(frame) < 0.98 * len(plain)
     assert codec.decode(frame, reference=ref) == data
 
@@ -91,6 +98,38 @@ def test_ctx_wrong_reference_and_corruption(force_ctx):
         bad[pos] ^= int(rng.integers(1, 256))
         with pytest.raises(codec.FrameError):
             codec.decode(bytes(bad), reference=ref)
+
+
+def test_ctx_hi_buckets_pay_on_bimodal_deltas():
+    """Rows that only decay (tiny deltas) next to rows that take Adam steps: splitting
+    the lower bytes by their higher byte beats one table per class."""
+    rng = np.random.default_rng(4)
+    ref = rng.normal(0, 0.05, (500, 384)).astype(np.float32)
+    new = ref * np.float32(1 - 2e-7)
+    seen = rng.random(500) < 0.3
+    new[seen] -= (1e-4 * np.sign(rng.normal(0, 1, (seen.sum(), 384)))).astype(np.float32)
+    data, r = new.tobytes(), ref.tobytes()
+    hi, one = _encode_with(X.T_SUBCTX_HI, data, "F32", r), _encode_with(X.T_SUBCTX, data, "F32", r)
+    assert len(hi) < 0.97 * len(one)
+    assert codec.decode(hi, reference=r) == data
+
+
+def test_ctx_bad_parameters_are_frame_errors():
+    from codec.frame import Stream, pack
+    data, ref = _pair("F32", 2000, 7, False)
+    frame = _encode_with(X.T_SUBCTX_HI, data, "F32", ref)
+    h = parse(frame)
+    streams = [Stream(s.name, s.method, s.raw_len, bytes(codec.frame.stream_view(frame, s)))
+               for s in h.streams]
+    for params in (h.params[:11], h.params[:11] + bytes([3]) + h.params[12:],
+                   h.params[:10] + bytes([9]) + h.params[11:], h.params + b"\0"):
+        bad = pack("xor", h.dtype_id, h.raw_size, params, streams, h.content_hash,
+                   needs_reference=True)
+        with pytest.raises(codec.FrameError):
+            codec.decode(bad, reference=ref)
+    with pytest.raises(codec.FrameError):
+        codec.decode(pack("xor", h.dtype_id, h.raw_size, h.params, streams[:-1],
+                          h.content_hash, needs_reference=True), reference=ref)
 
 
 def test_ctx_classes_cover_every_element():
