@@ -475,3 +475,117 @@ def ungroup_by_class(grouped, cls, counts, out):
         c = cls[i]
         out[i] = grouped[pos[c]]
         pos[c] += 1
+
+
+@njit(**_JIT)
+def bucket_counts(higher, nb, counts):
+    """counts[b] = how many min(higher[i], nb - 1) == b (from the four-counter
+    histogram: a single counter array serialises on runs of one bucket)."""
+    h = histogram(higher)
+    for b in range(nb):
+        counts[b] = 0
+    for v in range(256):
+        counts[min(v, nb - 1)] += h[v]
+
+
+@njit(inline="always")
+def _slots4(higher, i, top, pos):
+    """Buckets of elements i..i+3 and their positions: pos read once per bucket and
+    adjusted for earlier elements of the same bucket (runs of one bucket would
+    otherwise wait on a store to pos for every element)."""
+    b0 = min(np.int64(higher[i]), top)
+    b1 = min(np.int64(higher[i + 1]), top)
+    b2 = min(np.int64(higher[i + 2]), top)
+    b3 = min(np.int64(higher[i + 3]), top)
+    q0 = pos[b0]
+    q1 = pos[b1] + (b1 == b0)
+    q2 = pos[b2] + (b2 == b0) + (b2 == b1)
+    q3 = pos[b3] + (b3 == b0) + (b3 == b1) + (b3 == b2)
+    pos[b0] = q0 + 1
+    pos[b1] = q1 + 1
+    pos[b2] = q2 + 1
+    pos[b3] = q3 + 1
+    return b0, b1, b2, b3, q0, q1, q2, q3
+
+
+@njit(**_JIT)
+def group_by_bucket(vals, higher, counts, out):
+    """group_by_class with class min(higher[i], len(counts) - 1), computed on the fly."""
+    nb = counts.shape[0]
+    pos = np.zeros(nb, np.int64)
+    for b in range(1, nb):
+        pos[b] = pos[b - 1] + counts[b - 1]
+    top = nb - 1
+    n = vals.shape[0]
+    m = n - n % 4
+    for i in range(0, m, 4):
+        _, _, _, _, q0, q1, q2, q3 = _slots4(higher, i, top, pos)
+        out[q0] = vals[i]
+        out[q1] = vals[i + 1]
+        out[q2] = vals[i + 2]
+        out[q3] = vals[i + 3]
+    for i in range(m, n):
+        b = min(np.int64(higher[i]), top)
+        out[pos[b]] = vals[i]
+        pos[b] += 1
+
+
+@njit(**_JIT)
+def ungroup_by_bucket(grouped, higher, counts, out):
+    """Inverse of group_by_bucket. ``counts`` come from the frame (the bucket streams'
+    lengths), not from ``higher``: returns False, having read nothing out of bounds,
+    when they disagree (a corrupt frame)."""
+    nb = counts.shape[0]
+    pos = np.zeros(nb, np.int64)
+    end = np.zeros(nb, np.int64)
+    end[0] = counts[0]
+    for b in range(1, nb):
+        pos[b] = end[b - 1]
+        end[b] = pos[b] + counts[b]
+    if end[nb - 1] != grouped.shape[0]:
+        return False
+    top = nb - 1
+    n = out.shape[0]
+    m = n - n % 4
+    for i in range(0, m, 4):
+        b0, b1, b2, b3, q0, q1, q2, q3 = _slots4(higher, i, top, pos)
+        if q0 >= end[b0] or q1 >= end[b1] or q2 >= end[b2] or q3 >= end[b3]:
+            return False
+        out[i] = grouped[q0]
+        out[i + 1] = grouped[q1]
+        out[i + 2] = grouped[q2]
+        out[i + 3] = grouped[q3]
+    for i in range(m, n):
+        b = min(np.int64(higher[i]), top)
+        p = pos[b]
+        if p >= end[b]:
+            return False
+        out[i] = grouped[p]
+        pos[b] = p + 1
+    return True
+
+
+@njit(**_JIT)
+def unsub_ungroup(g, cls, counts, ref, out):
+    """out[i] = ref[i] + unzigzag(the i-th element's value in the class-grouped g),
+    wrapping: ungroup_by_class and the inverse of zigzag(data - ref) in one pass."""
+    pos = np.zeros(counts.shape[0], np.int64)
+    for c in range(1, counts.shape[0]):
+        pos[c] = pos[c - 1] + counts[c - 1]
+    one = np.uint64(1)
+    for i in range(out.shape[0]):
+        c = cls[i]
+        z = np.uint64(g[pos[c]])
+        pos[c] += 1
+        d = (z >> one) ^ (np.uint64(0) - (z & one))
+        out[i] = np.uint64(ref[i]) + d
+
+
+@njit(**_JIT)
+def joint_hist(higher, vals, nb):
+    """(nb, 256) histogram of vals by bucket min(higher, nb - 1)."""
+    h = np.zeros((nb, 256), np.int64)
+    top = nb - 1
+    for i in range(vals.shape[0]):
+        h[min(np.int64(higher[i]), top), vals[i]] += 1
+    return h

@@ -39,7 +39,7 @@ import numpy as np
 from .base import Codec, Encoded, as_bytes_view, register
 from .errors import FrameError
 from .frame import hash64
-from . import kernels
+from . import huffman, kernels
 from .planes import L_BYTES, decode_planes, encode_planes, merge, split
 from .zstd_codec import code_stream, decode_stream
 
@@ -51,6 +51,7 @@ NBUCKETS = 4  # sub+ctx+hi: a lower byte's table is picked by min(higher byte, 3
 _P3 = struct.Struct("<QBBB")  # reference hash, planes layout, transform, classes; then
 # (classes - 1) u16 reference exponents, one per class (the last class: all the others)
 SAMPLE = 1 << 16  # elements tried with each transform
+CTX_DIRECT = 2 * SAMPLE  # float chunks from this many elements: sub+ctx+hi, no trial
 
 
 def _u8(b) -> np.ndarray:
@@ -91,10 +92,15 @@ def _plane_size(arr: np.ndarray, dt, level: int) -> int:
 
 
 def _pick_transform(mv, ref, dt, level: int) -> int:
-    """The smaller transform on a sample (sub only for 2/4/8-byte elements)."""
+    """The smaller transform on a sample (sub only for 2/4/8-byte elements). Float
+    chunks of CTX_DIRECT elements or more take sub+ctx+hi without a trial: on the
+    training checkpoint it wins there or loses < 1 % to plain sub (exp_avg_sq), and
+    the trial would cost as much as the encoding."""
     ut = _utype(dt)
     if ut.itemsize == 1:
         return T_XOR
+    if _ctx_ok(dt) and mv.nbytes // ut.itemsize >= CTX_DIRECT:
+        return T_SUBCTX_HI
     n = min(SAMPLE, mv.nbytes // ut.itemsize)
     if n == 0:
         return T_XOR
@@ -148,55 +154,80 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
     off = np.concatenate([[0], np.cumsum(counts)])
     size = ut.itemsize
     streams = []
+    split_bits = 0  # bit (j - 1) * NCLASSES + c: plane j of class c is split in buckets
     for j in range(size):
         for c in range(NCLASSES):
             name = f"c{c}.byte{size - 1 - j}"
             seg = pl[j, off[c]:off[c + 1]]
-            if j == 0 or nb == 1:
+            higher = pl[j - 1, off[c]:off[c + 1]] if j else None
+            if j == 0 or nb == 1 or not _buckets_pay(higher, seg, nb):
                 streams.append(code_stream(name, seg, level))
                 continue
-            key, bc = _buckets(pl[j - 1, off[c]:off[c + 1]], nb)
+            split_bits |= 1 << ((j - 1) * NCLASSES + c)
+            bc = _bucket_counts(higher, nb)
             grouped = np.empty_like(seg)
-            kernels.group_by_class(seg, key, bc, grouped)
+            kernels.group_by_bucket(seg, higher, bc, grouped)
             bo = np.concatenate([[0], np.cumsum(bc)])
             streams += [code_stream(name, grouped[bo[b]:bo[b + 1]], level) for b in range(nb)]
     head = _P3.pack(hash64(ref), L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
     if nb > 1:
-        head += bytes([nb])
+        head += bytes([nb]) + split_bits.to_bytes(_mask_len(size), "little")
     return head + struct.pack(f"<{len(exps)}H", *exps), streams
 
 
-def _buckets(higher: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bucket of each byte: min(its higher byte, nb - 1), bytes per bucket)."""
-    key = np.minimum(higher, nb - 1).astype(np.uint8)
-    return key, np.bincount(key, minlength=nb).astype(np.int64)
+def _mask_len(size: int) -> int:
+    """Bytes of the sub+ctx+hi split mask: one bit per lower plane and class."""
+    return ((size - 1) * NCLASSES + 7) // 8
 
 
-def _ctx_params(header, dt, t: int) -> tuple[list[int], int]:
-    """(class exponents, buckets) of a sub+ctx frame, validated against its streams."""
+def _buckets_pay(higher: np.ndarray, vals: np.ndarray, nb: int) -> bool:
+    """Whether splitting ``vals`` by bucket of ``higher`` saves, by the order-0
+    entropy of the parts, more than 1 % plus the extra streams' headers and tables
+    (elsewhere the split costs decode time for nothing)."""
+    if vals.shape[0] < 4096:
+        return False
+    jh = kernels.joint_hist(higher, vals, nb)
+    one = vals.shape[0] * huffman.entropy_bits(jh.sum(axis=0))
+    parts = sum(float(jh[b].sum()) * huffman.entropy_bits(jh[b]) for b in range(nb))
+    return (one - parts) / 8 > 0.01 * vals.shape[0] + 150 * (nb - 1)
+
+
+def _bucket_counts(higher: np.ndarray, nb: int) -> np.ndarray:
+    """Bytes per bucket; a byte's bucket is min(its higher byte, nb - 1)."""
+    bc = np.zeros(nb, np.int64)
+    kernels.bucket_counts(higher, nb, bc)
+    return bc
+
+
+def _ctx_params(header, dt, t: int) -> tuple[list[int], int, int]:
+    """(class exponents, buckets, split mask) of a sub+ctx frame, validated against
+    its streams."""
     _, _, _, ncls = _P3.unpack_from(header.params)
     rest = header.params[_P3.size:]
-    nb = 1
-    if t == T_SUBCTX_HI:
-        if not rest:
-            raise FrameError("xor frame: bad context-class parameters")
-        nb, rest = rest[0], rest[1:]
     size = _utype(dt).itemsize
-    want = ncls * (size if nb == 1 else 1 + (size - 1) * nb)
+    nb, mask = 1, 0
+    if t == T_SUBCTX_HI:
+        m = _mask_len(size)
+        if len(rest) < 1 + m:
+            raise FrameError("xor frame: bad context-class parameters")
+        nb, mask, rest = rest[0], int.from_bytes(rest[1:1 + m], "little"), rest[1 + m:]
+    want = ncls * size + bin(mask).count("1") * (nb - 1)
     if ncls != NCLASSES or not 1 <= nb <= 255 or len(rest) % 2 or len(rest) // 2 >= ncls \
             or len(header.streams) != want:
         raise FrameError("xor frame: bad context-class parameters")
     exps = list(struct.unpack(f"<{len(rest) // 2}H", rest))
-    if any(e >= 1 << dt.ebits for e in exps):
-        raise FrameError("xor frame: class exponent out of range")
-    return exps, nb
+    if any(e >= 1 << dt.ebits for e in exps) or mask >> ((size - 1) * ncls):
+        raise FrameError("xor frame: class exponent or split mask out of range")
+    return exps, nb, mask
 
 
 def _decode_ctx(header, frame, dt, ref, t: int) -> np.ndarray:
-    """Inverse of _encode_ctx (the reference already checked)."""
+    """Inverse of _encode_ctx (the reference already checked): plane by plane, each
+    lower plane's buckets put back in order by the plane above it; then the planes
+    merged, and one pass puts the classes back in order and adds the reference."""
     if not _ctx_ok(dt):
         raise FrameError("xor frame: context classes on a dtype without exponents")
-    exps, nb = _ctx_params(header, dt, t)
+    exps, nb, mask = _ctx_params(header, dt, t)
     ut = _utype(dt)
     size = ut.itemsize
     ref_u = _u8(ref).view(ut)
@@ -208,18 +239,20 @@ def _decode_ctx(header, frame, dt, ref, t: int) -> np.ndarray:
     for j in range(size):
         for c in range(NCLASSES):
             seg = pl[j, off[c]:off[c + 1]]
-            if j == 0 or nb == 1:
+            if j == 0 or not mask >> ((j - 1) * NCLASSES + c) & 1:
                 seg[:] = _stream_bytes(frame, next(streams), counts[c])
                 continue
-            key, bc = _buckets(pl[j - 1, off[c]:off[c + 1]], nb)
-            grouped = np.concatenate([_stream_bytes(frame, next(streams), bc[b])
-                                      for b in range(nb)])
-            kernels.ungroup_by_class(grouped, key, bc, seg)
+            parts = [next(streams) for _ in range(nb)]
+            bc = np.array([s.raw_len for s in parts], np.int64)
+            grouped = np.concatenate([_stream_bytes(frame, s, s.raw_len) for s in parts])
+            if not kernels.ungroup_by_bucket(grouped, pl[j - 1, off[c]:off[c + 1]], bc, seg):
+                raise FrameError(f"xor frame: the buckets of {parts[0].name!r} do not match "
+                                 "their higher byte (corrupt frame or wrong reference)",
+                                 damaged=(parts[0].name,))
     g = np.ascontiguousarray(merge(list(pl), _bytes_dtype(ut), L_BYTES, n)).reshape(-1)
-    g = g.view(np.uint8).view(ut)
-    z = np.empty(n, ut)
-    kernels.ungroup_by_class(g, cls, counts, z)
-    return _unsub(z.view(np.uint8), ref, ut)
+    out = np.empty(n, ut)
+    kernels.unsub_ungroup(g.view(np.uint8).view(ut), cls, counts, ref_u, out)
+    return out
 
 
 def _stream_bytes(frame, s, want: int) -> np.ndarray:

@@ -45,30 +45,39 @@ CTX = [X.T_SUBCTX, X.T_SUBCTX_HI]
 def force_ctx(monkeypatch, request):
     monkeypatch.setattr(X, "_pick_transform", lambda mv, ref, dt, level: request.param
                         if X._ctx_ok(dt) else X.T_XOR)
+    monkeypatch.setattr(X, "_buckets_pay", lambda higher, vals, nb: True)
     return request.param
 
 
-def _encode_with(t, data, dt, ref):
+def _encode_with(t, data, dt, ref, split=None):
+    """Encode with transform t (and, if ``split`` is a bool, every lower plane split
+    in buckets or none)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(X, "_pick_transform", lambda mv, r, d, level: t)
+        if split is not None:
+            mp.setattr(X, "_buckets_pay", lambda higher, vals, nb: split)
         return codec.encode(data, dt, codec="xor", reference=ref)
 
 
 @SET
 @given(st.sampled_from(FLOATS), st.integers(0, 5000), st.integers(0, 2**32 - 1), st.booleans(),
-       st.sampled_from(CTX))
-def test_ctx_roundtrip_exact(dt, n, seed, specials, t):
+       st.sampled_from(CTX), st.sampled_from([None, True, False]))
+def test_ctx_roundtrip_exact(dt, n, seed, specials, t, split):
     data, ref = _pair(dt, n, seed, specials)
-    frame = _encode_with(t, data, dt, ref)
+    frame = _encode_with(t, data, dt, ref, split)
     if n:
         h = parse(frame)
         assert h.params[9] == t
         size = len(data) // n
-        assert len(h.streams) == 8 * (size if t == X.T_SUBCTX else 1 + (size - 1) * 4)
+        mask = int.from_bytes(h.params[12:12 + X._mask_len(size)], "little") \
+            if t == X.T_SUBCTX_HI else 0
+        if split is not None and t == X.T_SUBCTX_HI:
+            assert mask == (2 ** ((size - 1) * 8) - 1 if split else 0)
+        assert len(h.streams) == 8 * size + bin(mask).count("1") * 3
     assert codec.decode(frame, reference=ref) == data
     # unrelated reference of the same length: still exact
     other = bytes(np.random.default_rng(seed + 1).integers(0, 256, len(data), dtype=np.uint8))
-    assert codec.decode(_encode_with(t, data, dt, other), reference=other) == data
+    assert codec.decode(_encode_with(t, data, dt, other, split), reference=other) == data
 
 
 @pytest.mark.parametrize("dt", ["F32", "BF16"])
@@ -117,12 +126,14 @@ def test_ctx_hi_buckets_pay_on_bimodal_deltas():
 def test_ctx_bad_parameters_are_frame_errors():
     from codec.frame import Stream, pack
     data, ref = _pair("F32", 2000, 7, False)
-    frame = _encode_with(X.T_SUBCTX_HI, data, "F32", ref)
+    frame = _encode_with(X.T_SUBCTX_HI, data, "F32", ref, split=True)
     h = parse(frame)
     streams = [Stream(s.name, s.method, s.raw_len, bytes(codec.frame.stream_view(frame, s)))
                for s in h.streams]
     for params in (h.params[:11], h.params[:11] + bytes([3]) + h.params[12:],
-                   h.params[:10] + bytes([9]) + h.params[11:], h.params + b"\0"):
+                   h.params[:10] + bytes([9]) + h.params[11:], h.params + b"\0",
+                   h.params[:12] + bytes([0x7F]) + h.params[13:],  # mask: fewer splits
+                   h.params[:14] + bytes([0]) + h.params[15:]):  # mask: no splits there
         bad = pack("xor", h.dtype_id, h.raw_size, params, streams, h.content_hash,
                    needs_reference=True)
         with pytest.raises(codec.FrameError):
