@@ -283,8 +283,9 @@ def print_targets(rows, files) -> None:
         byname = {r["method"]: r for r in rows if r["file"] == label}
         auto, zipnn, z3 = byname.get("codec auto"), byname.get("zipnn"), byname.get("zstd -3")
         if auto and zipnn:
+            d = zipnn["stored"] - auto["stored"]
             print(f"{label}: codec auto {auto['ratio']:.5f}x vs zipnn {zipnn['ratio']:.5f}x "
-                  f"({zipnn['stored'] - auto['stored']:+d} bytes smaller than zipnn); "
+                  f"({abs(d)} bytes {'smaller' if d >= 0 else 'larger'} than zipnn); "
                   f"auto encode {auto['enc'] / z3['enc']:.2f}x of zstd -3's")
 
 
