@@ -454,11 +454,18 @@ def ref_classes(ref, shift, emask, lut, cls, counts):
 
 
 @njit(**_JIT)
-def group_by_class(vals, cls, counts, out):
-    """Stable counting sort of vals by class: class 0's values first, in order."""
+def class_starts(counts):
+    """Where each class begins in the grouped order (exclusive prefix sum of counts)."""
     pos = np.zeros(counts.shape[0], np.int64)
     for c in range(1, counts.shape[0]):
         pos[c] = pos[c - 1] + counts[c - 1]
+    return pos
+
+
+@njit(**_JIT)
+def group_by_class(vals, cls, counts, out):
+    """Stable counting sort of vals by class: class 0's values first, in order."""
+    pos = class_starts(counts)
     for i in range(vals.shape[0]):
         c = cls[i]
         out[pos[c]] = vals[i]
@@ -468,9 +475,7 @@ def group_by_class(vals, cls, counts, out):
 @njit(**_JIT)
 def ungroup_by_class(grouped, cls, counts, out):
     """Inverse of group_by_class."""
-    pos = np.zeros(counts.shape[0], np.int64)
-    for c in range(1, counts.shape[0]):
-        pos[c] = pos[c - 1] + counts[c - 1]
+    pos = class_starts(counts)
     for i in range(out.shape[0]):
         c = cls[i]
         out[i] = grouped[pos[c]]

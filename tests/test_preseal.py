@@ -51,6 +51,14 @@ def write_blocks(fd: int, h, blocks: int, seed: int) -> None:
         h.update(b)
 
 
+def assert_kept_after_remount(mnt, path, sha: str) -> None:
+    """The bytes survive a remount, and the unmounted store passes the invariant check."""
+    mnt.remount()
+    assert sha_file(path) == sha
+    mnt.umount()
+    assert check_store(mnt.store) == []
+
+
 def blocks(n: int, seed: int) -> bytes:
     import numpy as np
     return np.random.default_rng(seed).integers(0, 256, n * MiB, dtype=np.uint8).tobytes()
@@ -82,10 +90,7 @@ def test_sequential_write_is_stored_before_close_and_counted_as_new(mnt):
     assert f["dedup_saved"] == 0  # pre-sealed chunks are the file's own, not dedup hits
     raw = sum(c["raw"] for c in f["codecs"].values())
     assert raw == 96 * MiB
-    mnt.remount()
-    assert sha_file(path) == h.hexdigest()
-    mnt.umount()
-    assert check_store(mnt.store) == []
+    assert_kept_after_remount(mnt, path, h.hexdigest())
 
 
 @pytest.mark.parametrize("change", ["overwrite", "truncate"])
@@ -112,10 +117,7 @@ def test_changes_below_a_preseal_are_not_lost(mnt, change):
     want = hashlib.sha256(expect).hexdigest()
     mnt.sync()
     assert sha_file(path) == want
-    mnt.remount()
-    assert sha_file(path) == want
-    mnt.umount()
-    assert check_store(mnt.store) == []  # abandoned pre-sealed chunks were collected
+    assert_kept_after_remount(mnt, path, want)  # abandoned pre-sealed chunks collected
 
 
 def test_unlink_while_presealing_reclaims_everything(mnt):
@@ -204,10 +206,7 @@ def test_model_file_written_slowly_is_presealed_tensor_by_tensor(mnt, writer):
             assert f["dedup_saved"] < 64 << 10, f
             # the pre-sealed pieces were coded against version 0's tensors
             assert f["delta_raw"] > len(data) // 2, f
-    mnt.remount()
-    assert sha_file(path) == hashlib.sha256(serialize(v2)).hexdigest()
-    mnt.umount()
-    assert check_store(mnt.store) == []
+    assert_kept_after_remount(mnt, path, hashlib.sha256(serialize(v2)).hexdigest())
 
 
 def test_no_preseal_mount_codes_only_at_close(make_mount):
