@@ -152,7 +152,9 @@ def _seal_remaining(ops: Operations, store: Store) -> None:
             if node is None or node.nlink == 0:
                 store.sealer.drop(ino)
                 continue
-            store.sealer.seal(ino, ops._policy(ino), threading.Event())
+            policy = ops._policy(ino)
+            store.sealer.seal(ino, policy, threading.Event(), ops.presealed(st, policy))
+            store.sealer.unpin(ino)
     with store.db.read() as txn:
         orphans = store.ns.orphans(txn)
     for ino in orphans:

@@ -640,7 +640,7 @@ class Operations(pyfuse3.Operations):
         if off + n > st.size:
             st.size = off + n
         st.mtime_ns = st.ctime_ns = time.time_ns()
-        self._preseal_after_write(st, off)
+        self._preseal_after_write(st, off, off + n)
         return n
 
     # -- pre-seal: overlap coding with a long sequential write -----------------------
@@ -650,17 +650,26 @@ class Operations(pyfuse3.Operations):
             self.sealer.unpin(st.ino)
         st.preseal = Preseal(self._policy(st.ino)) if fresh and self.preseal else None
 
-    def _preseal_after_write(self, st: InodeState, off: int) -> None:
+    def _preseal_after_write(self, st: InodeState, off: int, end: int) -> None:
         pre = st.preseal
         if pre is None:
             return
-        if off < pre.claimed:  # rewrites what a pre-seal read: its plan no longer holds
+        if off < pre.claimed or not pre.wrote(off, end):
+            # a rewrite of what a pre-seal read (its plan no longer holds), or random I/O
             self._reset_preseal(st, fresh=False)
         elif (not pre.running and self.nursery is not None
-              and st.size - pre.pos >= PRESEAL_STEP):
+              and pre.written - pre.pos >= PRESEAL_STEP):
             pre.running = True
             pre.done = trio.Event()
             self.nursery.start_soon(self._preseal_task, st, pre)
+
+    @staticmethod
+    def presealed(st: InodeState, policy: Policy) -> list | None:
+        """What the final seal of `st` under `policy` can take from its pre-seal."""
+        pre = st.preseal
+        if pre is None or pre.running or pre.policy != policy:
+            return None
+        return list(pre.pieces)
 
     def _room_for_preseal(self, n: int) -> bool:
         """Pre-sealed chunks sit beside the staged bytes until close: only with room."""
@@ -672,8 +681,8 @@ class Operations(pyfuse3.Operations):
         close has only the tail left. Any failure only costs the head start."""
         try:
             while (st.preseal is pre and st.staged and not st.sealing
-                   and st.size - pre.pos >= PRESEAL_STEP):
-                end = min(st.size, pre.pos + PRESEAL_MAX)
+                   and pre.written - pre.pos >= PRESEAL_STEP):
+                end = min(pre.written, pre.pos + PRESEAL_MAX)
                 if not self._room_for_preseal(end - pre.pos):
                     break  # the file's bytes would be on disk twice: leave it to close
                 pre.claimed = max(pre.claimed, end)
@@ -778,8 +787,7 @@ class Operations(pyfuse3.Operations):
             pre = st.preseal
             if pre is not None and pre.running:
                 await pre.done.wait()
-            resume = (list(pre.pieces) if pre is not None and st.preseal is pre
-                      and pre.policy == policy else None)
+            resume = self.presealed(st, policy)
             stats = await trio.to_thread.run_sync(self.sealer.seal, ino, policy, st.abort,
                                                   resume, limiter=self.seal_limiter)
             if stats is not None:

@@ -10,19 +10,40 @@ import trio
 from .policy import Policy
 
 
+MAX_AHEAD = 256  # out-of-order writes a pre-seal tracks before it gives up on a file
+
+
 @dataclass
 class Preseal:
     """Progress of coding a file's prefix while it is being written (see Sealer.preseal).
 
     Invariant: `pieces` are the final plan of [0, pos) as long as no write landed below
-    `claimed` (the end of what a pre-seal has read); such a write drops the Preseal."""
+    `claimed` (the end of what a pre-seal has read); such a write drops the Preseal.
+    A pre-seal reads only below `written`, the end of the gap-free prefix: FUSE may
+    deliver concurrent writes out of order, and a late first write into a gap is not
+    a rewrite."""
 
     policy: Policy  # what the pre-seal coded with; the final seal reuses it only if equal
     pos: int = 0
     claimed: int = 0
+    written: int = 0  # [0, written) has been written with no gap
+    ahead: dict = field(default_factory=dict)  # start -> end of writes beyond `written`
     pieces: list = field(default_factory=list)
     running: bool = False
     done: trio.Event = field(default_factory=trio.Event)
+
+    def wrote(self, off: int, end: int) -> bool:
+        """Record the write [off, end); False if writes are too scattered to follow."""
+        if off > self.written:
+            self.ahead[off] = max(self.ahead.get(off, off), end)
+            return len(self.ahead) <= MAX_AHEAD
+        self.written = max(self.written, end)
+        while self.ahead:  # writes that arrived early now join the prefix
+            start = min(self.ahead)
+            if start > self.written:
+                break
+            self.written = max(self.written, self.ahead.pop(start))
+        return True
 
 
 @dataclass

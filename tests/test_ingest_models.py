@@ -178,7 +178,8 @@ def test_lossy_never_touches_optimizer_state_or_integers(make_mount, checkpoints
     for k, v in a["model"].items():
         if not v.is_floating_point():
             assert torch.equal(v, b["model"][k]), k
-    assert file_stats(dst)["lossy_bytes"] > 0
+    stats = file_stats(dst)
+    assert stats["lossy_bytes"] > 0, stats
 
 
 def test_directory_policy_is_inherited(mnt):

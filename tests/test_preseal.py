@@ -93,6 +93,63 @@ def test_sequential_write_is_stored_before_close_and_counted_as_new(mnt):
     assert_kept_after_remount(mnt, path, h.hexdigest())
 
 
+def test_writes_arriving_out_of_order_keep_the_preseal(mnt):
+    """Concurrent writers (or the kernel) may deliver block k+1 before block k: the gap
+    is not a rewrite, so the pre-seal must wait for it, not read zeros or give up."""
+    path = mnt.path / "swapped.bin"
+    data = blocks(96, seed=5)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for k in range(0, 80, 2):  # blocks 1, 0, 3, 2, ...
+            os.pwrite(fd, data[(k + 1) * MiB:(k + 2) * MiB], (k + 1) * MiB)
+            os.pwrite(fd, data[k * MiB:(k + 1) * MiB], k * MiB)
+        assert wait_for_chunks(mnt.store, 40) >= 40, mnt.log()[-3000:]
+        os.pwrite(fd, data[80 * MiB:], 80 * MiB)
+    finally:
+        os.close(fd)
+    mnt.sync()
+    want = hashlib.sha256(data).hexdigest()
+    assert sha_file(path) == want
+    f = file_stats(path)
+    assert f["dedup_saved"] == 0, f  # the pre-seal was kept, not dropped and re-hit
+    assert sum(c["raw"] for c in f["codecs"].values()) == 96 * MiB
+    assert_kept_after_remount(mnt, path, want)
+
+
+def test_unmount_right_after_close_keeps_the_preseal(mnt):
+    """A file closed just before unmount is sealed on the way out, from its pre-seal."""
+    path = mnt.path / "late.bin"
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_blocks(fd, h, 72, seed=6)
+        assert wait_for_chunks(mnt.store, 40) >= 40, mnt.log()[-3000:]
+    finally:
+        os.close(fd)
+    mnt.remount()  # no sync: the seal may still be pending when the unmount comes
+    assert sha_file(path) == h.hexdigest()
+    f = file_stats(path)
+    assert f["state"] == "sealed" and f["dedup_saved"] == 0, f
+    assert sum(c["raw"] for c in f["codecs"].values()) == 72 * MiB
+    mnt.umount()
+    assert check_store(mnt.store) == []
+
+
+def test_preseal_follows_the_gap_free_prefix():
+    """Unit: `written` advances only over contiguous writes; scattered writes give up."""
+    from elvesfs.policy import Policy
+    from elvesfs.state import MAX_AHEAD, Preseal
+    pre = Preseal(Policy.parse("lossless"))
+    assert pre.wrote(0, 10) and pre.written == 10
+    assert pre.wrote(20, 30) and pre.written == 10  # a gap at [10, 20)
+    assert pre.wrote(30, 40) and pre.written == 10
+    assert pre.wrote(10, 20) and pre.written == 40 and not pre.ahead  # gap filled
+    assert pre.wrote(5, 15) and pre.written == 40  # a rewrite inside the prefix
+    for k in range(MAX_AHEAD):
+        assert pre.wrote(100 + 2 * k, 101 + 2 * k)
+    assert not pre.wrote(10_000, 10_001)  # random I/O: not worth following
+
+
 @pytest.mark.parametrize("change", ["overwrite", "truncate"])
 def test_changes_below_a_preseal_are_not_lost(mnt, change):
     path = mnt.path / "f.bin"
