@@ -28,9 +28,15 @@ def stored_share(txn: lmdb.Transaction, t: dict, chunks: ChunkStore, ino: int) -
         rec = chunks.record(txn, cid)
         if rec is None or rec.refcount == 0:
             continue
-        share += rec.stored * n / rec.refcount
-        if rec.is_delta:
-            ref = chunks.record(txn, rec.ref)
-            if ref is not None and ref.refcount:
-                share += ref.stored / ref.refcount * n / rec.refcount
+        # a delta chunk passes its share on along its chain: each chunk it references
+        # is charged to its users in proportion, so the shares of all files add up to
+        # the store's total
+        weight = n / rec.refcount
+        share += rec.stored * weight
+        while rec.is_delta:
+            rec = chunks.record(txn, rec.ref)
+            if rec is None or not rec.refcount:
+                break
+            weight /= rec.refcount
+            share += rec.stored * weight
     return share

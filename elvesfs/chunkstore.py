@@ -14,8 +14,10 @@ one). Table `chunks` maps id -> codec frame; table `refs` maps id -> CHUNK recor
 Invariants: a chunk with refcount 0 is listed in `zero` and is garbage; only the
 single sealer thread adds chunks or collects garbage, so a dedup hit can never
 race with the deletion of the chunk it found. A delta chunk holds one reference
-on its reference chunk, so deleting the file it came from never breaks it, and a
-reference chunk is never itself a delta (reads need at most one hop).
+on its reference chunk, so deleting the file it came from never breaks it. References
+form chains (checkpoint 3 -> 2 -> 1) at most MAX_DELTA_DEPTH deltas long, so a read
+decodes at most MAX_DELTA_DEPTH + 1 frames; a chain never loops, because a new chunk
+can only reference chunks that are already stored.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .errors import StoreCorruptError
 CHUNK = struct.Struct("<QII16sB")
 NO_REF = bytes(16)
 LOSSY = 1
+MAX_DELTA_DEPTH = 2  # deltas in a chain: 0 = standalone, 2 = delta of a delta
 
 
 @dataclass
@@ -64,6 +67,15 @@ class ChunkStore:
     def record(self, txn: lmdb.Transaction, cid: bytes) -> ChunkRecord | None:
         raw = txn.get(cid, db=self.t["refs"])
         return None if raw is None else ChunkRecord.unpack(raw)
+
+    def depth(self, txn: lmdb.Transaction, cid: bytes) -> int:
+        """Deltas between chunk `cid` and a standalone frame (0 for a standalone chunk)."""
+        n = 0
+        rec = self.record(txn, cid)
+        while rec is not None and rec.is_delta and n <= MAX_DELTA_DEPTH:
+            n += 1
+            rec = self.record(txn, rec.ref)
+        return n
 
     def frame(self, txn: lmdb.Transaction, cid: bytes) -> bytes:
         raw = txn.get(cid, db=self.t["chunks"])

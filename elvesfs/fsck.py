@@ -20,10 +20,11 @@ import stat
 import sys
 from collections import Counter
 
-from .chunkstore import ChunkRecord, ChunkStore
+from .chunkstore import MAX_DELTA_DEPTH, ChunkRecord, ChunkStore
 from .coding import decode_chunk
 from .daemon import lock_store
 from .db import Database
+from .errors import StoreCorruptError
 from .layout import HOLE, Layout
 from .namespace import Inode, Namespace, ROOT_INO, U64, key
 
@@ -199,19 +200,23 @@ class Fsck:
             ids = [k for k, _ in txn.cursor(db=self.t["refs"])]
         with self._bar(len(ids), "verifying chunks") as bar:
             for cid in ids:
-                with self.db.read() as txn:
-                    rec = self.chunks.record(txn, cid)
-                    frame = txn.get(cid, db=self.t["chunks"])
-                    ref_frame = txn.get(rec.ref, db=self.t["chunks"]) if rec.is_delta else None
-                    ref_rec = self.chunks.record(txn, rec.ref) if rec.is_delta else None
                 try:
-                    ref = None
-                    if rec.is_delta:
-                        ref = decode_chunk(rec.ref, ref_frame, ref_rec.flags)
-                    decode_chunk(cid, frame, rec.flags, ref)
+                    self._decode(cid)
                 except Exception as exc:
                     self.problem(f"chunk {cid.hex()} does not verify: {exc}")
                 bar.update(1)
+
+    def _decode(self, cid: bytes, hops: int = 0) -> bytes:
+        """Decode a chunk and, first, the chain of references it is a delta against."""
+        with self.db.read() as txn:
+            rec = self.chunks.record(txn, cid)
+            frame = txn.get(cid, db=self.t["chunks"])
+        if rec is None or frame is None:
+            raise StoreCorruptError(f"chunk {cid.hex()} is missing")
+        if hops > 4 * MAX_DELTA_DEPTH:  # the sealer never builds such a chain: a loop
+            raise StoreCorruptError(f"delta chain through {cid.hex()} is too long")
+        ref = self._decode(rec.ref, hops + 1) if rec.is_delta else None
+        return decode_chunk(cid, frame, rec.flags, ref)
 
 
 def resolve_store(target: str) -> str:

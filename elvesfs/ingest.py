@@ -32,7 +32,7 @@ import xxhash
 from pyfastcdc import FastCDC
 
 from . import formats
-from .chunkstore import ChunkStore
+from .chunkstore import MAX_DELTA_DEPTH, ChunkStore
 from .coding import Encoded, chunk_id, encode_chunk
 from .db import Database
 from .layout import HOLE, Layout
@@ -302,14 +302,20 @@ class Sealer:
 
     # -- piece coding (pool threads) -------------------------------------------
     def _reference(self, p: Piece) -> tuple[bytes, bytes | None]:
-        """A same-named stored tensor piece to XOR against (never itself a delta)."""
+        """The latest stored version of this tensor piece, to XOR against.
+
+        None when that version already ends a chain of MAX_DELTA_DEPTH deltas: the piece
+        is then coded alone and starts a new chain (a keyframe, as in video), which keeps
+        reads bounded while each checkpoint is coded against the one just before it."""
         if not (self.delta and p.name and p.dtype):
             return bytes(16), None
         with self.db.read() as txn:
             ref = txn.get(tensor_key(p), db=self.db.t["tindex"])
             rec = self.chunks.record(txn, ref) if ref else None
-        if rec is None or rec.is_delta or rec.raw != p.length:
-            return bytes(16), None
+            if rec is None or rec.raw != p.length:
+                return bytes(16), None
+            if self.chunks.depth(txn, ref) >= MAX_DELTA_DEPTH:
+                return bytes(16), None
         try:
             return ref, self.reader.get(ref)
         except Exception:  # a damaged reference only costs compression
@@ -414,13 +420,10 @@ class Sealer:
             fresh = r.enc is not None or (pre is not None and pre.added)
             if r.piece.name:
                 stats.tensors += r.piece.index == 0
-                # Index only fresh standalone exact pieces: a delta is never a reference
-                # (one hop), so later versions keep coding against the last standalone base.
-                # A lossily coded piece is a fine reference too: a delta against its
-                # decoded bytes still reconstructs the new piece exactly.
-                standalone = r.ref == bytes(16) if r.enc is not None else (
-                    pre is not None and not pre.delta)
-                if fresh and standalone:
+                # Index every fresh piece: the next version of this tensor is coded
+                # against it (see _reference). A lossily coded piece is a fine reference
+                # too: a delta against its decoded bytes still reconstructs exactly.
+                if fresh:
                     tindex[tensor_key(r.piece)] = r.cid
             if r.enc is None and pre is not None and pre.added:  # new, stored earlier
                 stats.add_chunk(pre.length, pre.stored, pre.codec, pre.delta, pre.max_error)

@@ -144,7 +144,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         zr = f"{r['zipnn_ratio']:.2f}x" if r["zipnn_ratio"] else "-"
-        vz = f"{r['vs_zipnn']:.2f}x" if r["vs_zipnn"] else "-"
+        vz = f"{r['vs_zipnn']:.3f}x" if r["vs_zipnn"] else "-"
         print(f"| {r['scenario']} | {r['files']} | {r['logical'] / 2**20:.1f} | "
               f"{r['stored'] / 2**20:.1f} ({r['db_bytes'] / 2**20:.1f}) | {r['ratio']:.2f}x | "
               f"{r['zstd3_ratio']:.2f}x | {zr} | {vz} | {r['dedup_saved'] / 2**20:.1f} | "

@@ -179,7 +179,7 @@ def check_store(store: Path, *, mounted: bool = False) -> list[str]:
     leftover staging records/files, orphan inodes and uncollected garbage."""
     from collections import Counter
 
-    from elvesfs.chunkstore import ChunkRecord, NO_REF
+    from elvesfs.chunkstore import MAX_DELTA_DEPTH, NO_REF, ChunkRecord
     from elvesfs.db import Database
     from elvesfs.layout import Layout
     from elvesfs.namespace import ROOT_INO, U64, Inode
@@ -218,6 +218,12 @@ def check_store(store: Path, *, mounted: bool = False) -> list[str]:
             expected[rec.ref] += 1
             if rec.ref not in refs:
                 problems.append(f"delta chunk {cid.hex()} names missing reference")
+    for cid in refs:  # reads decode at most MAX_DELTA_DEPTH references per chunk
+        depth, c = 0, cid
+        while c in refs and refs[c].ref != NO_REF and depth <= MAX_DELTA_DEPTH:
+            depth, c = depth + 1, refs[c].ref
+        if depth > MAX_DELTA_DEPTH:
+            problems.append(f"delta chain from {cid.hex()} is longer than {MAX_DELTA_DEPTH}")
     for cid, n in expected.items():
         if cid not in refs or cid not in frames:
             problems.append(f"chunk {cid.hex()} referenced {n}x is missing")

@@ -126,6 +126,51 @@ def test_checkpoint_series_uses_delta(mnt, checkpoints):
     assert sha(mnt.path / checkpoints[-1].name) == sha(checkpoints[-1])
 
 
+def delta_depths(store: Path) -> list[int]:
+    """The delta-chain depth of every stored chunk (read beside the running daemon)."""
+    from elvesfs.chunkstore import ChunkStore
+    from elvesfs.db import Database
+    db = Database(str(store), readonly=True)
+    try:
+        with db.read() as txn:
+            cs = ChunkStore(db)
+            return [cs.depth(txn, bytes(k)) for k, _ in txn.cursor(db=db.t["refs"])]
+    finally:
+        db.close()
+
+
+def test_each_version_is_coded_against_the_previous_within_bounded_chains(mnt):
+    """Version k+1 of a tensor is a delta of version k; after MAX_DELTA_DEPTH deltas a
+    version is stored alone (a keyframe), so no read decodes a longer chain. Deleting
+    versions in any order keeps the others exact and the store consistent."""
+    from conftest import check_store
+    from elvesfs.chunkstore import MAX_DELTA_DEPTH
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 256, generator=g) * 0.05
+    n = MAX_DELTA_DEPTH + 3
+    want, depths = {}, []
+    for k in range(n):
+        w = w + torch.randn(256, 256, generator=g) * 1e-5  # a small training step
+        path = mnt.path / f"v{k}.safetensors"
+        safetensors_torch.save_file({"layer.weight": w}, str(path))
+        want[path.name] = sha(path)
+        mnt.sync()
+        new = file_stats(path)
+        depths.append(max(delta_depths(mnt.store)))
+        assert new["delta_raw"] == (0 if k % (MAX_DELTA_DEPTH + 1) == 0 else w.numel() * 4), (k, new)
+    assert depths[-1] == MAX_DELTA_DEPTH
+    mnt.remount()
+    assert all(sha(mnt.path / name) == h for name, h in want.items())
+    for k in [1, 0, n - 2, 2]:  # a middle version first, then its reference, ...
+        name = f"v{k}.safetensors"
+        os.unlink(mnt.path / name)
+        del want[name]
+        mnt.remount()
+        assert all(sha(mnt.path / name) == h for name, h in want.items())
+    mnt.umount()
+    assert check_store(mnt.store) == []
+
+
 def test_lossless_embeddings_identical(mnt):
     model = zoo.copy_model_dir(mnt.path / "minilm")
     mnt.remount()
