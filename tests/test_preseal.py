@@ -266,6 +266,38 @@ def test_model_file_written_slowly_is_presealed_tensor_by_tensor(mnt, writer):
     assert_kept_after_remount(mnt, path, hashlib.sha256(serialize(v2)).hexdigest())
 
 
+def test_versions_written_back_to_back_are_coded_against_the_previous_one(mnt):
+    """A trainer saving checkpoints in quick succession: version k+1 is pre-sealed only
+    after version k is in the store, so its tensors are deltas of version k's, not of an
+    older one (a chain of depth k), with no sync between the saves."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from elvesfs.chunkstore import MAX_DELTA_DEPTH, ChunkStore
+    from elvesfs.db import Database
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal(40 << 20, dtype=np.float32) * 0.05).astype(np.float32)
+    want = {}
+    for k in range(MAX_DELTA_DEPTH + 1):
+        w = w + (rng.standard_normal(w.size, dtype=np.float32) * 1e-5).astype(np.float32)
+        data = save({"layer.weight": w.reshape(10 << 10, 4 << 10)})
+        path = mnt.path / f"step{k}.safetensors"
+        with open(path, "wb") as f:
+            f.write(data)
+        want[path] = hashlib.sha256(data).hexdigest()
+    mnt.sync()
+    assert all(sha_file(p) == h for p, h in want.items())
+    db = Database(str(mnt.store), readonly=True)
+    try:
+        with db.read() as txn:
+            cs = ChunkStore(db)
+            depths = [cs.depth(txn, bytes(c)) for c, _ in txn.cursor(db=db.t["refs"])]
+    finally:
+        db.close()
+    assert max(depths) == MAX_DELTA_DEPTH, depths
+    assert_kept_after_remount(mnt, path, want[path])
+
+
 def test_no_preseal_mount_codes_only_at_close(make_mount):
     m = make_mount("--no-preseal")
     path = m.path / "late.bin"
