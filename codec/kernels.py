@@ -539,51 +539,58 @@ def group_by_bucket(vals, higher, counts, out):
 def ungroup_by_bucket(grouped, higher, counts, out):
     """Inverse of group_by_bucket. ``counts`` come from the frame (the bucket streams'
     lengths), not from ``higher``: returns False, having read nothing out of bounds,
-    when they disagree (a corrupt frame)."""
+    when they disagree (a corrupt frame). Unsigned cursors, one element at a time:
+    numba adds no negative-index fix-ups, and on this CPU it beats _slots4 (~10 %)."""
     nb = counts.shape[0]
-    pos = np.zeros(nb, np.int64)
-    end = np.zeros(nb, np.int64)
+    pos = np.zeros(nb, np.uint64)
+    end = np.zeros(nb, np.uint64)
     end[0] = counts[0]
     for b in range(1, nb):
         pos[b] = end[b - 1]
-        end[b] = pos[b] + counts[b]
+        end[b] = pos[b] + np.uint64(counts[b])
     if end[nb - 1] != grouped.shape[0]:
         return False
-    top = nb - 1
-    n = out.shape[0]
-    m = n - n % 4
-    for i in range(0, m, 4):
-        b0, b1, b2, b3, q0, q1, q2, q3 = _slots4(higher, i, top, pos)
-        if q0 >= end[b0] or q1 >= end[b1] or q2 >= end[b2] or q3 >= end[b3]:
-            return False
-        out[i] = grouped[q0]
-        out[i + 1] = grouped[q1]
-        out[i + 2] = grouped[q2]
-        out[i + 3] = grouped[q3]
-    for i in range(m, n):
-        b = min(np.int64(higher[i]), top)
+    top = np.uint64(nb - 1)
+    one = np.uint64(1)
+    for i in range(out.shape[0]):
+        b = min(np.uint64(higher[i]), top)
         p = pos[b]
         if p >= end[b]:
             return False
         out[i] = grouped[p]
-        pos[b] = p + 1
+        pos[b] = p + one
     return True
 
 
 @njit(**_JIT)
-def unsub_ungroup(g, cls, counts, ref, out):
-    """out[i] = ref[i] + unzigzag(the i-th element's value in the class-grouped g),
-    wrapping: ungroup_by_class and the inverse of zigzag(data - ref) in one pass."""
-    pos = np.zeros(counts.shape[0], np.int64)
-    for c in range(1, counts.shape[0]):
-        pos[c] = pos[c - 1] + counts[c - 1]
+def unsub_gather(g, ref, shift, emask, lut, counts, out):
+    """out[i] = ref[i] + unzigzag(the next value of element i's class in the
+    class-grouped g), wrapping; the class is lut[exponent field of ref[i]], computed
+    here (no class array). ``counts`` come from the frame's stream lengths: returns
+    False, having read nothing out of bounds, when a class runs short (corrupt frame
+    or wrong reference). Unsigned indices: numba adds no negative-index fix-ups."""
+    ncls = counts.shape[0]
+    pos = np.zeros(ncls, np.uint64)
+    end = np.zeros(ncls, np.uint64)
+    end[0] = counts[0]
+    for c in range(1, ncls):
+        pos[c] = end[c - 1]
+        end[c] = pos[c] + np.uint64(counts[c])
+    if end[ncls - 1] != g.shape[0] or g.shape[0] != out.shape[0]:
+        return False
     one = np.uint64(1)
+    sh = np.uint64(shift)
+    em = np.uint64(emask)
     for i in range(out.shape[0]):
-        c = cls[i]
-        z = np.uint64(g[pos[c]])
-        pos[c] += 1
-        d = (z >> one) ^ (np.uint64(0) - (z & one))
-        out[i] = np.uint64(ref[i]) + d
+        r = np.uint64(ref[i])
+        c = np.uint64(lut[(r >> sh) & em])
+        p = pos[c]
+        if p >= end[c]:
+            return False
+        z = np.uint64(g[p])
+        pos[c] = p + one
+        out[i] = r + ((z >> one) ^ (np.uint64(0) - (z & one)))
+    return True
 
 
 @njit(**_JIT)
@@ -594,3 +601,4 @@ def joint_hist(higher, vals, nb):
     for i in range(vals.shape[0]):
         h[min(np.int64(higher[i]), top), vals[i]] += 1
     return h
+

@@ -40,7 +40,7 @@ from .base import Codec, Encoded, as_bytes_view, register
 from .errors import FrameError
 from .frame import hash64
 from . import huffman, kernels
-from .planes import L_BYTES, decode_planes, encode_planes, merge, split
+from .planes import L_BYTES, decode_planes, encode_planes, split
 from .zstd_codec import code_stream, decode_stream
 
 _P = struct.Struct("<QB")  # reference hash, planes layout
@@ -131,8 +131,7 @@ def _class_exponents(ref_u: np.ndarray, dt) -> list[int]:
 
 def _classes(ref_u: np.ndarray, dt, exps: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(class of each element, elements per class) from the reference's exponents."""
-    lut = np.full(1 << dt.ebits, NCLASSES - 1, np.uint8)
-    lut[np.asarray(exps, np.int64)] = np.arange(len(exps), dtype=np.uint8)
+    lut = _class_lut(dt, exps)
     cls = np.empty(ref_u.shape[0], np.uint8)
     counts = np.zeros(NCLASSES, np.int64)
     kernels.ref_classes(ref_u, dt.mbits, (1 << dt.ebits) - 1, lut, cls, counts)
@@ -222,45 +221,96 @@ def _ctx_params(header, dt, t: int) -> tuple[list[int], int, int]:
 
 
 def _decode_ctx(header, frame, dt, ref, t: int) -> np.ndarray:
-    """Inverse of _encode_ctx (the reference already checked): plane by plane, each
-    lower plane's buckets put back in order by the plane above it; then the planes
-    merged, and one pass puts the classes back in order and adds the reference."""
+    """Inverse of _encode_ctx (the reference already checked): each class's planes are
+    merged where they were decoded (a split plane's buckets first put back in order by
+    the plane above it) into the class-grouped values; one pass then puts the classes
+    back in order and adds the reference (the class sizes come from the frame and are
+    checked there against the reference's exponents: no class array, no copies of the
+    planes into one array)."""
     if not _ctx_ok(dt):
         raise FrameError("xor frame: context classes on a dtype without exponents")
     exps, nb, mask = _ctx_params(header, dt, t)
     ut = _utype(dt)
-    size = ut.itemsize
     ref_u = _u8(ref).view(ut)
     n = ref_u.shape[0]
-    cls, counts = _classes(ref_u, dt, exps)
+    counts = np.array([s.raw_len for s in header.streams[:NCLASSES]], np.int64)
+    if counts.sum() != n:
+        raise FrameError("xor frame: the class streams do not add up to the chunk")
+    planes = _class_planes(header, frame, ut.itemsize, nb, mask, counts)
+    g = np.empty(n, ut)
     off = np.concatenate([[0], np.cumsum(counts)])
-    pl = np.empty((size, n), np.uint8)
-    streams = iter(header.streams)
-    for j in range(size):
-        for c in range(NCLASSES):
-            seg = pl[j, off[c]:off[c + 1]]
-            if j == 0 or not mask >> ((j - 1) * NCLASSES + c) & 1:
-                seg[:] = _stream_bytes(frame, next(streams), counts[c])
-                continue
-            parts = [next(streams) for _ in range(nb)]
-            bc = np.array([s.raw_len for s in parts], np.int64)
-            grouped = np.concatenate([_stream_bytes(frame, s, s.raw_len) for s in parts])
-            if not kernels.ungroup_by_bucket(grouped, pl[j - 1, off[c]:off[c + 1]], bc, seg):
-                raise FrameError(f"xor frame: the buckets of {parts[0].name!r} do not match "
-                                 "their higher byte (corrupt frame or wrong reference)",
-                                 damaged=(parts[0].name,))
-    g = np.ascontiguousarray(merge(list(pl), _bytes_dtype(ut), L_BYTES, n)).reshape(-1)
+    for c in range(NCLASSES):
+        _merge_class(planes[c::NCLASSES], g[off[c]:off[c + 1]])
     out = np.empty(n, ut)
-    kernels.unsub_ungroup(g.view(np.uint8).view(ut), cls, counts, ref_u, out)
+    if not kernels.unsub_gather(g, ref_u, dt.mbits, (1 << dt.ebits) - 1,
+                                _class_lut(dt, exps), counts, out):
+        raise FrameError("xor frame: class sizes do not match the reference's exponents "
+                         "(corrupt frame or wrong reference)")
     return out
 
 
-def _stream_bytes(frame, s, want: int) -> np.ndarray:
-    """The decoded bytes of one class (or bucket) stream, its length checked."""
+def _merge_class(pl: list, dst: np.ndarray) -> None:
+    """Byte planes (most significant first) of one class into its values ``dst``."""
+    if len(pl) == 4:
+        kernels.merge_u32(pl[0], pl[1], pl[2], pl[3], dst)
+    elif len(pl) == 2:
+        kernels.merge_u16(pl[0], pl[1], dst)
+    else:
+        b = dst.view(np.uint8).reshape(-1, len(pl))
+        for j, p in enumerate(pl):
+            b[:, len(pl) - 1 - j] = p
+
+
+def _class_planes(header, frame, size: int, nb: int, mask: int, counts) -> list:
+    """The decoded plane of each (plane j, class c), at index j * NCLASSES + c, each
+    checked to hold one byte per element of its class; split planes put back in
+    order. All read-only (one numba signature for the merge kernels)."""
+    planes = []
+    streams = iter(header.streams)
+    for j in range(size):
+        for c in range(NCLASSES):
+            if j == 0 or not mask >> ((j - 1) * NCLASSES + c) & 1:
+                s = next(streams)
+                _check_len(s, counts[c])
+                p = np.frombuffer(decode_stream(frame, s), np.uint8)
+            else:
+                p = _ungroup_buckets(frame, [next(streams) for _ in range(nb)],
+                                     planes[-NCLASSES], counts[c])
+            if p.flags.writeable:
+                p.setflags(write=False)
+            planes.append(p)
+    return planes
+
+
+def _ungroup_buckets(frame, parts: list, higher: np.ndarray, count: int) -> np.ndarray:
+    """One class's plane from its bucket streams, put back in order by the plane
+    above it (``higher``)."""
+    bc = np.array([s.raw_len for s in parts], np.int64)
+    if bc.sum() != count:
+        raise FrameError(f"xor frame: the buckets of {parts[0].name!r} do not add up "
+                         "to their class (wrong reference?)", damaged=(parts[0].name,))
+    grouped = np.concatenate([np.frombuffer(decode_stream(frame, s), np.uint8)
+                              for s in parts])
+    seg = np.empty(count, np.uint8)
+    if not kernels.ungroup_by_bucket(grouped, higher, bc, seg):
+        raise FrameError(f"xor frame: the buckets of {parts[0].name!r} do not match "
+                         "their higher byte (corrupt frame or wrong reference)",
+                         damaged=(parts[0].name,))
+    return seg
+
+
+def _class_lut(dt, exps: list[int]) -> np.ndarray:
+    """Class of each exponent value: exps[k] -> k, all the others -> the last class."""
+    lut = np.full(1 << dt.ebits, NCLASSES - 1, np.uint8)
+    lut[np.asarray(exps, np.int64)] = np.arange(len(exps), dtype=np.uint8)
+    return lut
+
+
+def _check_len(s, want: int) -> None:
+    """A class stream must hold one byte per element of its class."""
     if s.raw_len != want:
         raise FrameError(f"xor frame: stream {s.name!r} has {s.raw_len} bytes, its class "
                          f"has {want} elements (wrong reference?)", damaged=(s.name,))
-    return np.frombuffer(decode_stream(frame, s), np.uint8)
 
 
 def _bytes_dtype(ut: np.dtype):
