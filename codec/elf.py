@@ -127,6 +127,9 @@ def _decode(header, frame, dt, fidelity):
     if dt.name == "F32" and have == nplanes == 3:
         out = np.empty(n, np.float32)
         kernels.elf_unplanes3(decoded[0], decoded[1], decoded[2], qbits, step, out)
+    elif dt.name == "F16" and have == nplanes == 2 and n >= 4 << qbits:
+        out = np.empty(n, np.uint16)  # (the table costs more than it saves below that)
+        kernels.elf_unplanes2_f16(decoded[0], decoded[1], kernels.f16_lut(qbits, step), out)
     else:
         planes = np.empty((nplanes, n), np.uint8)
         for j, p in enumerate(decoded):

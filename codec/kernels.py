@@ -343,6 +343,34 @@ def elf_quantize_f16(u, step, inv_step, qmax, bound, t, rec, outlier):
 
 
 @njit(**_JIT)
+def f16_lut(qbits, step):
+    """float16 bits of every t = sign << qbits | q (q*step -> float32 -> float16, as
+    encoded); empty for qbits < 0."""
+    if qbits < 0:
+        return np.empty(0, np.uint16)
+    s32 = np.empty(1, np.float32)
+    s32u = s32.view(np.uint32)
+    qmask = (np.int64(1) << qbits) - 1
+    lut = np.empty(np.int64(2) << qbits, np.uint16)
+    for v in range(lut.shape[0]):
+        r = np.float64(v & qmask) * step
+        if (v >> qbits) & 1:
+            r = -r
+        lut[v] = f64_to_f16(r, s32, s32u)
+    return lut
+
+
+@njit(**_JIT)
+def elf_unplanes2_f16(p0, p1, lut, out):
+    """elf_unplanes_f16 for two complete planes (the native bound: qbits 10), straight
+    from the decoded streams: one table lookup per value (``lut`` from f16_lut; its
+    length, a power of two, masks t)."""
+    tmask = np.uint64(lut.shape[0] - 1)
+    for i in range(out.shape[0]):
+        out[i] = lut[((np.uint64(p0[i]) << np.uint64(8)) | np.uint64(p1[i])) & tmask]
+
+
+@njit(**_JIT)
 def elf_unplanes_f16(planes, have, nplanes, qbits, step, out):
     """elf_unplanes writing float16 bits (q*step -> float32 -> float16, as encoded);
     through a table of every sign+q when qbits is small (always for the native bound)."""
@@ -355,13 +383,7 @@ def elf_unplanes_f16(planes, have, nplanes, qbits, step, out):
     s32 = np.empty(1, np.float32)
     s32u = s32.view(np.uint32)
     use_lut = qbits <= 16 and n >= (np.int64(4) << qbits)
-    lut = np.empty(np.int64(2) << qbits if use_lut else 0, np.uint16)
-    if use_lut:
-        for v in range(lut.shape[0]):
-            r = np.float64(np.uint64(v) & qmask) * step
-            if (v >> qbits) & 1:
-                r = -r
-            lut[v] = f64_to_f16(r, s32, s32u)
+    lut = f16_lut(qbits if use_lut else -1, step)
     tmask = (np.uint64(2) << np.uint64(qbits)) - np.uint64(1)
     for i in range(n):
         v = np.uint64(0)

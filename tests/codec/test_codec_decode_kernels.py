@@ -1,0 +1,113 @@
+"""The fused decode kernels: sub+ctx's class gather (classes from the reference, class
+sizes from the frame), the bucket ungroup, and fp16 ELF's two-plane table decode:
+equal to the plain computation on odd sizes and every dtype, and corrupt inputs
+rejected without reading out of bounds."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import codec
+from codec import elf, kernels
+from codec import xor as X
+from codec.dtypes import BY_NAME
+from codec.frame import Stream, pack, parse, stream_view
+
+SET = settings(max_examples=25, deadline=None)
+UT = {"F16": np.uint16, "BF16": np.uint16, "F32": np.uint32, "F64": np.uint64}
+
+
+def _gather_inputs(dt: str, n: int, seed: int):
+    """A reference, its classes' lut and counts, and class-grouped zigzag values."""
+    d = BY_NAME[dt]
+    rng = np.random.default_rng(seed)
+    ut = UT[dt]
+    ref = rng.integers(0, np.iinfo(ut).max, n, dtype=ut, endpoint=True)
+    exps = X._class_exponents(ref, d) if n else []
+    lut = X._class_lut(d, exps)
+    cls, counts = X._classes(ref, d, exps)
+    g = rng.integers(0, np.iinfo(ut).max, n, dtype=ut, endpoint=True)
+    return d, ref, lut, cls, counts, g
+
+
+@SET
+@given(st.sampled_from(list(UT)), st.integers(0, 3000), st.integers(0, 2**32 - 1))
+def test_unsub_gather_matches_numpy(dt, n, seed):
+    d, ref, lut, cls, counts, g = _gather_inputs(dt, n, seed)
+    out = np.empty_like(ref)
+    assert kernels.unsub_gather(g, ref, d.mbits, (1 << d.ebits) - 1, lut, counts, out)
+    z = np.empty_like(g)
+    kernels.ungroup_by_class(g, cls, counts, z)
+    one = ref.dtype.type(1)
+    want = ref + ((z >> one) ^ (ref.dtype.type(0) - (z & one)))
+    assert np.array_equal(out, want)
+
+
+@pytest.mark.parametrize("dt", list(UT))
+def test_unsub_gather_rejects_counts_that_disagree(dt):
+    d, ref, lut, cls, counts, g = _gather_inputs(dt, 5001, 3)
+    out = np.empty_like(ref)
+    c = int(np.argmax(counts))
+    moved = counts.copy()
+    moved[c] -= 1
+    moved[(c + 1) % len(counts)] += 1
+    for bad in (moved, counts[::-1].copy(), counts + 1):
+        if not np.array_equal(bad, counts):
+            assert not kernels.unsub_gather(g, ref, d.mbits, (1 << d.ebits) - 1, lut, bad, out)
+
+
+@SET
+@given(st.integers(0, 5000), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_ungroup_by_bucket_inverts_group(n, nb, seed):
+    rng = np.random.default_rng(seed)
+    higher = np.where(rng.random(n) < 0.5, 0, rng.integers(0, 256, n)).astype(np.uint8)
+    vals = rng.integers(0, 256, n, dtype=np.uint8)
+    bc = np.zeros(nb, np.int64)
+    kernels.bucket_counts(higher, nb, bc)
+    grouped = np.empty_like(vals)
+    kernels.group_by_bucket(vals, higher, bc, grouped)
+    out = np.empty_like(vals)
+    assert kernels.ungroup_by_bucket(grouped, higher, bc, out)
+    assert np.array_equal(out, vals)
+    if nb > 1 and n and bc[0] and bc[1] != bc[0]:
+        bad = bc.copy()
+        bad[0], bad[1] = bc[1], bc[0]
+        assert not kernels.ungroup_by_bucket(grouped, higher, bad, out)
+
+
+def test_ctx_frame_with_class_streams_swapped_raises():
+    """Class sizes are taken from the frame: a frame whose class streams disagree with
+    the reference's exponents (re-packed, so every checksum holds) raises."""
+    rng = np.random.default_rng(9)
+    ref = (rng.normal(0, 0.05, 4099) * np.exp(rng.normal(0, 1, 4099))).astype(np.float32)
+    data = (ref - np.float32(1e-3)).tobytes()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(X, "_pick_transform", lambda mv, r, d, level: X.T_SUBCTX)
+        frame = codec.encode(data, "F32", codec="xor", reference=ref.tobytes())
+    h = parse(frame)
+    streams = [Stream(s.name, s.method, s.raw_len, bytes(stream_view(frame, s)))
+               for s in h.streams]
+    assert streams[0].raw_len != streams[1].raw_len
+    for j in range(4):  # swap classes 0 and 1 in every plane
+        streams[8 * j], streams[8 * j + 1] = streams[8 * j + 1], streams[8 * j]
+    bad = pack("xor", h.dtype_id, h.raw_size, h.params, streams, h.content_hash,
+               needs_reference=True)
+    with pytest.raises(codec.FrameError):
+        codec.decode(bad, reference=ref.tobytes())
+
+
+@SET
+@given(st.integers(0, 20000), st.integers(0, 2**32 - 1))
+def test_fp16_elf_two_plane_table_decode(n, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(0, 0.3, n) * np.exp(rng.normal(0, 1, n))).astype(np.float16)
+    frame = codec.encode(x.tobytes(), "F16", codec="elf", bound="native")
+    y = np.frombuffer(codec.decode(frame), np.float16)
+    fin = np.isfinite(x)
+    assert np.all(np.abs(y[fin].astype(np.float64) - x[fin]) <= elf.native_bound(BY_NAME["F16"]))
+    # the table kernel equals the generic one, including planes with garbage high bits
+    planes = rng.integers(0, 256, (2, n), dtype=np.uint8)
+    a, b = np.empty(n, np.uint16), np.empty(n, np.uint16)
+    step = 2.0 ** -10
+    kernels.elf_unplanes2_f16(planes[0], planes[1], kernels.f16_lut(10, step), a)
+    kernels.elf_unplanes_f16(planes & np.array([[7], [255]], np.uint8), 2, 2, 10, step, b)
+    assert np.array_equal(a, b)
