@@ -589,8 +589,11 @@ def unsub_gather(g, ref, shift, emask, lut, counts, out):
     """out[i] = ref[i] + unzigzag(the next value of element i's class in the
     class-grouped g), wrapping; the class is lut[exponent field of ref[i]], computed
     here (no class array). ``counts`` come from the frame's stream lengths: returns
-    False, having read nothing out of bounds, when a class runs short (corrupt frame
-    or wrong reference). Unsigned indices: numba adds no negative-index fix-ups."""
+    False when a class size is wrong (corrupt frame or wrong reference). No check per
+    element: g holds 2n values (the values, then slack the caller never fills), so a
+    class that overruns by up to n stays in bounds; each class's end position is
+    checked once at the end. Unsigned indices: numba adds no negative-index fix-ups."""
+    n = out.shape[0]
     ncls = counts.shape[0]
     pos = np.zeros(ncls, np.uint64)
     end = np.zeros(ncls, np.uint64)
@@ -598,20 +601,21 @@ def unsub_gather(g, ref, shift, emask, lut, counts, out):
     for c in range(1, ncls):
         pos[c] = end[c - 1]
         end[c] = pos[c] + np.uint64(counts[c])
-    if end[ncls - 1] != g.shape[0] or g.shape[0] != out.shape[0]:
+    if end[ncls - 1] != n or g.shape[0] < 2 * n:
         return False
     one = np.uint64(1)
     sh = np.uint64(shift)
     em = np.uint64(emask)
-    for i in range(out.shape[0]):
+    for i in range(n):
         r = np.uint64(ref[i])
         c = np.uint64(lut[(r >> sh) & em])
-        p = pos[c]
-        if p >= end[c]:
-            return False
+        p = pos[c]  # < start of class c + i <= 2n - 1
         z = np.uint64(g[p])
         pos[c] = p + one
         out[i] = r + ((z >> one) ^ (np.uint64(0) - (z & one)))
+    for c in range(ncls):
+        if pos[c] != end[c]:
+            return False
     return True
 
 

@@ -237,7 +237,7 @@ def _decode_ctx(header, frame, dt, ref, t: int) -> np.ndarray:
     if counts.sum() != n:
         raise FrameError("xor frame: the class streams do not add up to the chunk")
     planes = _class_planes(header, frame, ut.itemsize, nb, mask, counts)
-    g = np.empty(n, ut)
+    g = np.empty(2 * n, ut)  # the values, then slack unsub_gather's overrun check needs
     off = np.concatenate([[0], np.cumsum(counts)])
     for c in range(NCLASSES):
         _merge_class(planes[c::NCLASSES], g[off[c]:off[c + 1]])

@@ -25,7 +25,7 @@ def _gather_inputs(dt: str, n: int, seed: int):
     exps = X._class_exponents(ref, d) if n else []
     lut = X._class_lut(d, exps)
     cls, counts = X._classes(ref, d, exps)
-    g = rng.integers(0, np.iinfo(ut).max, n, dtype=ut, endpoint=True)
+    g = rng.integers(0, np.iinfo(ut).max, 2 * n, dtype=ut, endpoint=True)
     return d, ref, lut, cls, counts, g
 
 
@@ -35,8 +35,10 @@ def test_unsub_gather_matches_numpy(dt, n, seed):
     d, ref, lut, cls, counts, g = _gather_inputs(dt, n, seed)
     out = np.empty_like(ref)
     assert kernels.unsub_gather(g, ref, d.mbits, (1 << d.ebits) - 1, lut, counts, out)
-    z = np.empty_like(g)
-    kernels.ungroup_by_class(g, cls, counts, z)
+    z = np.empty_like(ref)
+    kernels.ungroup_by_class(g[:n], cls, counts, z)
+    assert not kernels.unsub_gather(g[:max(2 * n - 1, 0)], ref, d.mbits, (1 << d.ebits) - 1,
+                                    lut, counts, out) or n == 0
     one = ref.dtype.type(1)
     want = ref + ((z >> one) ^ (ref.dtype.type(0) - (z & one)))
     assert np.array_equal(out, want)
@@ -50,7 +52,11 @@ def test_unsub_gather_rejects_counts_that_disagree(dt):
     moved = counts.copy()
     moved[c] -= 1
     moved[(c + 1) % len(counts)] += 1
-    for bad in (moved, counts[::-1].copy(), counts + 1):
+    last = np.zeros_like(counts)
+    last[-1] = len(ref)  # every element claimed by the last class: overruns by up to n
+    first = np.zeros_like(counts)
+    first[0] = len(ref)
+    for bad in (moved, counts[::-1].copy(), counts + 1, last, first):
         if not np.array_equal(bad, counts):
             assert not kernels.unsub_gather(g, ref, d.mbits, (1 << d.ebits) - 1, lut, bad, out)
 
