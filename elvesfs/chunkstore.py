@@ -33,7 +33,7 @@ from .errors import StoreCorruptError
 CHUNK = struct.Struct("<QII16sB")
 NO_REF = bytes(16)
 LOSSY = 1
-MAX_DELTA_DEPTH = 2  # deltas in a chain: 0 = standalone, 2 = delta of a delta
+MAX_DELTA_DEPTH = 1  # deltas in a chain: 1 = a read needs at most one reference hop
 
 
 @dataclass

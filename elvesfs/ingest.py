@@ -302,19 +302,20 @@ class Sealer:
 
     # -- piece coding (pool threads) -------------------------------------------
     def _reference(self, p: Piece) -> tuple[bytes, bytes | None]:
-        """The latest stored version of this tensor piece, to XOR against.
+        """The newest stored version of this tensor piece that may serve as a reference.
 
-        None when that version already ends a chain of MAX_DELTA_DEPTH deltas: the piece
-        is then coded alone and starts a new chain (a keyframe, as in video), which keeps
-        reads bounded while each checkpoint is coded against the one just before it."""
+        The index names the latest version; if that one already ends a chain of
+        MAX_DELTA_DEPTH deltas, walk back along its chain to the newest version that
+        does not (with depth 1: the last version stored alone), so reads stay bounded."""
         if not (self.delta and p.name and p.dtype):
             return bytes(16), None
         with self.db.read() as txn:
             ref = txn.get(tensor_key(p), db=self.db.t["tindex"])
             rec = self.chunks.record(txn, ref) if ref else None
+            while rec is not None and self.chunks.depth(txn, ref) >= MAX_DELTA_DEPTH:
+                ref = rec.ref
+                rec = self.chunks.record(txn, ref)
             if rec is None or rec.raw != p.length:
-                return bytes(16), None
-            if self.chunks.depth(txn, ref) >= MAX_DELTA_DEPTH:
                 return bytes(16), None
         try:
             return ref, self.reader.get(ref)
