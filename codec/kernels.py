@@ -558,18 +558,26 @@ def group_by_bucket(vals, higher, counts, out):
 
 
 @njit(**_JIT)
+def _group_cursors(counts):
+    """(start, end) of each group in a grouped array, as unsigned read cursors."""
+    n = counts.shape[0]
+    pos = np.zeros(n, np.uint64)
+    end = np.zeros(n, np.uint64)
+    end[0] = counts[0]
+    for b in range(1, n):
+        pos[b] = end[b - 1]
+        end[b] = pos[b] + np.uint64(counts[b])
+    return pos, end
+
+
+@njit(**_JIT)
 def ungroup_by_bucket(grouped, higher, counts, out):
     """Inverse of group_by_bucket. ``counts`` come from the frame (the bucket streams'
     lengths), not from ``higher``: returns False, having read nothing out of bounds,
     when they disagree (a corrupt frame). Unsigned cursors, one element at a time:
     numba adds no negative-index fix-ups, and on this CPU it beats _slots4 (~10 %)."""
     nb = counts.shape[0]
-    pos = np.zeros(nb, np.uint64)
-    end = np.zeros(nb, np.uint64)
-    end[0] = counts[0]
-    for b in range(1, nb):
-        pos[b] = end[b - 1]
-        end[b] = pos[b] + np.uint64(counts[b])
+    pos, end = _group_cursors(counts)
     if end[nb - 1] != grouped.shape[0]:
         return False
     top = np.uint64(nb - 1)
@@ -595,12 +603,7 @@ def unsub_gather(g, ref, shift, emask, lut, counts, out):
     checked once at the end. Unsigned indices: numba adds no negative-index fix-ups."""
     n = out.shape[0]
     ncls = counts.shape[0]
-    pos = np.zeros(ncls, np.uint64)
-    end = np.zeros(ncls, np.uint64)
-    end[0] = counts[0]
-    for c in range(1, ncls):
-        pos[c] = end[c - 1]
-        end[c] = pos[c] + np.uint64(counts[c])
+    pos, end = _group_cursors(counts)
     if end[ncls - 1] != n or g.shape[0] < 2 * n:
         return False
     one = np.uint64(1)
