@@ -104,6 +104,7 @@ class Operations(pyfuse3.Operations):
         self.seal_limiter = trio.CapacityLimiter(1)  # seals, drops and GC run one at a time
         self.read_limiter = trio.CapacityLimiter(max(2, (os.cpu_count() or 2) * 2))
         self.pending_seals = 0
+        self.seals_due: Counter[int] = Counter()  # inode -> seal tasks not finished
         self.idle = trio.Condition()
         self.nursery: trio.Nursery | None = None
 
@@ -676,12 +677,27 @@ class Operations(pyfuse3.Operations):
         disk = os.statvfs(self.db.path)
         return disk.f_bavail * disk.f_frsize > 4 * n + PRESEAL_RESERVE
 
+    async def _other_seals_done(self, ino: int) -> None:
+        """Let closed files seal first: the file written after them is coded against
+        their tensors (XOR deltas) only once they are in the store.
+
+        Only a file still being written waits: once its own seal is due, the seal waits
+        for this pre-seal, so waiting here for other seals (whose pre-seals may wait for
+        ours) could deadlock; the caller stops instead."""
+        async with self.idle:
+            while ino not in self.seals_due and any(i != ino for i in self.seals_due):
+                await self.idle.wait()
+
     async def _preseal_task(self, st: InodeState, pre: Preseal) -> None:
         """Store a growing file's prefix while the writer goes on, so that sealing at
         close has only the tail left. Any failure only costs the head start."""
         try:
             while (st.preseal is pre and st.staged and not st.sealing
                    and pre.written - pre.pos >= PRESEAL_STEP):
+                await self._other_seals_done(st.ino)
+                if (st.ino in self.seals_due  # closed: its seal codes the rest
+                        or not (st.preseal is pre and st.staged and not st.sealing)):
+                    break
                 end = min(pre.written, pre.pos + PRESEAL_MAX)
                 if not self._room_for_preseal(end - pre.pos):
                     break  # the file's bytes would be on disk twice: leave it to close
@@ -764,6 +780,7 @@ class Operations(pyfuse3.Operations):
     def _schedule_seal(self, ino: int) -> None:
         if self.nursery is not None:
             self.pending_seals += 1
+            self.seals_due[ino] += 1
             self.nursery.start_soon(self._seal_task, ino)
 
     async def _seal_task(self, ino: int) -> None:
@@ -771,6 +788,9 @@ class Operations(pyfuse3.Operations):
             await self.seal(ino)
         finally:
             self.pending_seals -= 1
+            self.seals_due[ino] -= 1
+            if not self.seals_due[ino]:
+                del self.seals_due[ino]
             async with self.idle:
                 self.idle.notify_all()
 
