@@ -83,13 +83,14 @@ def encode(data, dtype=None, *, codec: str = "auto", bound=None, reference=None,
     return get_codec(codec, dname).encode(mv)
 
 
-def decode(frame, reference=None, fidelity=None) -> bytes:
+def decode(frame, reference=None, fidelity=None, copy: bool = True) -> bytes | memoryview:
     """Decode a frame to its raw bytes (exact for lossless frames, within the recorded
     bound for ELF frames). ``fidelity``: None = everything; an int = number of mantissa
     (fraction) bits wanted -- only the most significant streams that hold them are read
     and verified; dropped bits read as the midpoint of their range. Ignored by codecs
-    without planes (raw, zstd, xor: always exact)."""
-    return decode_frame(frame, reference=reference, fidelity=fidelity)
+    without planes (raw, zstd, xor: always exact). ``copy=False`` may return a
+    read-only memoryview instead of bytes, saving a copy of the output."""
+    return decode_frame(frame, reference=reference, fidelity=fidelity, copy=copy)
 
 
 def inspect(frame) -> FrameInfo:

@@ -97,7 +97,9 @@ class Codec:
         raise NotImplementedError
 
 
-def decode_frame(frame, reference=None, fidelity=None) -> bytes:
+def decode_frame(frame, reference=None, fidelity=None, copy: bool = True):
+    """Decoded bytes of a frame; with ``copy=False`` a read-only memoryview of the
+    decoder's own output when it has one (saves a copy of every decoded chunk)."""
     header = parse(frame)
     cls = REGISTRY.get(header.codec)
     if cls is None:
@@ -109,7 +111,7 @@ def decode_frame(frame, reference=None, fidelity=None) -> bytes:
         raise FrameError(f"this {header.codec} frame is a delta: pass reference=<the same chunk of "
                          "the checkpoint it was encoded against> to decode it")
     out = cls._decode(header, frame, dt, reference, fidelity)
-    out = bytes(out) if not isinstance(out, bytes) else out
+    out = _owned(out, frame, reference) if not copy else bytes(out) if not isinstance(out, bytes) else out
     if len(out) != header.raw_size:
         raise FrameError(f"decoded {len(out)} bytes but the frame says {header.raw_size}")
     if fidelity is None and not header.content_ok(out):
@@ -117,3 +119,17 @@ def decode_frame(frame, reference=None, fidelity=None) -> bytes:
                          "the one recorded at encode time" +
                          (" (wrong reference?)" if header.needs_reference else ""))
     return out
+
+
+def _owned(out, frame, reference) -> bytes | memoryview:
+    """``out`` without a copy when it is a fresh array, not a view of ``frame`` or the
+    reference (a frame may live in a memory map that goes away after the call)."""
+    if isinstance(out, bytes):
+        return out
+    if (isinstance(out, np.ndarray) and out.flags.c_contiguous
+            and not any(b is not None and np.may_share_memory(out, np.frombuffer(b, np.uint8))
+                        for b in (frame, reference))):
+        out = out.reshape(-1).view(np.uint8)
+        out.flags.writeable = False
+        return out.data
+    return bytes(out)

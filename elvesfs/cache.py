@@ -12,11 +12,11 @@ class ChunkCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
-        self._d: OrderedDict[bytes, bytes] = OrderedDict()
+        self._d: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, cid: bytes) -> bytes | None:
+    def get(self, cid: bytes) -> bytes | memoryview | None:
         with self._lock:
             data = self._d.get(cid)
             if data is None:
@@ -26,7 +26,7 @@ class ChunkCache:
             self.hits += 1
             return data
 
-    def put(self, cid: bytes, data: bytes) -> None:
+    def put(self, cid: bytes, data: bytes | memoryview) -> None:
         if len(data) > self.capacity:
             return
         with self._lock:

@@ -48,10 +48,12 @@ def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
                    info.max_error if info.lossy else None, info.needs_reference)
 
 
-def decode_chunk(cid: bytes, frame: bytes, flags: int, reference: bytes | None = None) -> bytes:
-    """Decode and verify a chunk: exact chunks must hash back to their id."""
+def decode_chunk(cid: bytes, frame: bytes, flags: int,
+                 reference: bytes | memoryview | None = None) -> bytes | memoryview:
+    """Decode and verify a chunk: exact chunks must hash back to their id. The result
+    is read-only (bytes, or a memoryview of the decoder's output: one copy less)."""
     try:
-        data = codec.decode(frame, reference=reference)
+        data = codec.decode(frame, reference=reference, copy=False)
     except codec.FrameError as exc:
         raise ChunkCorruptError(f"chunk {cid.hex()} is corrupt: {exc}") from exc
     if not flags & LOSSY and chunk_id(data) != cid:

@@ -33,6 +33,7 @@ from .staging import Staging
 
 log = logging.getLogger("elvesfs.daemon")
 SWITCH_INTERVAL = float(os.environ.get("ELVESFS_SWITCH_INTERVAL", "0.0005"))  # seconds
+WARMUP_WAIT = 5.0  # seconds the mount waits for the codec kernels to load
 
 
 @dataclass
@@ -208,12 +209,16 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         ready(f"ERR {exc}")
         log.error("%s", exc)
         return 1
-    threading.Thread(target=warm_up_codecs, name="elvesfs-warmup", daemon=True).start()
+    warm = threading.Thread(target=warm_up_codecs, name="elvesfs-warmup", daemon=True)
+    warm.start()
     try:
         store.ns.ensure_root(os.getuid(), os.getgid())
         recover(store, default_policy)
         ops = Operations(store.db, store.ns, store.chunks, store.staging, store.reader,
                          store.sealer, default_policy, preseal=preseal)
+        # The first read after mounting would otherwise wait ~0.4 s for the kernels to
+        # load; a first-ever start compiles them, which takes longer: then go on.
+        warm.join(WARMUP_WAIT)
         try:
             pyfuse3.init(ops, mountpoint, fuse_options(options, root))
         except RuntimeError as exc:

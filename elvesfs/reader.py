@@ -26,8 +26,8 @@ class ChunkReader:
         self._inflight: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def get(self, cid: bytes) -> bytes:
-        """The decoded bytes of chunk `cid` (raises ChunkCorruptError on a bad checksum)."""
+    def get(self, cid: bytes) -> bytes | memoryview:
+        """The decoded bytes of chunk `cid`, read-only (ChunkCorruptError on a bad checksum)."""
         data = self.cache.get(cid)
         if data is not None:
             return data
@@ -51,7 +51,7 @@ class ChunkReader:
                     self._inflight.pop(cid, None)
                 ev.set()
 
-    def _decode(self, cid: bytes) -> bytes:
+    def _decode(self, cid: bytes) -> bytes | memoryview:
         with self.db.read() as txn:
             rec = self.chunks.record(txn, cid)
         if rec is None:
@@ -78,7 +78,7 @@ class ChunkReader:
                 data = self.cache.get(cid)
                 if data is None:
                     return None
-                parts.append(data[pos - start:min(stop, end) - start])
+                parts.append(memoryview(data)[pos - start:min(stop, end) - start])
             pos = min(stop, end)
             i += 1
         return b"".join(parts)
@@ -100,7 +100,7 @@ class ChunkReader:
                 if len(data) != stop - start:
                     raise StoreCorruptError(f"chunk {cid.hex()} decodes to {len(data)} bytes, "
                                             f"layout expects {stop - start}")
-                parts.append(data[pos - start:take_end - start])
+                parts.append(memoryview(data)[pos - start:take_end - start])
             pos = take_end
             i += 1
         return b"".join(parts)
