@@ -121,12 +121,20 @@ def _ctx_ok(dt) -> bool:
     return dt is not None and dt.is_float and dt.itemsize in (2, 4, 8)
 
 
-def _class_exponents(ref_u: np.ndarray, dt) -> list[int]:
-    """The NCLASSES - 1 commonest exponents of the reference (a class each)."""
-    e = (ref_u >> ref_u.dtype.type(dt.mbits)) & ref_u.dtype.type((1 << dt.ebits) - 1)
-    h = np.bincount(e.astype(np.int64), minlength=1 << dt.ebits)
+def _exponent_hist(ref_u: np.ndarray, dt) -> np.ndarray:
+    """Elements of the reference per exponent value (int64[2^ebits])."""
+    return kernels.exponent_hist(ref_u, dt.mbits, (1 << dt.ebits) - 1)
+
+
+def _top_exponents(h: np.ndarray) -> list[int]:
+    """The NCLASSES - 1 commonest exponents of an exponent histogram (a class each)."""
     top = np.argsort(-h, kind="stable")[:NCLASSES - 1]
     return sorted(int(x) for x in top if h[x] > 0)
+
+
+def _class_exponents(ref_u: np.ndarray, dt) -> list[int]:
+    """The NCLASSES - 1 commonest exponents of the reference (a class each)."""
+    return _top_exponents(_exponent_hist(ref_u, dt))
 
 
 def _classes(ref_u: np.ndarray, dt, exps: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,13 +151,7 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
     planes of zigzag(data - reference), plane-major; with ``nb`` > 1 buckets each
     lower plane is split further by its next higher byte (sub+ctx+hi)."""
     ut = _utype(dt)
-    ref_u = _u8(ref).view(ut)
-    exps = _class_exponents(ref_u, dt)
-    cls, counts = _classes(ref_u, dt, exps)
-    z = _sub(mv, ref, dt)
-    g = np.empty_like(z)
-    kernels.group_by_class(z, cls, counts, g)
-    pl, _ = split(g.view(np.uint8), _bytes_dtype(ut), L_BYTES)
+    exps, counts, pl, hist = _ctx_planes(mv, ref, dt, nb)
     off = np.concatenate([[0], np.cumsum(counts)])
     size = ut.itemsize
     streams = []
@@ -158,20 +160,51 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
         for c in range(NCLASSES):
             name = f"c{c}.byte{size - 1 - j}"
             seg = pl[j, off[c]:off[c + 1]]
-            higher = pl[j - 1, off[c]:off[c + 1]] if j else None
-            if j == 0 or nb == 1 or not _buckets_pay(higher, seg, nb):
-                streams.append(code_stream(name, seg, level))
+            jh = hist[j, c]
+            if j == 0 or nb == 1 or not _buckets_pay(jh):
+                streams.append(code_stream(name, seg, level, hist=jh.sum(axis=0)))
                 continue
             split_bits |= 1 << ((j - 1) * NCLASSES + c)
-            bc = _bucket_counts(higher, nb)
-            grouped = np.empty_like(seg)
-            kernels.group_by_bucket(seg, higher, bc, grouped)
-            bo = np.concatenate([[0], np.cumsum(bc)])
-            streams += [code_stream(name, grouped[bo[b]:bo[b + 1]], level) for b in range(nb)]
+            streams += _bucket_streams(name, seg, pl[j - 1, off[c]:off[c + 1]], jh, level)
     head = _P3.pack(hash64(ref), L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
     if nb > 1:
         head += bytes([nb]) + split_bits.to_bytes(_mask_len(size), "little")
     return head + struct.pack(f"<{len(exps)}H", *exps), streams
+
+
+def _ctx_planes(mv, ref, dt, nb: int):
+    """(class exponents, elements per class, class-grouped byte planes (size, n), and
+    hist[j, c, b] = histogram of plane j of class c under bucket b of its higher byte)
+    in one pass over the reference and one over both: no class array, delta or
+    grouped copy, and no histogram passes over the planes."""
+    ut = _utype(dt)
+    ref_u = _u8(ref).view(ut)
+    eh = _exponent_hist(ref_u, dt)
+    exps = _top_exponents(eh)
+    lut = _class_lut(dt, exps)
+    counts = np.zeros(NCLASSES, np.int64)
+    np.add.at(counts, lut, eh)
+    pl = np.empty((ut.itemsize, ref_u.shape[0]), np.uint8)
+    size = ut.itemsize
+    hist = np.zeros((NCLASSES, size * NBUCKETS, 256 + 8), np.int64)  # padded: see ctx_split
+    split_kernel = kernels.ctx_split4 if size == 4 else kernels.ctx_split
+    split_kernel(_u8(mv).view(ut), ref_u, dt.mbits, (1 << dt.ebits) - 1, lut, counts, pl, hist)
+    h = hist[:, :, :256].reshape(NCLASSES, size, NBUCKETS, 256).transpose(1, 0, 2, 3)
+    if nb != NBUCKETS:  # plain sub+ctx: one bucket
+        h = h.sum(axis=2, keepdims=True)
+    return exps, counts, pl, np.ascontiguousarray(h)
+
+
+def _bucket_streams(name: str, seg: np.ndarray, higher: np.ndarray, jh: np.ndarray,
+                    level: int) -> list:
+    """One stream per bucket of ``seg`` (bucket: min(higher byte, nb - 1)), in bucket
+    order; ``jh`` (nb, 256) gives their sizes and histograms."""
+    bc = jh.sum(axis=1)
+    grouped = np.empty_like(seg)
+    kernels.group_by_bucket(seg, higher, bc, grouped)
+    bo = np.concatenate([[0], np.cumsum(bc)])
+    return [code_stream(name, grouped[bo[b]:bo[b + 1]], level, hist=jh[b])
+            for b in range(jh.shape[0])]
 
 
 def _mask_len(size: int) -> int:
@@ -179,23 +212,18 @@ def _mask_len(size: int) -> int:
     return ((size - 1) * NCLASSES + 7) // 8
 
 
-def _buckets_pay(higher: np.ndarray, vals: np.ndarray, nb: int) -> bool:
-    """Whether splitting ``vals`` by bucket of ``higher`` saves, by the order-0
-    entropy of the parts, more than 1 % plus the extra streams' headers and tables
-    (elsewhere the split costs decode time for nothing)."""
-    if vals.shape[0] < 4096:
+def _buckets_pay(jh: np.ndarray) -> bool:
+    """Whether splitting a plane by bucket of its higher byte (``jh``: its (nb, 256)
+    histogram by bucket) saves, by the order-0 entropy of the parts, more than 1 % plus
+    the extra streams' headers and tables (elsewhere the split costs decode time for
+    nothing)."""
+    n = int(jh.sum())
+    nb = jh.shape[0]
+    if n < 4096:
         return False
-    jh = kernels.joint_hist(higher, vals, nb)
-    one = vals.shape[0] * huffman.entropy_bits(jh.sum(axis=0))
+    one = n * huffman.entropy_bits(jh.sum(axis=0))
     parts = sum(float(jh[b].sum()) * huffman.entropy_bits(jh[b]) for b in range(nb))
-    return (one - parts) / 8 > 0.01 * vals.shape[0] + 150 * (nb - 1)
-
-
-def _bucket_counts(higher: np.ndarray, nb: int) -> np.ndarray:
-    """Bytes per bucket; a byte's bucket is min(its higher byte, nb - 1)."""
-    bc = np.zeros(nb, np.int64)
-    kernels.bucket_counts(higher, nb, bc)
-    return bc
+    return (one - parts) / 8 > 0.01 * n + 150 * (nb - 1)
 
 
 def _ctx_params(header, dt, t: int) -> tuple[list[int], int, int]:

@@ -47,13 +47,15 @@ def entropy(hist: np.ndarray) -> float:
     return float(huffman.entropy_bits(np.asarray(hist, np.int64)))
 
 
-def code_stream(name: str, data, level: int = 3, *, analyse: bool = True) -> Stream:
+def code_stream(name: str, data, level: int = 3, *, analyse: bool = True,
+                hist: np.ndarray | None = None) -> Stream:
     """Code one byte stream with the cheapest of constant / huffman / zstd / raw.
     ``data`` is a 1-d uint8 array or bytes-like; raw streams are stored without a copy.
 
     Low-entropy streams (exponents): canonical Huffman, unless zstd does better on a
     64 KiB probe (runs, repeats). High-entropy streams (mantissas): one fast zstd pass
-    (level <= 1) to catch repeats, else raw."""
+    (level <= 1) to catch repeats, else raw. ``hist``: the byte histogram of ``data``
+    when the caller has it (int64[256]; saves a pass)."""
     a = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
     n = a.shape[0]
     if n == 0:
@@ -66,7 +68,7 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True) -> Str
         bh = huffman.block_hist(a, huffman.BLOCK)
         h = bh.sum(axis=0)
     else:
-        h = kernels.histogram(a)
+        h = kernels.histogram(a) if hist is None else hist
     top = int(h.argmax())
     if h[top] == n:
         return Stream(name, METHOD_CONST, n, bytes([top]))

@@ -117,3 +117,45 @@ def test_fp16_elf_two_plane_table_decode(n, seed):
     kernels.elf_unplanes2_f16(planes[0], planes[1], kernels.f16_lut(10, step), a)
     kernels.elf_unplanes_f16(planes & np.array([[7], [255]], np.uint8), 2, 2, 10, step, b)
     assert np.array_equal(a, b)
+
+
+def _plain_ctx_planes(x: np.ndarray, ref: np.ndarray, d, nb: int):
+    """sub+ctx's planes and histograms the plain way: zigzag delta, class grouping,
+    byte planes, then one joint histogram per plane and class."""
+    ut = ref.dtype
+    exps = X._class_exponents(ref, d)
+    cls, counts = X._classes(ref, d, exps)
+    z = X._sub(x, ref, d)
+    g = np.empty_like(z)
+    kernels.group_by_class(z, cls, counts, g)
+    size = ut.itemsize
+    pl = g.view(np.uint8).reshape(-1, size)[:, ::-1].T
+    off = np.concatenate([[0], np.cumsum(counts)])
+    hist = np.zeros((size, X.NCLASSES, nb, 256), np.int64)
+    for j in range(size):
+        for c in range(X.NCLASSES):
+            seg = pl[j, off[c]:off[c + 1]]
+            higher = pl[j - 1, off[c]:off[c + 1]] if j else np.zeros_like(seg)
+            hist[j, c] = kernels.joint_hist(higher, seg, nb)
+    return exps, counts, pl, hist
+
+
+@SET
+@given(st.sampled_from(list(UT)), st.integers(0, 3000), st.integers(0, 2**32 - 1),
+       st.sampled_from([1, X.NBUCKETS]))
+def test_ctx_split_matches_plain_pipeline(dt, n, seed, nb):
+    d = BY_NAME[dt]
+    ut = UT[dt]
+    rng = np.random.default_rng(seed)
+    ref = rng.integers(0, np.iinfo(ut).max, n, dtype=ut, endpoint=True)
+    x = ref + rng.integers(-300, 300, n).astype(ut)  # small deltas of either sign, wrapping
+    specials = np.array([0x7FC00000, 0xFFC00123, 0x7F800000, 0xFF800000, 0x80000000, 0, 1,
+                         0x807FFFFF, 0xFFFFFFFF], np.uint64).astype(ut)  # NaN payloads, inf,
+    for a in (x, ref):  # -0.0, subnormals (F32 bits; truncated for narrower types)
+        a[rng.integers(0, max(n, 1), min(n, 30))] = rng.choice(specials, min(n, 30))
+    exps, counts, pl, hist = X._ctx_planes(x.view(np.uint8), ref.view(np.uint8), d, nb)
+    e2, c2, p2, h2 = _plain_ctx_planes(x, ref, d, nb)
+    assert exps == e2
+    np.testing.assert_array_equal(counts, c2)
+    np.testing.assert_array_equal(pl, p2)
+    np.testing.assert_array_equal(hist, h2)

@@ -45,7 +45,7 @@ CTX = [X.T_SUBCTX, X.T_SUBCTX_HI]
 def force_ctx(monkeypatch, request):
     monkeypatch.setattr(X, "_pick_transform", lambda mv, ref, dt, level: request.param
                         if X._ctx_ok(dt) else X.T_XOR)
-    monkeypatch.setattr(X, "_buckets_pay", lambda higher, vals, nb: True)
+    monkeypatch.setattr(X, "_buckets_pay", lambda jh: True)
     return request.param
 
 
@@ -55,7 +55,7 @@ def _encode_with(t, data, dt, ref, split=None):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(X, "_pick_transform", lambda mv, r, d, level: t)
         if split is not None:
-            mp.setattr(X, "_buckets_pay", lambda higher, vals, nb: split)
+            mp.setattr(X, "_buckets_pay", lambda jh: split)
         return codec.encode(data, dt, codec="xor", reference=ref)
 
 
