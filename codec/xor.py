@@ -40,7 +40,7 @@ from .base import Codec, Encoded, as_bytes_view, register
 from .errors import FrameError
 from .frame import hash64
 from . import huffman, kernels
-from .planes import L_BYTES, decode_planes, encode_planes, split
+from .planes import L_BYTES, decode_planes, encode_planes, layout_for
 from .zstd_codec import code_stream, decode_stream
 
 _P = struct.Struct("<QB")  # reference hash, planes layout
@@ -52,6 +52,7 @@ _P3 = struct.Struct("<QBBB")  # reference hash, planes layout, transform, classe
 # (classes - 1) u16 reference exponents, one per class (the last class: all the others)
 SAMPLE = 1 << 16  # elements tried with each transform
 CTX_DIRECT = 2 * SAMPLE  # float chunks from this many elements: sub+ctx+hi, no trial
+CTX_MIN = 4096  # float chunks under this many elements: no sub+ctx trial
 
 
 def _u8(b) -> np.ndarray:
@@ -86,16 +87,20 @@ def _unsub(z: np.ndarray, ref, ut: np.dtype) -> np.ndarray:
     return _u8(ref).view(ut) + d
 
 
-def _plane_size(arr: np.ndarray, dt, level: int) -> int:
-    _, streams = encode_planes(arr.view(np.uint8), dt, level)
-    return sum(len(x.stored) for x in streams)
+def _plane_streams(arr: np.ndarray, dt, level: int) -> tuple[int, list]:
+    """(stored size, streams) of ``arr`` coded with the planes layout of ``dt``."""
+    layout, streams = encode_planes(arr.view(np.uint8), dt, level)
+    return sum(len(x.stored) for x in streams), streams
 
 
-def _pick_transform(mv, ref, dt, level: int) -> int:
+def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
     """The smaller transform on a sample (sub only for 2/4/8-byte elements). Float
     chunks of CTX_DIRECT elements or more take sub+ctx+hi without a trial: on the
     training checkpoint it wins there or loses < 1 % to plain sub (exp_avg_sq), and
-    the trial would cost as much as the encoding."""
+    the trial would cost as much as the encoding. Chunks under CTX_MIN elements do not
+    try sub+ctx: its 8 classes' streams cost more in headers and tables than the
+    classes save (on the checkpoints it never wins there). When the sample is the
+    whole chunk, ``trials`` gets the winner's (params, streams): no second coding."""
     ut = _utype(dt)
     if ut.itemsize == 1:
         return T_XOR
@@ -108,12 +113,15 @@ def _pick_transform(mv, ref, dt, level: int) -> int:
     mid = (mv.nbytes // 2) // ut.itemsize * ut.itemsize
     lo = max(0, min(mid, mv.nbytes - step))
     a, r = mv[lo:lo + step], ref[lo:lo + step]
-    sizes = {T_XOR: _plane_size(_xor(a, r, dt), dt, level),
-             T_SUB: _plane_size(_sub(a, r, dt), _bytes_dtype(ut), level)}
-    if _ctx_ok(dt):
-        _, streams = _encode_ctx(a, r, dt, level)
-        sizes[T_SUBCTX_HI] = sum(len(x.stored) + 8 for x in streams)
-    return min(sizes, key=sizes.get)
+    done = {T_XOR: _plane_streams(_xor(a, r, dt), dt, level),
+            T_SUB: _plane_streams(_sub(a, r, dt), _bytes_dtype(ut), level)}
+    if _ctx_ok(dt) and n >= CTX_MIN:
+        params, streams = _encode_ctx(a, r, dt, level)
+        done[T_SUBCTX_HI] = sum(len(x.stored) + 8 for x in streams), (params, streams)
+    t = min(done, key=lambda k: done[k][0])
+    if trials is not None and step == mv.nbytes:
+        trials[t] = done[t][1]
+    return t
 
 
 def _ctx_ok(dt) -> bool:
@@ -216,14 +224,8 @@ def _buckets_pay(jh: np.ndarray) -> bool:
     """Whether splitting a plane by bucket of its higher byte (``jh``: its (nb, 256)
     histogram by bucket) saves, by the order-0 entropy of the parts, more than 1 % plus
     the extra streams' headers and tables (elsewhere the split costs decode time for
-    nothing)."""
-    n = int(jh.sum())
-    nb = jh.shape[0]
-    if n < 4096:
-        return False
-    one = n * huffman.entropy_bits(jh.sum(axis=0))
-    parts = sum(float(jh[b].sum()) * huffman.entropy_bits(jh[b]) for b in range(nb))
-    return (one - parts) / 8 > 0.01 * n + 150 * (nb - 1)
+    nothing); planes of fewer than 4096 bytes are never split."""
+    return bool(kernels.buckets_pay(jh, 4096))
 
 
 def _ctx_params(header, dt, t: int) -> tuple[list[int], int, int]:
@@ -365,18 +367,21 @@ class XorCodec(Codec):
         ref = as_bytes_view(self.reference)
         if ref.nbytes != mv.nbytes:
             raise ValueError(f"reference has {ref.nbytes} bytes, data {mv.nbytes}")
-        t = _pick_transform(mv, ref, dt, self.level)
+        trials: dict = {}
+        t = _pick_transform(mv, ref, dt, self.level, trials)
         if t in (T_SUBCTX, T_SUBCTX_HI):
-            params, streams = _encode_ctx(mv, ref, dt, self.level,
-                                          NBUCKETS if t == T_SUBCTX_HI else 1)
+            params, streams = trials.get(t) or _encode_ctx(
+                mv, ref, dt, self.level, NBUCKETS if t == T_SUBCTX_HI else 1)
             return Encoded(streams=streams, params=params, needs_reference=True)
-        if t == T_SUB:
-            d, pdt = _sub(mv, ref, dt), _bytes_dtype(_utype(dt))
-        else:
-            d, pdt = _xor(mv, ref, dt), dt
-        layout_params, streams = encode_planes(d.view(np.uint8), pdt, self.level)
-        return Encoded(streams=streams, params=_P2.pack(hash64(ref), layout_params[0], t),
-                       needs_reference=True)
+        streams = trials.get(t)
+        if streams is None:
+            if t == T_SUB:
+                d, pdt = _sub(mv, ref, dt), _bytes_dtype(_utype(dt))
+            else:
+                d, pdt = _xor(mv, ref, dt), dt
+            _, streams = _plane_streams(d, pdt, self.level)
+        return Encoded(streams=streams, params=_P2.pack(hash64(ref), layout_for(
+            dt if t == T_XOR else _bytes_dtype(_utype(dt))), t), needs_reference=True)
 
     @classmethod
     def _decode(cls, header, frame, dt, reference, fidelity):

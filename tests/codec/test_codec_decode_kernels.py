@@ -87,7 +87,7 @@ def test_ctx_frame_with_class_streams_swapped_raises():
     ref = (rng.normal(0, 0.05, 4099) * np.exp(rng.normal(0, 1, 4099))).astype(np.float32)
     data = (ref - np.float32(1e-3)).tobytes()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(X, "_pick_transform", lambda mv, r, d, level: X.T_SUBCTX)
+        mp.setattr(X, "_pick_transform", lambda mv, r, d, level, trials=None: X.T_SUBCTX)
         frame = codec.encode(data, "F32", codec="xor", reference=ref.tobytes())
     h = parse(frame)
     streams = [Stream(s.name, s.method, s.raw_len, bytes(stream_view(frame, s)))
@@ -159,3 +159,35 @@ def test_ctx_split_matches_plain_pipeline(dt, n, seed, nb):
     np.testing.assert_array_equal(counts, c2)
     np.testing.assert_array_equal(pl, p2)
     np.testing.assert_array_equal(hist, h2)
+
+
+def _plain_buckets_pay(jh: np.ndarray) -> bool:
+    """The split rule in plain Python (float for float as the kernel computes it)."""
+    n = int(jh.sum())
+    if n < 4096:
+        return False
+    one = n * float(kernels.entropy_bits(jh.sum(axis=0)))
+    parts = sum(float(jh[b].sum()) * float(kernels.entropy_bits(jh[b])) for b in range(len(jh)))
+    return (one - parts) / 8 > 0.01 * n + 150 * (len(jh) - 1)
+
+
+@SET
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 4]), st.floats(0.0, 3.0))
+def test_buckets_pay_matches_plain_rule(seed, nb, skew):
+    rng = np.random.default_rng(seed)
+    jh = (rng.pareto(1 + skew, (nb, 256)) * rng.integers(1, 200, (nb, 1))).astype(np.int64)
+    assert X._buckets_pay(jh) == _plain_buckets_pay(jh)
+
+
+@pytest.mark.parametrize("n", [1, 384, 1536, 5000])
+def test_small_chunk_reuses_its_trial_frame(n, monkeypatch):
+    """A chunk that is its own sample is coded once; the frame is what coding it
+    again with the chosen transform gives."""
+    rng = np.random.default_rng(n)
+    ref = rng.normal(0, 0.05, n).astype(np.float32)
+    x = (ref + rng.normal(0, 1e-4, n).astype(np.float32)).tobytes()
+    frame = codec.encode(x, "F32", codec="xor", reference=ref.tobytes())
+    t = parse(frame).params[9]
+    monkeypatch.setattr(X, "_pick_transform", lambda mv, r, d, level, trials=None: t)
+    assert codec.encode(x, "F32", codec="xor", reference=ref.tobytes()) == frame
+    assert codec.decode(frame, reference=ref.tobytes()) == x

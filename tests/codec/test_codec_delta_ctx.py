@@ -43,8 +43,8 @@ CTX = [X.T_SUBCTX, X.T_SUBCTX_HI]
 
 @pytest.fixture(params=CTX)
 def force_ctx(monkeypatch, request):
-    monkeypatch.setattr(X, "_pick_transform", lambda mv, ref, dt, level: request.param
-                        if X._ctx_ok(dt) else X.T_XOR)
+    monkeypatch.setattr(X, "_pick_transform", lambda mv, ref, dt, level, trials=None:
+                        request.param if X._ctx_ok(dt) else X.T_XOR)
     monkeypatch.setattr(X, "_buckets_pay", lambda jh: True)
     return request.param
 
@@ -53,7 +53,7 @@ def _encode_with(t, data, dt, ref, split=None):
     """Encode with transform t (and, if ``split`` is a bool, every lower plane split
     in buckets or none)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(X, "_pick_transform", lambda mv, r, d, level: t)
+        mp.setattr(X, "_pick_transform", lambda mv, r, d, level, trials=None: t)
         if split is not None:
             mp.setattr(X, "_buckets_pay", lambda jh: split)
         return codec.encode(data, dt, codec="xor", reference=ref)
