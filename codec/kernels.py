@@ -662,29 +662,31 @@ def _zigzag_delta(x, r, mask, sign):
 
 @njit(**_JIT)
 def ctx_split4(data, ref, shift, emask, lut, counts, planes, hist):
-    """ctx_split for 4-byte elements and 4 buckets, unrolled in 32-bit arithmetic (the
-    generic loop over the bytes costs ~60 % more)."""
-    pos = class_starts(counts)
+    """ctx_split for 4-byte elements and 4 buckets, unrolled in 32-bit arithmetic with
+    unsigned indices (the generic loop over the bytes costs ~60 % more)."""
+    pos = class_starts(counts).astype(np.uint64)
     one = np.uint32(1)
+    ff = np.uint32(0xFF)
+    three = np.uint32(3)
     for i in range(data.shape[0]):
         r = ref[i]
         c = lut[(r >> shift) & emask]
         d = np.uint32(np.uint64(data[i]) - np.uint64(r))
         z = np.uint32(np.uint32(d << one) ^ np.uint32(np.uint32(0) - (d >> np.uint32(31))))
         p = pos[c]
-        pos[c] = p + 1
-        b0 = np.int64(z >> 24)
-        b1 = np.int64((z >> 16) & 0xFF)
-        b2 = np.int64((z >> 8) & 0xFF)
-        b3 = np.int64(z & 0xFF)
+        pos[c] = p + np.uint64(1)
+        b0 = z >> np.uint32(24)
+        b1 = (z >> np.uint32(16)) & ff
+        b2 = (z >> np.uint32(8)) & ff
+        b3 = z & ff
         planes[0, p] = b0
         planes[1, p] = b1
         planes[2, p] = b2
         planes[3, p] = b3
-        hist[c, 0, b0] += 1
-        hist[c, 4 + min(b0, 3), b1] += 1
-        hist[c, 8 + min(b1, 3), b2] += 1
-        hist[c, 12 + min(b2, 3), b3] += 1
+        hist[c, np.uint32(0), b0] += 1
+        hist[c, np.uint32(4) + min(b0, three), b1] += 1
+        hist[c, np.uint32(8) + min(b1, three), b2] += 1
+        hist[c, np.uint32(12) + min(b2, three), b3] += 1
 
 
 @njit(**_JIT)

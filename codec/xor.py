@@ -194,13 +194,14 @@ def _ctx_planes(mv, ref, dt, nb: int):
     np.add.at(counts, lut, eh)
     pl = np.empty((ut.itemsize, ref_u.shape[0]), np.uint8)
     size = ut.itemsize
-    hist = np.zeros((NCLASSES, size * NBUCKETS, 256 + 8), np.int64)  # padded: see ctx_split
+    count_t = np.int32 if ref_u.shape[0] < 1 << 31 else np.int64  # int32: ~5 % faster
+    hist = np.zeros((NCLASSES, size * NBUCKETS, 256 + 8), count_t)  # padded: see ctx_split
     split_kernel = kernels.ctx_split4 if size == 4 else kernels.ctx_split
     split_kernel(_u8(mv).view(ut), ref_u, dt.mbits, (1 << dt.ebits) - 1, lut, counts, pl, hist)
     h = hist[:, :, :256].reshape(NCLASSES, size, NBUCKETS, 256).transpose(1, 0, 2, 3)
     if nb != NBUCKETS:  # plain sub+ctx: one bucket
         h = h.sum(axis=2, keepdims=True)
-    return exps, counts, pl, np.ascontiguousarray(h)
+    return exps, counts, pl, np.ascontiguousarray(h, np.int64)
 
 
 def _bucket_streams(name: str, seg: np.ndarray, higher: np.ndarray, jh: np.ndarray,
