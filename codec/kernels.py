@@ -661,9 +661,11 @@ def _zigzag_delta(x, r, mask, sign):
 
 
 @njit(**_JIT)
-def ctx_split4(data, ref, shift, emask, lut, counts, planes, hist):
-    """ctx_split for 4-byte elements and 4 buckets, unrolled in 32-bit arithmetic with
-    unsigned indices (the generic loop over the bytes costs ~60 % more)."""
+def ctx_group4(data, ref, shift, emask, lut, counts, g, hist):
+    """ctx_split for 4-byte elements and 4 buckets, except that the class-grouped
+    values go to ``g`` (uint32) whole: one store instead of four scattered byte
+    stores, split_u32 then makes the planes in a sequential pass (~15 % faster than
+    scattering bytes). Unrolled, 32-bit arithmetic, unsigned indices."""
     pos = class_starts(counts).astype(np.uint64)
     one = np.uint32(1)
     ff = np.uint32(0xFF)
@@ -675,18 +677,14 @@ def ctx_split4(data, ref, shift, emask, lut, counts, planes, hist):
         z = np.uint32(np.uint32(d << one) ^ np.uint32(np.uint32(0) - (d >> np.uint32(31))))
         p = pos[c]
         pos[c] = p + np.uint64(1)
+        g[p] = z
         b0 = z >> np.uint32(24)
         b1 = (z >> np.uint32(16)) & ff
         b2 = (z >> np.uint32(8)) & ff
-        b3 = z & ff
-        planes[0, p] = b0
-        planes[1, p] = b1
-        planes[2, p] = b2
-        planes[3, p] = b3
         hist[c, np.uint32(0), b0] += 1
         hist[c, np.uint32(4) + min(b0, three), b1] += 1
         hist[c, np.uint32(8) + min(b1, three), b2] += 1
-        hist[c, np.uint32(12) + min(b2, three), b3] += 1
+        hist[c, np.uint32(12) + min(b2, three), z & ff] += 1
 
 
 @njit(**_JIT)

@@ -40,7 +40,7 @@ from .base import Codec, Encoded, as_bytes_view, register
 from .errors import FrameError
 from .frame import hash64
 from . import huffman, kernels
-from .planes import L_BYTES, decode_planes, encode_planes, layout_for
+from .planes import L_BYTES, decode_planes, encode_planes, layout_for, split
 from .zstd_codec import code_stream, decode_stream
 
 _P = struct.Struct("<QB")  # reference hash, planes layout
@@ -183,8 +183,9 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
 def _ctx_planes(mv, ref, dt, nb: int):
     """(class exponents, elements per class, class-grouped byte planes (size, n), and
     hist[j, c, b] = histogram of plane j of class c under bucket b of its higher byte)
-    in one pass over the reference and one over both: no class array, delta or
-    grouped copy, and no histogram passes over the planes."""
+    in one pass over the reference and one over both (4-byte elements: into whole
+    class-grouped values, then one sequential split): no class array, no delta
+    array, no histogram passes over the planes."""
     ut = _utype(dt)
     ref_u = _u8(ref).view(ut)
     eh = _exponent_hist(ref_u, dt)
@@ -192,12 +193,17 @@ def _ctx_planes(mv, ref, dt, nb: int):
     lut = _class_lut(dt, exps)
     counts = np.zeros(NCLASSES, np.int64)
     np.add.at(counts, lut, eh)
-    pl = np.empty((ut.itemsize, ref_u.shape[0]), np.uint8)
     size = ut.itemsize
     count_t = np.int32 if ref_u.shape[0] < 1 << 31 else np.int64  # int32: ~5 % faster
     hist = np.zeros((NCLASSES, size * NBUCKETS, 256 + 8), count_t)  # padded: see ctx_split
-    split_kernel = kernels.ctx_split4 if size == 4 else kernels.ctx_split
-    split_kernel(_u8(mv).view(ut), ref_u, dt.mbits, (1 << dt.ebits) - 1, lut, counts, pl, hist)
+    args = (_u8(mv).view(ut), ref_u, dt.mbits, (1 << dt.ebits) - 1, lut, counts)
+    if size == 4:
+        g = np.empty(ref_u.shape[0], ut)
+        kernels.ctx_group4(*args, g, hist)
+        pl, _ = split(g.view(np.uint8), _bytes_dtype(ut), L_BYTES)
+    else:
+        pl = np.empty((size, ref_u.shape[0]), np.uint8)
+        kernels.ctx_split(*args, pl, hist)
     h = hist[:, :, :256].reshape(NCLASSES, size, NBUCKETS, 256).transpose(1, 0, 2, 3)
     if nb != NBUCKETS:  # plain sub+ctx: one bucket
         h = h.sum(axis=2, keepdims=True)
