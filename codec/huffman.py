@@ -23,6 +23,21 @@ def code_lengths(hist: np.ndarray, maxlen: int = MAXLEN) -> np.ndarray:
 
 
 @njit(**_JIT)
+def _stable_order(f, sym):
+    """sym sorted by f[sym], ties in sym's order: argsort(kind="mergesort")'s result,
+    as a sort of distinct keys f << 8 | index (~2x faster; sym has <= 256 entries)."""
+    m = sym.shape[0]
+    keys = np.empty(m, np.int64)
+    for k in range(m):
+        keys[k] = (np.int64(f[sym[k]]) << 8) | k
+    keys.sort()
+    order = np.empty(m, np.int64)
+    for k in range(m):
+        order[k] = sym[keys[k] & 255]
+    return order
+
+
+@njit(**_JIT)
 def _huff_lengths(f):
     """Unlimited Huffman code lengths of the symbols with f > 0 (two-queue method)."""
     lens = np.zeros(256, np.uint8)
@@ -33,7 +48,7 @@ def _huff_lengths(f):
     if m == 1:
         lens[sym[0]] = 1
         return lens
-    order = sym[np.argsort(f[sym], kind="mergesort")]
+    order = _stable_order(f, sym)
     w = np.zeros(2 * m, np.int64)
     parent = np.zeros(2 * m, np.int64)
     for k in range(m):

@@ -191,3 +191,17 @@ def test_small_chunk_reuses_its_trial_frame(n, monkeypatch):
     monkeypatch.setattr(X, "_pick_transform", lambda mv, r, d, level, trials=None: t)
     assert codec.encode(x, "F32", codec="xor", reference=ref.tobytes()) == frame
     assert codec.decode(frame, reference=ref.tobytes()) == x
+
+
+@SET
+@given(st.integers(0, 2**32 - 1), st.integers(1, 256), st.integers(1, 10**6))
+def test_huffman_stable_order_is_mergesort_argsort(seed, nsym, top):
+    """The Huffman builder's symbol order (ties: lower symbol first) is exactly
+    np.argsort(kind="mergesort")'s, so code lengths do not change."""
+    from codec import huffman
+    rng = np.random.default_rng(seed)
+    f = np.zeros(256, np.int64)
+    f[rng.choice(256, nsym, replace=False)] = rng.integers(1, top, nsym, endpoint=True)
+    sym = np.flatnonzero(f > 0)
+    np.testing.assert_array_equal(huffman._stable_order(f, sym),
+                                  sym[np.argsort(f[sym], kind="mergesort")])
