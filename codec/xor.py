@@ -40,7 +40,7 @@ from .base import Codec, Encoded, as_bytes_view, register
 from .errors import FrameError
 from .frame import hash64
 from . import huffman, kernels
-from .planes import L_BYTES, decode_planes, encode_planes, layout_for, split
+from .planes import L_BYTES, decode_planes, encode_planes, layout_for
 from .zstd_codec import code_stream, decode_stream
 
 _P = struct.Struct("<QB")  # reference hash, planes layout
@@ -158,10 +158,9 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
     """(params, streams) of sub+ctx: per class of the reference's exponent, the byte
     planes of zigzag(data - reference), plane-major; with ``nb`` > 1 buckets each
     lower plane is split further by its next higher byte (sub+ctx+hi)."""
-    ut = _utype(dt)
-    exps, counts, pl, hist = _ctx_planes(mv, ref, dt, nb)
+    size = _utype(dt).itemsize
+    exps, counts, pl, hist, split = _ctx_planes(mv, ref, dt, nb)
     off = np.concatenate([[0], np.cumsum(counts)])
-    size = ut.itemsize
     streams = []
     split_bits = 0  # bit (j - 1) * NCLASSES + c: plane j of class c is split in buckets
     for j in range(size):
@@ -169,11 +168,13 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
             name = f"c{c}.byte{size - 1 - j}"
             seg = pl[j, off[c]:off[c + 1]]
             jh = hist[j, c]
-            if j == 0 or nb == 1 or not _buckets_pay(jh):
+            if not split[j, c]:
                 streams.append(code_stream(name, seg, level, hist=jh.sum(axis=0)))
                 continue
             split_bits |= 1 << ((j - 1) * NCLASSES + c)
-            streams += _bucket_streams(name, seg, pl[j - 1, off[c]:off[c + 1]], jh, level)
+            bo = np.concatenate([[0], np.cumsum(jh.sum(axis=1))])
+            streams += [code_stream(name, seg[bo[b]:bo[b + 1]], level, hist=jh[b])
+                        for b in range(nb)]
     head = _P3.pack(hash64(ref), L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
     if nb > 1:
         head += bytes([nb]) + split_bits.to_bytes(_mask_len(size), "little")
@@ -181,11 +182,12 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
 
 
 def _ctx_planes(mv, ref, dt, nb: int):
-    """(class exponents, elements per class, class-grouped byte planes (size, n), and
-    hist[j, c, b] = histogram of plane j of class c under bucket b of its higher byte)
-    in one pass over the reference and one over both (4-byte elements: into whole
-    class-grouped values, then one sequential split): no class array, no delta
-    array, no histogram passes over the planes."""
+    """(class exponents, elements per class, class-grouped byte planes (size, n),
+    hist[j, c, b] = histogram of plane j of class c under bucket b of its higher byte,
+    split[j, c] = whether that plane is split in buckets; split planes are in bucket
+    order). One pass over the reference, one over both (no class or delta array, no
+    histogram passes over the planes); 4-byte elements go through whole class-grouped
+    values, then one pass makes every plane, split or not."""
     ut = _utype(dt)
     ref_u = _u8(ref).view(ut)
     eh = _exponent_hist(ref_u, dt)
@@ -197,29 +199,52 @@ def _ctx_planes(mv, ref, dt, nb: int):
     count_t = np.int32 if ref_u.shape[0] < 1 << 31 else np.int64  # int32: ~5 % faster
     hist = np.zeros((NCLASSES, size * NBUCKETS, 256 + 8), count_t)  # padded: see ctx_split
     args = (_u8(mv).view(ut), ref_u, dt.mbits, (1 << dt.ebits) - 1, lut, counts)
+    pl = np.empty((size, ref_u.shape[0]), np.uint8)
     if size == 4:
         g = np.empty(ref_u.shape[0], ut)
         kernels.ctx_group4(*args, g, hist)
-        pl, _ = split(g.view(np.uint8), _bytes_dtype(ut), L_BYTES)
     else:
-        pl = np.empty((size, ref_u.shape[0]), np.uint8)
         kernels.ctx_split(*args, pl, hist)
     h = hist[:, :, :256].reshape(NCLASSES, size, NBUCKETS, 256).transpose(1, 0, 2, 3)
     if nb != NBUCKETS:  # plain sub+ctx: one bucket
         h = h.sum(axis=2, keepdims=True)
-    return exps, counts, pl, np.ascontiguousarray(h, np.int64)
+    h = np.ascontiguousarray(h, np.int64)
+    split = np.zeros((size, NCLASSES), bool)
+    if nb > 1:
+        for j in range(1, size):
+            for c in range(NCLASSES):
+                split[j, c] = _buckets_pay(h[j, c])
+    off = np.concatenate([[0], np.cumsum(counts)])
+    if size == 4:
+        kernels.planes_by_bucket4(g, off, np.ascontiguousarray(split.T).view(np.uint8),
+                                  _bucket_starts(off, h, nb), pl)
+    else:
+        _group_split_planes(pl, off, split, h)
+    return exps, counts, pl, h, split
 
 
-def _bucket_streams(name: str, seg: np.ndarray, higher: np.ndarray, jh: np.ndarray,
-                    level: int) -> list:
-    """One stream per bucket of ``seg`` (bucket: min(higher byte, nb - 1)), in bucket
-    order; ``jh`` (nb, 256) gives their sizes and histograms."""
-    bc = jh.sum(axis=1)
-    grouped = np.empty_like(seg)
-    kernels.group_by_bucket(seg, higher, bc, grouped)
-    bo = np.concatenate([[0], np.cumsum(bc)])
-    return [code_stream(name, grouped[bo[b]:bo[b + 1]], level, hist=jh[b])
-            for b in range(jh.shape[0])]
+def _bucket_starts(off: np.ndarray, hist: np.ndarray, nb: int) -> np.ndarray:
+    """starts[c, j, b] (uint64): where bucket b of plane j of class c begins when the
+    plane is split (after the class's earlier buckets)."""
+    size = hist.shape[0]
+    starts = off[:-1, None, None] + np.zeros((1, size, NBUCKETS), np.int64)
+    if nb > 1:
+        bc = hist.sum(axis=3).transpose(1, 0, 2)  # (class, plane, bucket)
+        starts[:, :, 1:] += np.cumsum(bc, axis=2)[:, :, :-1]
+    return starts.astype(np.uint64)
+
+
+def _group_split_planes(pl: np.ndarray, off: np.ndarray, split: np.ndarray,
+                        hist: np.ndarray) -> None:
+    """Put every split plane of ``pl`` in bucket order, in place (lowest plane first:
+    each is split by the plane above it, still in element order)."""
+    for j in range(pl.shape[0] - 1, 0, -1):
+        for c in np.flatnonzero(split[j]):
+            seg = pl[j, off[c]:off[c + 1]]
+            grouped = np.empty_like(seg)
+            kernels.group_by_bucket(seg, pl[j - 1, off[c]:off[c + 1]],
+                                    hist[j, c].sum(axis=1), grouped)
+            seg[:] = grouped
 
 
 def _mask_len(size: int) -> int:

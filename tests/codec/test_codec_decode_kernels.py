@@ -121,7 +121,8 @@ def test_fp16_elf_two_plane_table_decode(n, seed):
 
 def _plain_ctx_planes(x: np.ndarray, ref: np.ndarray, d, nb: int):
     """sub+ctx's planes and histograms the plain way: zigzag delta, class grouping,
-    byte planes, then one joint histogram per plane and class."""
+    byte planes, one joint histogram per plane and class, and group_by_bucket on the
+    planes the split rule picks."""
     ut = ref.dtype
     exps = X._class_exponents(ref, d)
     cls, counts = X._classes(ref, d, exps)
@@ -132,18 +133,37 @@ def _plain_ctx_planes(x: np.ndarray, ref: np.ndarray, d, nb: int):
     pl = g.view(np.uint8).reshape(-1, size)[:, ::-1].T
     off = np.concatenate([[0], np.cumsum(counts)])
     hist = np.zeros((size, X.NCLASSES, nb, 256), np.int64)
+    split = np.zeros((size, X.NCLASSES), bool)
+    out = pl.copy()
     for j in range(size):
         for c in range(X.NCLASSES):
             seg = pl[j, off[c]:off[c + 1]]
             higher = pl[j - 1, off[c]:off[c + 1]] if j else np.zeros_like(seg)
             hist[j, c] = kernels.joint_hist(higher, seg, nb)
-    return exps, counts, pl, hist
+            split[j, c] = j > 0 and nb > 1 and X._buckets_pay(hist[j, c])
+            if split[j, c]:
+                kernels.group_by_bucket(seg, higher, hist[j, c].sum(axis=1),
+                                        out[j, off[c]:off[c + 1]])
+    return exps, counts, out, hist, split
+
+
+SPLIT_RULES = {"rule": None, "all": lambda jh: True,  # "odd": some planes split, some not
+               "odd": lambda jh: bool(int(jh[:, 1::2].sum()) % 2)}
 
 
 @SET
 @given(st.sampled_from(list(UT)), st.integers(0, 3000), st.integers(0, 2**32 - 1),
-       st.sampled_from([1, X.NBUCKETS]))
-def test_ctx_split_matches_plain_pipeline(dt, n, seed, nb):
+       st.sampled_from([1, X.NBUCKETS]), st.sampled_from(list(SPLIT_RULES)))
+def test_ctx_split_matches_plain_pipeline(dt, n, seed, nb, rule):
+    if SPLIT_RULES[rule] is not None:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(X, "_buckets_pay", SPLIT_RULES[rule])
+            return _check_ctx_split(dt, n, seed, nb)
+    _check_ctx_split(dt, n, seed, nb)
+
+
+def _check_ctx_split(dt: str, n: int, seed: int, nb: int) -> None:
+    """X._ctx_planes equals the plain pipeline on a random pair with special values."""
     d = BY_NAME[dt]
     ut = UT[dt]
     rng = np.random.default_rng(seed)
@@ -153,12 +173,13 @@ def test_ctx_split_matches_plain_pipeline(dt, n, seed, nb):
                          0x807FFFFF, 0xFFFFFFFF], np.uint64).astype(ut)  # NaN payloads, inf,
     for a in (x, ref):  # -0.0, subnormals (F32 bits; truncated for narrower types)
         a[rng.integers(0, max(n, 1), min(n, 30))] = rng.choice(specials, min(n, 30))
-    exps, counts, pl, hist = X._ctx_planes(x.view(np.uint8), ref.view(np.uint8), d, nb)
-    e2, c2, p2, h2 = _plain_ctx_planes(x, ref, d, nb)
+    exps, counts, pl, hist, split = X._ctx_planes(x.view(np.uint8), ref.view(np.uint8), d, nb)
+    e2, c2, p2, h2, s2 = _plain_ctx_planes(x, ref, d, nb)
     assert exps == e2
     np.testing.assert_array_equal(counts, c2)
     np.testing.assert_array_equal(pl, p2)
     np.testing.assert_array_equal(hist, h2)
+    np.testing.assert_array_equal(split, s2)
 
 
 def _plain_buckets_pay(jh: np.ndarray) -> bool:
