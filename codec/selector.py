@@ -31,7 +31,7 @@ def candidates(dt, bound, reference) -> list[str]:
     return c
 
 
-def _make(name, dt, bound, reference, level):
+def _make(name, dt, bound, reference, level, sample_of: int | None = None):
     kw = {"dtype": dt.name if dt else None}
     if name in ("zstd", "planes", "elf", "xor"):
         kw["level"] = level
@@ -39,6 +39,7 @@ def _make(name, dt, bound, reference, level):
         kw["bound"] = bound
     if name == "xor":
         kw["reference"] = reference
+        kw["sample_of"] = sample_of
     return REGISTRY[name](**kw)
 
 
@@ -82,7 +83,8 @@ def _zstd_hopeless(dt, frames: list[bytes], names: list[str]) -> bool:
 
 def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True) -> str:
     """The candidate whose frame of four spread slices (1/32 of the chunk) is smallest
-    (``skip``: leave out zstd where planes' sample frame shows it cannot win)."""
+    (``skip``: leave out zstd where planes' sample frame shows it cannot win); xor codes
+    the sample with the transform the whole chunk would take (no transform trials)."""
     n = mv.nbytes
     size = dt.itemsize if dt else 1
     # slices of 1/32 of the chunk, 16..64 KiB each: the sample stays a small fraction
@@ -99,7 +101,7 @@ def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True) ->
     for c in _planes_first(names):
         if skip and c == "zstd" and _zstd_hopeless(dt, frames, names):
             continue
-        f = _make(c, dt, bound, ref_sample, level).encode(sample)
+        f = _make(c, dt, bound, ref_sample, level, sample_of=n).encode(sample)
         frames.append(f)
         if best is None or len(f) < best:
             best, win = len(f), c

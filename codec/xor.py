@@ -104,8 +104,9 @@ def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
     ut = _utype(dt)
     if ut.itemsize == 1:
         return T_XOR
-    if _ctx_ok(dt) and mv.nbytes // ut.itemsize >= CTX_DIRECT:
-        return T_SUBCTX_HI
+    direct = _direct_transform(dt, mv.nbytes)
+    if direct is not None:
+        return direct
     n = min(SAMPLE, mv.nbytes // ut.itemsize)
     if n == 0:
         return T_XOR
@@ -122,6 +123,14 @@ def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
     if trials is not None and step == mv.nbytes:
         trials[t] = done[t][1]
     return t
+
+
+def _direct_transform(dt, nbytes: int) -> int | None:
+    """The transform a chunk of ``nbytes`` takes without a trial (sub+ctx+hi for float
+    chunks of CTX_DIRECT elements or more), else None."""
+    if _ctx_ok(dt) and nbytes // dt.itemsize >= CTX_DIRECT:
+        return T_SUBCTX_HI
+    return None
 
 
 def _ctx_ok(dt) -> bool:
@@ -385,10 +394,15 @@ def _bytes_dtype(ut: np.dtype):
 class XorCodec(Codec):
     codec_id = "xor"
 
-    def __init__(self, dtype=None, reference=None, level: int = 3):
+    def __init__(self, dtype=None, reference=None, level: int = 3,
+                 sample_of: int | None = None):
+        """``sample_of``: the data is a sample (the selector's) of a chunk of this many
+        bytes; it is coded with the transform that chunk takes without a trial, so the
+        sample's size is the one of the coding the chunk would get (and no trials)."""
         super().__init__(dtype)
         self.reference = reference
         self.level = int(level)
+        self.sample_of = sample_of
 
     def get_config(self):  # the reference is data, not configuration
         return {"id": self.codec_id, "dtype": self.dtype, "level": self.level}
@@ -400,7 +414,9 @@ class XorCodec(Codec):
         if ref.nbytes != mv.nbytes:
             raise ValueError(f"reference has {ref.nbytes} bytes, data {mv.nbytes}")
         trials: dict = {}
-        t = _pick_transform(mv, ref, dt, self.level, trials)
+        t = _direct_transform(dt, self.sample_of) if self.sample_of else None
+        if t is None:
+            t = _pick_transform(mv, ref, dt, self.level, trials)
         if t in (T_SUBCTX, T_SUBCTX_HI):
             params, streams = trials.get(t) or _encode_ctx(
                 mv, ref, dt, self.level, NBUCKETS if t == T_SUBCTX_HI else 1)

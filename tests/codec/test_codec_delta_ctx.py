@@ -157,3 +157,15 @@ def test_ctx_classes_cover_every_element():
     back = np.empty_like(r)
     kernels.ungroup_by_class(g, cls, counts, back)
     assert np.array_equal(back, r)
+
+
+def test_sample_of_a_large_chunk_takes_its_transform():
+    """The selector's xor sample of a large float chunk is coded with sub+ctx+hi (what
+    the chunk takes without a trial), and still decodes exactly."""
+    data, ref = _pair("F32", 5000, 7, True)
+    big = 4 * X.CTX_DIRECT
+    frame = codec.get_codec("xor", "F32", reference=ref, sample_of=big).encode(data)
+    assert parse(frame).params[9] == X.T_SUBCTX_HI
+    assert codec.decode(frame, reference=ref) == data
+    small = codec.get_codec("xor", "F32", reference=ref, sample_of=len(data)).encode(data)
+    assert small == codec.encode(data, "F32", codec="xor", reference=ref)
