@@ -114,8 +114,9 @@ def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
     mid = (mv.nbytes // 2) // ut.itemsize * ut.itemsize
     lo = max(0, min(mid, mv.nbytes - step))
     a, r = mv[lo:lo + step], ref[lo:lo + step]
-    done = {T_XOR: _plane_streams(_xor(a, r, dt), dt, level),
-            T_SUB: _plane_streams(_sub(a, r, dt), _bytes_dtype(ut), level)}
+    done = {T_XOR: _plane_streams(_xor(a, r, dt), dt, level)}
+    if n > 1:  # one element: every stream is one constant byte, so sub ties and xor wins
+        done[T_SUB] = _plane_streams(_sub(a, r, dt), _bytes_dtype(ut), level)
     if _ctx_ok(dt) and n >= CTX_MIN:
         params, streams = _encode_ctx(a, r, dt, level)
         done[T_SUBCTX_HI] = sum(len(x.stored) + 8 for x in streams), (params, streams)

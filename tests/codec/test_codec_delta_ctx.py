@@ -169,3 +169,15 @@ def test_sample_of_a_large_chunk_takes_its_transform():
     assert codec.decode(frame, reference=ref) == data
     small = codec.get_codec("xor", "F32", reference=ref, sample_of=len(data)).encode(data)
     assert small == codec.encode(data, "F32", codec="xor", reference=ref)
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+def test_one_element_chunk_is_xor_and_no_larger_than_sub(dt):
+    """A one-element chunk skips the sub trial: every stream is one constant byte, so
+    sub cannot be smaller than xor."""
+    for seed in range(20):
+        data, ref = _pair(dt, 1, seed, seed % 2 == 0)
+        frame = codec.encode(data, dt, codec="xor", reference=ref)
+        assert parse(frame).params[9] == X.T_XOR
+        assert len(frame) <= len(_encode_with(X.T_SUB, data, dt, ref))
+        assert codec.decode(frame, reference=ref) == data
