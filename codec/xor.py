@@ -39,7 +39,7 @@ import numpy as np
 from .base import Codec, Encoded, as_bytes_view, register
 from .errors import FrameError
 from .frame import hash64
-from . import huffman, kernels
+from . import kernels
 from .planes import L_BYTES, decode_planes, encode_planes, layout_for
 from .zstd_codec import code_stream, decode_stream
 
