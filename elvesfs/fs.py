@@ -43,7 +43,8 @@ PRESEAL_STEP = 32 << 20  # pre-seal once this much more of a file being written 
 PRESEAL_MAX = 64 << 20  # at most this much per pre-seal call (holds the seal limiter)
 PRESEAL_RESERVE = 256 << 20  # free disk space a pre-seal never eats into
 MAX_FILE_SIZE = (1 << 63) - 1
-READAHEAD = 4
+READAHEAD = 4  # chunks past a read that are decoded ahead of the reader ...
+PREFETCH_MIN = 1 << 20  # ... if they are at least this big (see _readahead)
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
@@ -604,13 +605,20 @@ class Operations(pyfuse3.Operations):
         raise AssertionError("unreachable")
 
     def _readahead(self, lay: Layout, off: int) -> None:
-        """Decode the next chunks ahead of a sequential reader (loaders read whole shards)."""
+        """Prepare what a sequential reader (a loader reading whole shards) needs next.
+
+        Big chunks are decoded ahead in worker threads: the kernel's next requests would
+        all wait on one chunk's decode. Small ones are not: the kernel's own readahead
+        already keeps several requests in flight, and a task per 256 KiB chunk only
+        contends for the GIL and the event loop (a 1 GiB cold `cat` of a generic file:
+        2.6 s with them, 2.0 s without)."""
         if self.nursery is None or off >= lay.size:
             return
         i = lay.find(off)
         for j in range(i, min(i + READAHEAD, len(lay))):
             cid = lay.chunk_id(j)
-            if cid != HOLE and cid not in self.prefetching and cid not in self.reader.cache:
+            if (cid != HOLE and lay.length(j) >= PREFETCH_MIN
+                    and cid not in self.prefetching and cid not in self.reader.cache):
                 # one task per chunk: duplicates would each hold a reader thread slot
                 self.prefetching.add(cid)
                 self.nursery.start_soon(self._prefetch, cid)

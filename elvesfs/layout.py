@@ -57,6 +57,10 @@ class Layout:
     def start(self, i: int) -> int:
         return int(self.ext["end"][i - 1]) if i > 0 else 0
 
+    def length(self, i: int) -> int:
+        """Bytes of the file that extent `i` holds."""
+        return int(self.ext["end"][i]) - self.start(i)
+
     def chunk_id(self, i: int) -> bytes:
         return bytes(self.ext["id"][i])
 
