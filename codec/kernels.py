@@ -660,20 +660,31 @@ def _zigzag_delta(x, r, mask, sign):
     return ((d << np.uint64(1)) & mask) ^ ((np.uint64(0) - (d >> sign)) & mask)
 
 
+#: ctx_group4's histogram rows: (class, plane * 4 + bucket, byte) int32 or int64, 256
+#: counters padded to 264 (rows 4 KiB apart alias in the store buffer: ~60 % slower)
+HIST_ROW = 264
+HIST_CLASS = 16 * HIST_ROW
+#: row offset of bucket min(byte, 3), per value of the higher byte
+_BUCKET_ROW = (np.minimum(np.arange(256), 3) * HIST_ROW).astype(np.uint32)
+
+
 @njit(**_JIT)
-def ctx_group4(data, ref, shift, emask, lut, counts, g, hist):
-    """ctx_split for 4-byte elements and 4 buckets, except that the class-grouped
-    values go to ``g`` (uint32) whole: one store instead of four scattered byte
-    stores, split_u32 then makes the planes in a sequential pass (~15 % faster than
-    scattering bytes). Unrolled, 32-bit arithmetic, unsigned indices."""
+def ctx_group4(data, ref, lut, counts, g, hist):
+    """ctx_split for F32 and 4 buckets, except that the class-grouped values go to
+    ``g`` (uint32) whole: one store instead of four scattered byte stores;
+    planes_by_bucket4 then makes the planes in a sequential pass (~15 % faster than
+    scattering bytes). ``hist``: the flat (NCLASSES, 16, HIST_ROW) histogram array.
+    The exponent field and the row strides are constants, and a bucket's row comes
+    from a table (not min/multiply): ~35 % fewer instructions per element, ~35 %
+    faster. 32-bit arithmetic, unsigned indices."""
     pos = class_starts(counts).astype(np.uint64)
+    bk = _BUCKET_ROW
     one = np.uint32(1)
     ff = np.uint32(0xFF)
-    three = np.uint32(3)
     for i in range(data.shape[0]):
         r = ref[i]
-        c = lut[(r >> shift) & emask]
-        d = np.uint32(np.uint64(data[i]) - np.uint64(r))
+        c = np.uint32(lut[(r >> np.uint32(23)) & ff])
+        d = np.uint32(data[i] - r)
         z = np.uint32(np.uint32(d << one) ^ np.uint32(np.uint32(0) - (d >> np.uint32(31))))
         p = pos[c]
         pos[c] = p + np.uint64(1)
@@ -681,10 +692,11 @@ def ctx_group4(data, ref, shift, emask, lut, counts, g, hist):
         b0 = z >> np.uint32(24)
         b1 = (z >> np.uint32(16)) & ff
         b2 = (z >> np.uint32(8)) & ff
-        hist[c, np.uint32(0), b0] += 1
-        hist[c, np.uint32(4) + min(b0, three), b1] += 1
-        hist[c, np.uint32(8) + min(b1, three), b2] += 1
-        hist[c, np.uint32(12) + min(b2, three), z & ff] += 1
+        base = c * np.uint32(HIST_CLASS)
+        hist[base + b0] += 1
+        hist[base + np.uint32(4 * HIST_ROW) + bk[b0] + b1] += 1
+        hist[base + np.uint32(8 * HIST_ROW) + bk[b1] + b2] += 1
+        hist[base + np.uint32(12 * HIST_ROW) + bk[b2] + (z & ff)] += 1
 
 
 @njit(**_JIT)

@@ -207,12 +207,12 @@ def _ctx_planes(mv, ref, dt, nb: int):
     np.add.at(counts, lut, eh)
     size = ut.itemsize
     count_t = np.int32 if ref_u.shape[0] < 1 << 31 else np.int64  # int32: ~5 % faster
-    hist = np.zeros((NCLASSES, size * NBUCKETS, 256 + 8), count_t)  # padded: see ctx_split
+    hist = np.zeros((NCLASSES, size * NBUCKETS, kernels.HIST_ROW), count_t)  # see ctx_split
     args = (_u8(mv).view(ut), ref_u, dt.mbits, (1 << dt.ebits) - 1, lut, counts)
     pl = np.empty((size, ref_u.shape[0]), np.uint8)
-    if size == 4:
+    if size == 4:  # F32
         g = np.empty(ref_u.shape[0], ut)
-        kernels.ctx_group4(*args, g, hist)
+        kernels.ctx_group4(args[0], ref_u, lut, counts, g, hist.reshape(-1))
     else:
         kernels.ctx_split(*args, pl, hist)
     h = hist[:, :, :256].reshape(NCLASSES, size, NBUCKETS, 256).transpose(1, 0, 2, 3)
