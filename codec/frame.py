@@ -143,8 +143,13 @@ def _opt(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
+_SMALL = [bytes([i]) for i in range(128)]
+
+
 def varint(x: int) -> bytes:
     """Unsigned LEB128: small numbers (most lengths) in one or two bytes."""
+    if 0 <= x < 0x80:
+        return _SMALL[x]
     if not 0 <= x < 1 << 64:
         raise ValueError(f"varint out of range: {x}")
     out = bytearray()
@@ -199,9 +204,10 @@ def pack(codec: str, dtype_id: int, raw_size: int, params: bytes, streams: list[
         if code is None:
             name = s.name.encode("ascii")
             parts.append(bytes([_NAME_LITERAL, len(name)]) + name)
+            parts.append(_SMALL[s.method])
         else:
-            parts.append(bytes([code]))
-        parts += [bytes([s.method]), varint(mv.nbytes), varint(s.raw_len),
+            parts.append(bytes((code, s.method)))
+        parts += [varint(mv.nbytes), varint(s.raw_len),
                   _trunc(hash64(mv), 8 * c).to_bytes(c, "little")]
     parts.append(_trunc(content_hash, 8 * c).to_bytes(c, "little"))
     head = b"".join(parts)

@@ -501,6 +501,17 @@ def entropy_bits(h):
 
 
 @njit(**_JIT)
+def hist_stats(h):
+    """(commonest byte (the first of equals, as argmax), its count, entropy_bits(h)) in
+    one call: code_stream's questions of every histogram."""
+    top = 0
+    for s in range(1, h.shape[0]):
+        if h[s] > h[top]:
+            top = s
+    return top, h[top], entropy_bits(h)
+
+
+@njit(**_JIT)
 def block_hist(a, bs):
     nb = (a.shape[0] + bs - 1) // bs
     h = np.zeros((nb, 256), np.int64)

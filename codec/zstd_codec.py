@@ -69,12 +69,14 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True,
         h = bh.sum(axis=0)
     else:
         h = kernels.histogram(a) if hist is None else hist
-    top = int(h.argmax())
-    if h[top] == n:
+    if h.dtype != np.int64:
+        h = h.astype(np.int64)
+    top, cnt, H = huffman.hist_stats(h)
+    if cnt == n:
         return Stream(name, METHOD_CONST, n, bytes([top]))
     if n < 4096:  # small streams: the smallest of zstd, Huffman (compact table), raw
         c = compressor(level).compress(a)
-        if n >= 64 and entropy(h) < 7.5:
+        if n >= 64 and H < 7.5:
             est, lens = huffman.estimate2(h)
             if est < len(c) and est < n:
                 return Stream(name, METHOD_HUF, n, huffman.encode(a, lens))
@@ -85,7 +87,6 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True,
     # Huffman, unless zstd wins clearly on four spread 16 KiB slices (only probed when
     # the stream shows runs, repeats in its middle 16 KiB, or a dominant byte). zstd wins
     # near-ties (its decoder is faster on high-entropy bytes).
-    H = entropy(h)
     plan = None
     if H < LOW_ENTROPY and n > 4 * PROBE:
         plan = est, lens, block = huffman.plan_blocks(a, h, bh)
@@ -102,7 +103,7 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True,
     # near-ties go to zstd when the Huffman codes are long (fp16 sign+exponent+2 bits,
     # mantissas): its decoder is faster there; exponent planes take the smaller
     tie = 1.0 if H < LOW_ENTROPY else 1.002
-    if H < 7.98 and _huffman_may_win(h, bh, n, tie, min(len(c), n - 64)):
+    if H < 7.98 and _huffman_may_win(h, bh, n, tie, min(len(c), n - 64), H):
         # (above 7.98, Huffman saves < 0.25 % and zstd's decoder is faster)
         est, lens, block = plan or huffman.plan_blocks(a, h, bh)
         if est < n - 64 and est * tie < len(c):
@@ -129,12 +130,13 @@ def _has_runs(a, h, n: int) -> bool:
     return kernels.equal_neighbours(a) > (float(p @ p) + RUN_EXCESS) * (n - 1)
 
 
-def _huffman_may_win(h, bh, n: int, tie: float, limit: int) -> bool:
+def _huffman_may_win(h, bh, n: int, tie: float, limit: int, H: float | None = None) -> bool:
     """Whether the entropy bound (per block when there are blocks: Huffman can never
     do better than it) leaves Huffman a chance to beat ``limit`` bytes; saves planning
-    code tables for mantissa planes that end up raw or zstd."""
+    code tables for mantissa planes that end up raw or zstd. ``H``: entropy(h) when the
+    caller has it."""
     if bh is None:
-        bound = n * entropy(h) / 8
+        bound = n * (entropy(h) if H is None else H) / 8
     else:
         bound = sum(float(hk.sum()) * entropy(hk) for hk in bh) / 8
     return bound * tie < limit
