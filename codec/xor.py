@@ -210,7 +210,7 @@ def _ctx_planes(mv, ref, dt, nb: int):
     hist = np.zeros((NCLASSES, size * NBUCKETS, kernels.HIST_ROW), count_t)  # see ctx_split
     args = (_u8(mv).view(ut), ref_u, dt.mbits, (1 << dt.ebits) - 1, lut, counts)
     pl = np.empty((size, ref_u.shape[0]), np.uint8)
-    if size == 4:  # F32
+    if size == 4:  # F32: ctx_group4 has its exponent field built in
         g = np.empty(ref_u.shape[0], ut)
         kernels.ctx_group4(args[0], ref_u, lut, counts, g, hist.reshape(-1))
     else:
