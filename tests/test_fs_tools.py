@@ -8,6 +8,9 @@
   sealed (chunked, coded) representations of the file, and it remounts once midway.
 - fio (Debian package `fio`) with its own checksummed verification, through psync and
   mmap engines, then a verify-only pass after the data was sealed and remounted.
+- stress-ng (Debian package `stress-ng`): every stressor of its `filesystem` class, one
+  after another with `--verify`, on the mount; then the daemon's log and the store are
+  checked.
 """
 
 from __future__ import annotations
@@ -227,3 +230,31 @@ def test_fio_verify(shared_dir, shared_mount):
         f.write(bytes([b[0] ^ 0xFF]))
     r = _fio(shared_dir / name, name, extra, "--verify_only")
     assert r.returncode != 0
+
+
+# Stressors that need what a FUSE mount cannot offer or the test must not do: mounts
+# (bind-mount), binder devices, /proc, fs-verity, fanotify marks on the whole mount.
+STRESS_NG_EXCLUDE = "bind-mount,binderfs,procfs,verity,fanotify"
+
+
+def test_stress_ng_filesystem_class(make_mount):
+    """stress-ng's filesystem stressors (files, dirs, links, renames, locks, xattrs, mmap,
+    truncation, utimes, dnotify/inotify, ...) with verification: all pass, the daemon
+    logs no error, and the store is consistent afterwards."""
+    if not shutil.which("stress-ng"):
+        pytest.skip("stress-ng is not installed (apt-get install stress-ng)")
+    m = make_mount()
+    work = m.path / "stress"
+    work.mkdir()
+    r = subprocess.run(["stress-ng", "--temp-path", str(work), "--class", "filesystem",
+                        "--sequential", "1", "--timeout", "1s", "--verify",
+                        "--exclude", STRESS_NG_EXCLUDE],
+                       capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    failures = "\n".join(ln for ln in out.splitlines() if "fail" in ln.lower())
+    assert r.returncode == 0, failures or out[-4000:]
+    assert "successful run completed" in out and "unsuccessful" not in out, failures
+    for line in m.log().splitlines():
+        assert " ERROR " not in line and "Traceback" not in line, line
+    m.umount()
+    assert check_store(m.store) == []
