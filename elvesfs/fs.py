@@ -46,6 +46,9 @@ MAX_FILE_SIZE = (1 << 63) - 1
 READAHEAD = 4  # chunks past a read that are decoded ahead of the reader ...
 PREFETCH_MIN = 1 << 20  # ... if they are at least this big (see _readahead)
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# The kernel's listxattr returns at most this many bytes of names (XATTR_LIST_MAX): a file
+# with more could not be listed (E2BIG), so cp -a, rsync -X and getfattr -d would fail.
+XATTR_LIST_MAX = 65536
 
 
 def handler(fn: Callable) -> Callable:
@@ -922,6 +925,10 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EOPNOTSUPP)
         with self.db.write() as txn:
             node = self.ns.get(txn, inode)
+            if self.ns.getxattr(txn, inode, name) is None:
+                listed = sum(len(n) + 1 for n in self.ns.xattr_names(txn, inode))
+                if listed + len(name) + 1 > XATTR_LIST_MAX:
+                    raise FsError(errno.ENOSPC)  # what ext4 says when its xattr space is full
             self.ns.setxattr(txn, inode, name, value)
             node.ctime_ns = time.time_ns()
             self.ns.put(txn, node)

@@ -747,6 +747,31 @@ def test_xattrs_against_plain(shared_dir, plain):
     assert os.getxattr(p, "user.n199") == b"199"
 
 
+def test_xattr_names_stay_listable(shared_dir):
+    """A file takes xattrs until their names would pass the 64 KiB listxattr can return,
+    then ENOSPC (like a full ext4 xattr block): it stays listable and copyable."""
+    p = shared_dir / "f"
+    p.write_bytes(b"x")
+    names = []
+    for i in range(1000):
+        name = f"user.{i:04d}" + "n" * 240
+        try:
+            os.setxattr(p, name, b"")
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            break
+        names.append(name)
+    else:
+        raise AssertionError("1000 names of 250 bytes all accepted: listxattr would fail")
+    listed = os.listxattr(p)  # E2BIG if the names passed the kernel's limit
+    assert sorted(listed) == sorted(names)
+    assert sum(len(n) + 1 for n in listed) <= 65536
+    os.setxattr(p, names[0], b"replaced")  # an existing name still takes a new value
+    os.removexattr(p, names[1])            # and removing one makes room again
+    os.setxattr(p, "user.again", b"1")
+    assert os.getxattr(p, "user.again") == b"1"
+
+
 # -- statfs, fsync, mmap, handles, O_DIRECT ---------------------------------------------------
 
 def test_statfs_and_df(shared_dir, shared_mount):
