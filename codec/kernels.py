@@ -799,3 +799,32 @@ def planes_by_bucket4(g, off, split, starts, out):
                 cur[3, k] = p + one
             else:
                 out[3, i] = b3
+
+
+# ---- selector: order-0 estimate of xor (sub) against planes on a sample ----------
+@njit(**_JIT)
+def sub_vs_raw_bits(x, r, bits):
+    """(entropy bits of the byte planes of zigzag(x - r), of the byte planes of x):
+    order-0 sizes of the reference delta and of the data itself, one pass, for
+    unsigned element arrays ``x``, ``r`` of ``bits``-bit elements."""
+    size = bits // 8
+    hz = np.zeros((size, 256), np.int64)
+    hx = np.zeros((size, 256), np.int64)
+    one = np.uint64(1)
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF) if bits == 64 else (one << np.uint64(bits)) - one
+    top = np.uint64(bits - 1)
+    for i in range(x.shape[0]):
+        a = np.uint64(x[i])
+        d = (a - np.uint64(r[i])) & mask
+        z = ((d << one) & mask) ^ (mask if (d >> top) & one else np.uint64(0))
+        for k in range(size):
+            sh = np.uint64(8 * k)
+            hz[k, (z >> sh) & np.uint64(255)] += 1
+            hx[k, (a >> sh) & np.uint64(255)] += 1
+    bz = 0.0
+    bx = 0.0
+    n = x.shape[0]
+    for k in range(size):
+        bz += entropy_bits(hz[k]) * n
+        bx += entropy_bits(hx[k]) * n
+    return bz, bx
