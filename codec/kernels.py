@@ -828,3 +828,30 @@ def sub_vs_raw_bits(x, r, bits):
         bz += entropy_bits(hz[k]) * n
         bx += entropy_bits(hx[k]) * n
     return bz, bx
+
+
+@njit(**_JIT)
+def sub_vs_raw_bits4(x, r):
+    """sub_vs_raw_bits for uint32 elements (32-bit arithmetic: about twice as fast)."""
+    hz = np.zeros((4, 256), np.int32)
+    hx = np.zeros((4, 256), np.int32)
+    m = np.uint32(255)
+    for i in range(x.shape[0]):
+        a = x[i]
+        d = np.uint32(a - r[i])
+        z = np.uint32(np.uint32(d << np.uint32(1)) ^ np.uint32(np.uint32(0) - (d >> np.uint32(31))))
+        hz[0, z & m] += 1
+        hz[1, (z >> np.uint32(8)) & m] += 1
+        hz[2, (z >> np.uint32(16)) & m] += 1
+        hz[3, (z >> np.uint32(24)) & m] += 1
+        hx[0, a & m] += 1
+        hx[1, (a >> np.uint32(8)) & m] += 1
+        hx[2, (a >> np.uint32(16)) & m] += 1
+        hx[3, (a >> np.uint32(24)) & m] += 1
+    bz = 0.0
+    bx = 0.0
+    n = x.shape[0]
+    for k in range(4):
+        bz += entropy_bits(hz[k]) * n
+        bx += entropy_bits(hx[k]) * n
+    return bz, bx
