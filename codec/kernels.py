@@ -855,3 +855,35 @@ def sub_vs_raw_bits4(x, r):
         bz += entropy_bits(hz[k]) * n
         bx += entropy_bits(hx[k]) * n
     return bz, bx
+
+
+@njit(**_JIT)
+def buckets_pay_all(h, min_n):
+    """split[j, c] = buckets_pay(h[j, c], min_n) for every lower plane j >= 1 and class c
+    of a (size, classes, nb, 256) histogram (plane 0 is never split): one call."""
+    split = np.zeros((h.shape[0], h.shape[1]), np.bool_)
+    for j in range(1, h.shape[0]):
+        for c in range(h.shape[1]):
+            split[j, c] = buckets_pay(h[j, c], min_n)
+    return split
+
+
+@njit(**_JIT)
+def bucket_starts(off, h, nbuckets):
+    """starts[c, j, b] (uint64) of xor._bucket_starts for a (size, classes, nb, 256)
+    histogram with nb > 1: off[c] plus the elements of the class's earlier buckets."""
+    size = h.shape[0]
+    nc = h.shape[1]
+    nb = h.shape[2]
+    starts = np.empty((nc, size, nbuckets), np.uint64)
+    for c in range(nc):
+        for j in range(size):
+            s = np.int64(off[c])
+            for b in range(nbuckets):
+                starts[c, j, b] = np.uint64(s)
+                if b < nb:
+                    t = np.int64(0)
+                    for v in range(h.shape[3]):
+                        t += h[j, c, b, v]
+                    s += t
+    return starts
