@@ -204,7 +204,8 @@ FIO_JOBS = [
 
 def _fio(path, name, extra, *more):
     cmd = ["fio", f"--name={name}", f"--filename={path}", "--fallocate=none", "--verify=crc32c",
-           "--verify_fatal=1", "--randrepeat=1", "--randseed=1234", "--output-format=terse",
+           "--verify_fatal=1", "--verify_state_save=0",  # no state files left in the cwd
+           "--randrepeat=1", "--randseed=1234", "--output-format=terse",
            "--minimal", *extra, *more]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
