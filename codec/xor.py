@@ -48,6 +48,7 @@ _P2 = struct.Struct("<QBB")  # reference hash, planes layout, transform (0 xor, 
 T_XOR, T_SUB, T_SUBCTX, T_SUBCTX_HI = 0, 1, 2, 3
 NCLASSES = 8
 NBUCKETS = 4  # sub+ctx+hi: a lower byte's table is picked by min(higher byte, 3)
+SPLIT_MIN = 4096  # planes of fewer bytes are never split by bucket (see _buckets_pay)
 _P3 = struct.Struct("<QBBB")  # reference hash, planes layout, transform, classes; then
 # (classes - 1) u16 reference exponents, one per class (the last class: all the others)
 SAMPLE = 1 << 16  # elements tried with each transform
@@ -218,13 +219,7 @@ def _ctx_planes(mv, ref, dt, nb: int):
     if nb != NBUCKETS:  # plain sub+ctx: one bucket
         h = h.sum(axis=2, keepdims=True)
     h = np.ascontiguousarray(h, np.int64)
-    split = np.zeros((size, NCLASSES), bool)
-    if nb > 1 and _buckets_pay is _BUCKETS_PAY:  # one kernel call (unless a test swapped the rule)
-        split = kernels.buckets_pay_all(h, 4096)
-    elif nb > 1:
-        for j in range(1, size):
-            for c in range(NCLASSES):
-                split[j, c] = _buckets_pay(h[j, c])
+    split = _splits(h) if nb > 1 else np.zeros((size, NCLASSES), bool)
     off = np.concatenate([[0], np.cumsum(counts)])
     if size == 4:
         kernels.planes_by_bucket4(g, off, np.ascontiguousarray(split.T).view(np.uint8),
@@ -237,13 +232,10 @@ def _ctx_planes(mv, ref, dt, nb: int):
 def _bucket_starts(off: np.ndarray, hist: np.ndarray, nb: int) -> np.ndarray:
     """starts[c, j, b] (uint64): where bucket b of plane j of class c begins when the
     plane is split (after the class's earlier buckets)."""
-    size = hist.shape[0]
     if nb > 1:
         return kernels.bucket_starts(off, hist, NBUCKETS)
-    starts = off[:-1, None, None] + np.zeros((1, size, NBUCKETS), np.int64)
-    if nb > 1:
-        bc = hist.sum(axis=3).transpose(1, 0, 2)  # (class, plane, bucket)
-        starts[:, :, 1:] += np.cumsum(bc, axis=2)[:, :, :-1]
+    # one bucket: every plane of a class starts where the class does
+    starts = off[:-1, None, None] + np.zeros((1, hist.shape[0], NBUCKETS), np.int64)
     return starts.astype(np.uint64)
 
 
@@ -270,10 +262,13 @@ def _buckets_pay(jh: np.ndarray) -> bool:
     histogram by bucket) saves, by the order-0 entropy of the parts, more than 1 % plus
     the extra streams' headers and tables (elsewhere the split costs decode time for
     nothing); planes of fewer than 4096 bytes are never split."""
-    return bool(kernels.buckets_pay(jh, 4096))
+    return bool(kernels.buckets_pay(jh, SPLIT_MIN))
 
 
-_BUCKETS_PAY = _buckets_pay
+def _splits(h: np.ndarray) -> np.ndarray:
+    """split[j, c] = _buckets_pay(h[j, c]) for every lower plane j >= 1 and class c of a
+    (size, classes, nb, 256) histogram, in one kernel call (plane 0 is never split)."""
+    return kernels.buckets_pay_all(h, SPLIT_MIN)
 
 
 def _ctx_params(header, dt, t: int) -> tuple[list[int], int, int]:

@@ -157,7 +157,11 @@ SPLIT_RULES = {"rule": None, "all": lambda jh: True,  # "odd": some planes split
 def test_ctx_split_matches_plain_pipeline(dt, n, seed, nb, rule):
     if SPLIT_RULES[rule] is not None:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(X, "_buckets_pay", SPLIT_RULES[rule])
+            rule = SPLIT_RULES[rule]
+            mp.setattr(X, "_buckets_pay", rule)  # the plain pipeline's rule, plane by plane
+            mp.setattr(X, "_splits", lambda h: np.array(
+                [[j > 0 and rule(h[j, c]) for c in range(h.shape[1])] for j in range(h.shape[0])],
+                bool).reshape(h.shape[:2]))
             return _check_ctx_split(dt, n, seed, nb)
     _check_ctx_split(dt, n, seed, nb)
 

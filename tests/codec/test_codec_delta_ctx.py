@@ -45,8 +45,15 @@ CTX = [X.T_SUBCTX, X.T_SUBCTX_HI]
 def force_ctx(monkeypatch, request):
     monkeypatch.setattr(X, "_pick_transform", lambda mv, ref, dt, level, trials=None:
                         request.param if X._ctx_ok(dt) else X.T_XOR)
-    monkeypatch.setattr(X, "_buckets_pay", lambda jh: True)
+    monkeypatch.setattr(X, "_splits", lambda h: _every_lower_plane(h, True))
     return request.param
+
+
+def _every_lower_plane(h, split: bool) -> np.ndarray:
+    """A split matrix for X._splits: every lower plane split (or none); plane 0 never."""
+    s = np.full(h.shape[:2], split)
+    s[0] = False
+    return s
 
 
 def _encode_with(t, data, dt, ref, split=None):
@@ -55,7 +62,7 @@ def _encode_with(t, data, dt, ref, split=None):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(X, "_pick_transform", lambda mv, r, d, level, trials=None: t)
         if split is not None:
-            mp.setattr(X, "_buckets_pay", lambda jh: split)
+            mp.setattr(X, "_splits", lambda h: _every_lower_plane(h, split))
         return codec.encode(data, dt, codec="xor", reference=ref)
 
 

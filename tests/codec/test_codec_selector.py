@@ -68,3 +68,32 @@ def test_exponent_streams_pick_the_smaller_coder():
     assert s.method == METHOD_HUF
     s = zc.code_stream("exponent", runs)
     assert s.method == METHOD_ZSTD
+
+
+@SET
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5000))
+def test_sub_vs_raw_bits4_matches_the_generic_kernel(seed, n):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 2**32, n, dtype=np.uint32)
+    r = x + rng.integers(-300, 300, n).astype(np.uint32)  # small deltas, wrapping
+    r[rng.random(n) < 0.1] = rng.integers(0, 2**32, dtype=np.uint32)  # and large ones
+    assert kernels.sub_vs_raw_bits4(x, r) == pytest.approx(kernels.sub_vs_raw_bits(x, r, 32))
+
+
+@pytest.mark.parametrize("n", [3000, 300000])  # a small chunk (whole) and a sampled one
+def test_a_close_reference_takes_xor_without_trials(n, monkeypatch):
+    """A fine-tune of its reference: the order-0 estimate says xor, no candidate is coded
+    on trial and the frame is xor's; against an unrelated tensor the trials run."""
+    from codec import selector
+    built = []
+    make = selector._make
+    monkeypatch.setattr(selector, "_make", lambda c, *a, **k: built.append(c) or make(c, *a, **k))
+    base = _weights(n, 1)
+    tuned = base + np.random.default_rng(2).normal(0, 1e-4, n).astype(np.float32)
+    auto = codec.encode(tuned, "F32", reference=base)
+    assert built == ["xor"]
+    assert auto == codec.encode(tuned, "F32", codec="xor", reference=base)
+    assert codec.decode(auto, reference=base) == tuned.tobytes()
+    built.clear()
+    codec.encode(tuned, "F32", reference=_weights(n, 3))
+    assert "planes" in built
