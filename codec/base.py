@@ -57,7 +57,11 @@ class Codec:
     def encode(self, buf) -> bytes:
         mv = as_bytes_view(buf)
         dt = _dt.lookup(self.dtype, mv.nbytes)
-        enc = self._encode(mv, dt)
+        return self.frame(mv, dt, self._encode(mv, dt))
+
+    def frame(self, mv: memoryview, dt, enc) -> bytes:
+        """The frame of ``enc`` (this codec's coding of ``mv``): encode()'s second half,
+        for a caller that has already coded the streams (the selector)."""
         if isinstance(enc, dict):
             enc = Encoded(**enc)
         ch = enc.content_hash if enc.content_hash is not None else hash64(mv)
@@ -114,7 +118,7 @@ def decode_frame(frame, reference=None, fidelity=None, copy: bool = True):
     out = _owned(out, frame, reference) if not copy else bytes(out) if not isinstance(out, bytes) else out
     if len(out) != header.raw_size:
         raise FrameError(f"decoded {len(out)} bytes but the frame says {header.raw_size}")
-    if fidelity is None and not header.content_ok(out):
+    if fidelity is None and not header.stored_as_is() and not header.content_ok(out):
         raise FrameError(f"{header.codec} frame decoded to bytes whose checksum does not match "
                          "the one recorded at encode time" +
                          (" (wrong reference?)" if header.needs_reference else ""))

@@ -134,6 +134,14 @@ class Header:
         """Whether ``data`` matches the recorded checksum of the decoded bytes."""
         return _trunc(hash64(data), self.check_bits) == self.content_hash
 
+    def stored_as_is(self) -> bool:
+        """Whether the decoded bytes are one raw stream whose checksum is the content
+        checksum: decoding it verified them already (the raw frame, zstd that did not pay)."""
+        return (self.codec in ("raw", "zstd") and len(self.streams) == 1
+                and self.streams[0].method == METHOD_RAW
+                and self.streams[0].raw_len == self.raw_size
+                and self.streams[0].checksum == self.content_hash)
+
 
 def _trunc(h: int, bits: int) -> int:
     return h & ((1 << bits) - 1)
@@ -207,8 +215,8 @@ def pack(codec: str, dtype_id: int, raw_size: int, params: bytes, streams: list[
             parts.append(_SMALL[s.method])
         else:
             parts.append(bytes((code, s.method)))
-        parts += [varint(mv.nbytes), varint(s.raw_len),
-                  _trunc(hash64(mv), 8 * c).to_bytes(c, "little")]
+        ck = s.checksum or hash64(mv)  # a codec may pass the hash it already has
+        parts += [varint(mv.nbytes), varint(s.raw_len), _trunc(ck, 8 * c).to_bytes(c, "little")]
     parts.append(_trunc(content_hash, 8 * c).to_bytes(c, "little"))
     head = b"".join(parts)
     return b"".join([head, _trunc(hash64(head), 8 * c).to_bytes(c, "little")] +

@@ -10,7 +10,7 @@ import zstandard as zstd
 from . import huffman, kernels
 from .base import Codec, register
 from .errors import FrameError
-from .frame import METHOD_CONST, METHOD_HUF, METHOD_RAW, METHOD_ZSTD, Stream, stream_view
+from .frame import METHOD_CONST, METHOD_HUF, METHOD_RAW, METHOD_ZSTD, Stream, hash64, stream_view
 
 _tls = threading.local()
 
@@ -142,6 +142,15 @@ def _huffman_may_win(h, bh, n: int, tie: float, limit: int, H: float | None = No
     return bound * tie < limit
 
 
+def as_is_or(s: Stream, mv) -> dict:
+    """The fields of a one-stream encoding of ``mv``; when the stream is ``mv`` stored
+    raw, its checksum is the content checksum: hashed once, not twice."""
+    if s.method != METHOD_RAW:
+        return dict(streams=[s])
+    s.checksum = hash64(mv)
+    return dict(streams=[s], content_hash=s.checksum)
+
+
 def decode_stream(frame, s: Stream):
     """The decoded bytes of stream ``s`` (a bytes-like of length s.raw_len)."""
     mv = stream_view(frame, s)
@@ -185,8 +194,7 @@ class ZstdCodec(Codec):
         # on incompressible input), raw if that does not pay; 1-byte element types
         # (int8, fp8) also try Huffman/constant
         analyse = dt is not None and dt.itemsize == 1 and mv.nbytes >= 4096
-        s = code_stream("bytes", mv, self.level, analyse=analyse)
-        return dict(streams=[s])
+        return as_is_or(code_stream("bytes", mv, self.level, analyse=analyse), mv)
 
     @classmethod
     def _decode(cls, header, frame, dt, reference, fidelity):

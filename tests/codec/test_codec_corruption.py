@@ -13,6 +13,7 @@ def frames():
     w = rng.normal(0, 0.05, 3000).astype(np.float32)
     w16 = w.astype(np.float16)
     ref = (w + rng.normal(0, 1e-4, w.size)).astype(np.float32)
+    noise = rng.integers(0, 256, 70000, dtype=np.uint8).tobytes()
     return [
         (codec.encode(w, "F32", codec="raw"), w.tobytes(), None),
         (codec.encode(w, "F32", codec="zstd"), w.tobytes(), None),
@@ -21,6 +22,10 @@ def frames():
         (codec.encode(w, "F32", codec="elf", bound="native"), None, None),
         (codec.encode(w, "F32", codec="elf", bound=1e-3), None, None),
         (codec.encode(w, "F32", codec="xor", reference=ref), w.tobytes(), ref.tobytes()),
+        # incompressible opaque bytes: the raw frame, and zstd that did not pay; the
+        # stream's checksum is their only check of the decoded bytes (hashed once)
+        (codec.encode(noise, None), noise, None),
+        (codec.encode(noise, None, codec="zstd"), noise, None),
     ]
 
 
