@@ -385,6 +385,78 @@ def _decode4(words, counts, n, tab, L, out, multi):
     return bad
 
 
+@njit(**_JIT)
+def build_table1(lens, codes, L):
+    """Single-symbol decode table: entry = symbol | code length << 8 (u16: 8 KiB at
+    L = 12, a quarter of build_table's, so it stays in L1 next to the output)."""
+    tab = np.zeros(1 << L, np.uint16)
+    for s in range(256):
+        ln = lens[s]
+        if ln > 0:
+            start = np.int64(codes[s]) << (L - ln)
+            for j in range(start, start + (np.int64(1) << (L - ln))):
+                tab[j] = np.uint16(s | (ln << 8))
+    return tab
+
+
+@njit(inline="always", **_JIT)
+def _step16(win, bp, o, out, tab, sh):
+    e = tab[win >> sh]
+    out[o] = np.uint8(e & np.uint16(0xFF))
+    ln = np.uint64(e >> np.uint16(8))
+    return win << ln, bp + ln, o + np.uint64(1)
+
+
+@njit(**_JIT)
+def _decode4s(words, counts, n, tab, L, out):
+    """_decode4 for codes without short words (one symbol per lookup) with
+    build_table1's table: 5 lookups of <= 12 bits per 64-bit window, unsigned
+    positions (no negative-index fix-ups). ~1.3x faster than _decode4 there."""
+    q = (n + 3) // 4
+    sh = np.uint64(64 - L)
+    w1 = counts[0]
+    w2 = w1 + counts[1]
+    w3 = w2 + counts[2]
+    w4 = w3 + counts[3]
+    e0 = np.uint64(min(q, n))
+    e1 = np.uint64(min(2 * q, n))
+    e2 = np.uint64(min(3 * q, n))
+    e3 = np.uint64(n)
+    o0, o1, o2, o3 = np.uint64(0), e0, e1, e2
+    b0, b1, b2, b3 = np.uint64(0), np.uint64(32 * w1), np.uint64(32 * w2), np.uint64(32 * w3)
+    u1, u2, u3, u4 = np.uint64(w1), np.uint64(w2), np.uint64(w3), np.uint64(w4)
+    five = np.uint64(5)
+    two = np.uint64(2)
+    while (o0 + five <= e0 and o1 + five <= e1 and o2 + five <= e2 and o3 + five <= e3
+           and (b0 >> five) + two < u1 and (b1 >> five) + two < u2
+           and (b2 >> five) + two < u3 and (b3 >> five) + two < u4):
+        x0 = _window3(words, b0)
+        x1 = _window3(words, b1)
+        x2 = _window3(words, b2)
+        x3 = _window3(words, b3)
+        for _r in range(5):  # 5 lookups of <= 12 bits from each 64-bit window
+            x0, b0, o0 = _step16(x0, b0, o0, out, tab, sh)
+            x1, b1, o1 = _step16(x1, b1, o1, out, tab, sh)
+            x2, b2, o2 = _step16(x2, b2, o2, out, tab, sh)
+            x3, b3, o3 = _step16(x3, b3, o3, out, tab, sh)
+    bad = 0
+    for k in range(4):
+        if k == 0:
+            bp, we, o, e = b0, w1, o0, e0
+        elif k == 1:
+            bp, we, o, e = b1, w2, o1, e1
+        elif k == 2:
+            bp, we, o, e = b2, w3, o2, e2
+        else:
+            bp, we, o, e = b3, w4, o3, e3
+        while o < e:
+            x = _window_safe(words, np.int64(bp), we)
+            x, bp, o = _step16(x, bp, o, out, tab, sh)
+        if bp > np.uint64(32 * we):
+            bad = 1
+    return bad
+
+
 BLOCK = 1 << 18
 
 
@@ -654,14 +726,18 @@ def _decode_blocks(w, n, L, out):
                     codes[s] = code
                     code += 1
             code <<= 1
-        tab = build_table(lens, codes, L)
         cw = w[pos + 1 + nlw:pos + 1 + nlw + 4]
         tw = np.int64(cw[0]) + np.int64(cw[1]) + np.int64(cw[2]) + np.int64(cw[3])
         if 1 + nlw + 4 + tw != size:
             return 1
         body = w[pos + 5 + nlw:pos + size]
-        if _decode4(body, cw.astype(np.int64), m, tab, L, out[k * bs:k * bs + m],
-                    short and avg < 7.0):
+        if short and avg < 7.0:  # several symbols per lookup pay
+            bad = _decode4(body, cw.astype(np.int64), m, build_table(lens, codes, L), L,
+                           out[k * bs:k * bs + m], True)
+        else:
+            bad = _decode4s(body, cw.astype(np.int64), m, build_table1(lens, codes, L), L,
+                            out[k * bs:k * bs + m])
+        if bad:
             return 3
         pos += size
     if pos != nw:
