@@ -316,40 +316,72 @@ def _window_safe(words, bp, we):
 
 
 @njit(inline="always", **_JIT)
-def _step(win, bp, o, out, tab, sh, multi):
+def _step(win, bp, o, out, tab, sh):
+    """One lookup in build_table's table: up to four symbols out (one u32 store)."""
     e = tab[win >> sh]
-    if multi:
-        _store_u32(out, o, e)
-        ln = np.int64((e >> np.uint64(32)) & np.uint64(0xFF))
-        return win << np.uint64(ln), bp + ln, o + np.int64(e >> np.uint64(48))
+    _store_u32(out, o, e)
+    ln = np.int64((e >> np.uint64(32)) & np.uint64(0xFF))
+    return win << np.uint64(ln), bp + ln, o + np.int64(e >> np.uint64(48))
+
+
+@njit(inline="always", **_JIT)
+def _step1(win, bp, o, out, tab, sh):
+    """One lookup in build_table's table, its first symbol only (a sub-stream's end)."""
+    e = tab[win >> sh]
     out[o] = e & np.uint64(0xFF)
     ln = np.int64((e >> np.uint64(40)) & np.uint64(0xFF))
     return win << np.uint64(ln), bp + ln, o + 1
 
 
 @njit(inline="always", **_JIT)
-def _step1(win, bp, o, out, tab, sh):
+def _step16(win, bp, o, out, tab, sh):
+    """One lookup in build_table1's table: one symbol out."""
     e = tab[win >> sh]
-    out[o] = e & np.uint64(0xFF)
-    ln = np.int64((e >> np.uint64(40)) & np.uint64(0xFF))
-    return win << np.uint64(ln), bp + ln, o + 1
+    out[o] = np.uint8(e & np.uint16(0xFF))
+    ln = np.uint64(e >> np.uint16(8))
+    return win << ln, bp + ln, o + np.uint64(1)
 
 
-@njit(**_JIT)
-def _decode4(words, counts, n, tab, L, out, multi):
-    """Returns 0, or 1 if a sub-stream needed more bits than it holds. Bit positions are
-    absolute in ``words``; each round reads a fresh 64-bit window per stream (no
-    data-dependent branches) and does 4 lookups of <= 12 bits from it."""
+@njit(inline="always", **_JIT)
+def _substreams(counts, n):
+    """Word ends (w1..w4) and output ends (e0..e3) of a block's four sub-streams."""
     q = (n + 3) // 4
-    sh = np.uint64(64 - L)
     w1 = counts[0]
     w2 = w1 + counts[1]
     w3 = w2 + counts[2]
-    w4 = w3 + counts[3]
-    e0 = min(q, n)
-    e1 = min(2 * q, n)
-    e2 = min(3 * q, n)
-    e3 = n
+    return (w1, w2, w3, w3 + counts[3]), (min(q, n), min(2 * q, n), min(3 * q, n), n)
+
+
+@njit(inline="always", **_JIT)
+def _tail(words, bp, we, o, e, out, tab, sh):
+    """The rest of one sub-stream after the interleaved loop (build_table's table),
+    reading no word past ``we``; 1 if it needed more bits than it holds."""
+    while o + 4 <= e:
+        x = _window_safe(words, bp, we)
+        x, bp, o = _step(x, bp, o, out, tab, sh)
+    while o < e:
+        x = _window_safe(words, bp, we)
+        x, bp, o = _step1(x, bp, o, out, tab, sh)
+    return 1 if bp > 32 * we else 0
+
+
+@njit(inline="always", **_JIT)
+def _tail16(words, bp, we, o, e, out, tab, sh):
+    """_tail for build_table1's table."""
+    while o < e:
+        x = _window_safe(words, np.int64(bp), we)
+        x, bp, o = _step16(x, bp, o, out, tab, sh)
+    return 1 if bp > np.uint64(32 * we) else 0
+
+
+@njit(**_JIT)
+def _decode4(words, counts, n, tab, L, out):
+    """Returns 0, or 1 if a sub-stream needed more bits than it holds. Bit positions are
+    absolute in ``words``; each round reads a fresh 64-bit window per stream (no
+    data-dependent branches) and does 4 lookups of <= 12 bits from it, each giving up
+    to four symbols (build_table's table: for codes with short words)."""
+    sh = np.uint64(64 - L)
+    (w1, w2, w3, w4), (e0, e1, e2, e3) = _substreams(counts, n)
     o0, o1, o2, o3 = 0, e0, e1, e2
     b0, b1, b2, b3 = 0, 32 * w1, 32 * w2, 32 * w3
     while (o0 + 20 <= e0 and o1 + 20 <= e1 and o2 + 20 <= e2 and o3 + 20 <= e3
@@ -360,29 +392,12 @@ def _decode4(words, counts, n, tab, L, out, multi):
         x2 = _window3(words, b2)
         x3 = _window3(words, b3)
         for _r in range(4):  # 4 lookups of <= 12 bits from each 64-bit window
-            x0, b0, o0 = _step(x0, b0, o0, out, tab, sh, multi)
-            x1, b1, o1 = _step(x1, b1, o1, out, tab, sh, multi)
-            x2, b2, o2 = _step(x2, b2, o2, out, tab, sh, multi)
-            x3, b3, o3 = _step(x3, b3, o3, out, tab, sh, multi)
-    bad = 0
-    for k in range(4):
-        if k == 0:
-            bp, we, o, e = b0, w1, o0, e0
-        elif k == 1:
-            bp, we, o, e = b1, w2, o1, e1
-        elif k == 2:
-            bp, we, o, e = b2, w3, o2, e2
-        else:
-            bp, we, o, e = b3, w4, o3, e3
-        while o + 4 <= e:
-            x = _window_safe(words, bp, we)
-            x, bp, o = _step(x, bp, o, out, tab, sh, multi)
-        while o < e:
-            x = _window_safe(words, bp, we)
-            x, bp, o = _step1(x, bp, o, out, tab, sh)
-        if bp > 32 * we:
-            bad = 1
-    return bad
+            x0, b0, o0 = _step(x0, b0, o0, out, tab, sh)
+            x1, b1, o1 = _step(x1, b1, o1, out, tab, sh)
+            x2, b2, o2 = _step(x2, b2, o2, out, tab, sh)
+            x3, b3, o3 = _step(x3, b3, o3, out, tab, sh)
+    return (_tail(words, b0, w1, o0, e0, out, tab, sh) | _tail(words, b1, w2, o1, e1, out, tab, sh)
+            | _tail(words, b2, w3, o2, e2, out, tab, sh) | _tail(words, b3, w4, o3, e3, out, tab, sh))
 
 
 @njit(**_JIT)
@@ -399,35 +414,20 @@ def build_table1(lens, codes, L):
     return tab
 
 
-@njit(inline="always", **_JIT)
-def _step16(win, bp, o, out, tab, sh):
-    e = tab[win >> sh]
-    out[o] = np.uint8(e & np.uint16(0xFF))
-    ln = np.uint64(e >> np.uint16(8))
-    return win << ln, bp + ln, o + np.uint64(1)
-
-
 @njit(**_JIT)
 def _decode4s(words, counts, n, tab, L, out):
     """_decode4 for codes without short words (one symbol per lookup) with
     build_table1's table: 5 lookups of <= 12 bits per 64-bit window, unsigned
     positions (no negative-index fix-ups). ~1.3x faster than _decode4 there."""
-    q = (n + 3) // 4
     sh = np.uint64(64 - L)
-    w1 = counts[0]
-    w2 = w1 + counts[1]
-    w3 = w2 + counts[2]
-    w4 = w3 + counts[3]
-    e0 = np.uint64(min(q, n))
-    e1 = np.uint64(min(2 * q, n))
-    e2 = np.uint64(min(3 * q, n))
-    e3 = np.uint64(n)
-    o0, o1, o2, o3 = np.uint64(0), e0, e1, e2
-    b0, b1, b2, b3 = np.uint64(0), np.uint64(32 * w1), np.uint64(32 * w2), np.uint64(32 * w3)
+    (w1, w2, w3, w4), (e0, e1, e2, e3) = _substreams(counts, n)
     u1, u2, u3, u4 = np.uint64(w1), np.uint64(w2), np.uint64(w3), np.uint64(w4)
+    f0, f1, f2, f3 = np.uint64(e0), np.uint64(e1), np.uint64(e2), np.uint64(e3)
+    o0, o1, o2, o3 = np.uint64(0), f0, f1, f2
+    b0, b1, b2, b3 = np.uint64(0), np.uint64(32 * w1), np.uint64(32 * w2), np.uint64(32 * w3)
     five = np.uint64(5)
     two = np.uint64(2)
-    while (o0 + five <= e0 and o1 + five <= e1 and o2 + five <= e2 and o3 + five <= e3
+    while (o0 + five <= f0 and o1 + five <= f1 and o2 + five <= f2 and o3 + five <= f3
            and (b0 >> five) + two < u1 and (b1 >> five) + two < u2
            and (b2 >> five) + two < u3 and (b3 >> five) + two < u4):
         x0 = _window3(words, b0)
@@ -439,22 +439,10 @@ def _decode4s(words, counts, n, tab, L, out):
             x1, b1, o1 = _step16(x1, b1, o1, out, tab, sh)
             x2, b2, o2 = _step16(x2, b2, o2, out, tab, sh)
             x3, b3, o3 = _step16(x3, b3, o3, out, tab, sh)
-    bad = 0
-    for k in range(4):
-        if k == 0:
-            bp, we, o, e = b0, w1, o0, e0
-        elif k == 1:
-            bp, we, o, e = b1, w2, o1, e1
-        elif k == 2:
-            bp, we, o, e = b2, w3, o2, e2
-        else:
-            bp, we, o, e = b3, w4, o3, e3
-        while o < e:
-            x = _window_safe(words, np.int64(bp), we)
-            x, bp, o = _step16(x, bp, o, out, tab, sh)
-        if bp > np.uint64(32 * we):
-            bad = 1
-    return bad
+    return (_tail16(words, b0, w1, o0, f0, out, tab, sh)
+            | _tail16(words, b1, w2, o1, f1, out, tab, sh)
+            | _tail16(words, b2, w3, o2, f2, out, tab, sh)
+            | _tail16(words, b3, w4, o3, f3, out, tab, sh))
 
 
 BLOCK = 1 << 18
@@ -733,7 +721,7 @@ def _decode_blocks(w, n, L, out):
         body = w[pos + 5 + nlw:pos + size]
         if short and avg < 7.0:  # several symbols per lookup pay
             bad = _decode4(body, cw.astype(np.int64), m, build_table(lens, codes, L), L,
-                           out[k * bs:k * bs + m], True)
+                           out[k * bs:k * bs + m])
         else:
             bad = _decode4s(body, cw.astype(np.int64), m, build_table1(lens, codes, L), L,
                             out[k * bs:k * bs + m])
