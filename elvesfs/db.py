@@ -5,6 +5,9 @@ On-disk layout of a store directory::
     STORE/data.mdb, lock.mdb   LMDB environment (tables below)
     STORE/staging/<ino>        staging files of inodes being written (plain sparse files)
     STORE/daemon.lock          fcntl lock held by the one daemon serving the store
+    STORE/reserve              RESERVE allocated bytes given back on a full disk, so that
+                               the transactions which free space (unlink, rename over a
+                               file) can still commit; allocated again once space is back
     STORE/elvesfs.log          daemon log
 
 Tables (all keys big-endian so cursors iterate in numeric order):
@@ -30,18 +33,21 @@ import contextlib
 import logging
 import os
 import shutil
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import lmdb
 
 from .errors import StoreCorruptError, StoreFullError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT = b"elvesfs-1"
 TABLES = ("meta", "inodes", "dentries", "symlinks", "xattrs", "layouts", "staging", "tindex",
           "fstats", "chunks", "refs", "zero")
 MIN_MAP = 1 << 30
+RESERVE = 8 << 20
+FULL_BELOW = 1 << 20  # free bytes under which a failed commit is taken for a full disk
 
 
 def _map_size(path: str) -> int:
@@ -69,8 +75,10 @@ class Database:
             raise StoreCorruptError(f"cannot open store {path}: {exc}") from exc
         self.t = {name: self.env.open_db(name.encode(), create=not readonly) for name in TABLES} \
             if not readonly else self._open_readonly()
+        self._reserve = os.path.join(path, "reserve")
         if not readonly:
             self._check_format()
+            self.refill_reserve()
 
     def _open_readonly(self) -> dict:
         return {name: self.env.open_db(name.encode(), create=False) for name in TABLES}
@@ -103,9 +111,58 @@ class Database:
         except lmdb.DiskError as exc:
             raise StoreFullError(f"no space left for the store: {exc}") from exc
         except lmdb.Error as exc:
-            if "No space left" in str(exc) or "ENOSPC" in str(exc):
+            if "No space left" in str(exc) or "ENOSPC" in str(exc) or self._disk_full():
                 raise StoreFullError(f"no space left for the store: {exc}") from exc
             raise
+
+    def write_freeing(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """fn(txn) in a write transaction that frees space (unlink, rename over a file).
+        On a full disk LMDB may still need a few new pages to commit it: the reserve is
+        given back and the transaction run again, so a full disk never stops `rm`.
+        fn must have no effect outside the transaction before it returns."""
+        try:
+            with self.write() as txn:
+                return fn(txn)
+        except StoreFullError:
+            if not self._give_back_reserve():
+                raise
+        log.warning("disk full: gave back the store's %d MiB reserve to free space",
+                    RESERVE >> 20)
+        with self.write() as txn:
+            return fn(txn)
+
+    def _give_back_reserve(self) -> bool:
+        """Free the reserve's blocks; whether it had any."""
+        try:
+            had = os.stat(self._reserve).st_blocks > 0
+            os.truncate(self._reserve, 0)
+            return had
+        except OSError:
+            return False
+
+    def refill_reserve(self) -> None:
+        """Allocate the reserve again when it is missing and the disk has room for it."""
+        try:
+            fd = os.open(self._reserve, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("cannot create the store's reserve file: %s", exc)
+            return
+        try:
+            if os.fstat(fd).st_blocks * 512 < RESERVE and \
+                    shutil.disk_usage(self.path).free > 2 * RESERVE:
+                os.posix_fallocate(fd, 0, RESERVE)
+        except OSError as exc:
+            log.warning("cannot allocate the store's reserve: %s", exc)
+        finally:
+            os.close(fd)
+
+    def _disk_full(self) -> bool:
+        """Whether the store's disk is (nearly) full: LMDB reports a write that ran out of
+        space part-way through a commit as EIO, not ENOSPC."""
+        try:
+            return shutil.disk_usage(self.path).free < FULL_BELOW
+        except OSError:
+            return False
 
     def sync(self) -> None:
         """Flush committed transactions to disk (fsync): the durability point."""

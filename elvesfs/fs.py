@@ -97,6 +97,7 @@ class Operations(pyfuse3.Operations):
         self.default_policy = default_policy
         self.state: dict[int, InodeState] = {}
         self.lookups: Counter[int] = Counter()
+        self.dropping: dict[int, trio.Event] = {}  # inodes whose data is being freed
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self.parents: dict[int, int] = {ROOT_INO: ROOT_INO}  # directory -> parent, for ".."
@@ -374,7 +375,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx) -> None:
         now = time.time_ns()
-        with self.db.write() as txn:
+
+        def remove(txn) -> Inode:
             ino = self.ns.lookup(txn, parent_inode, name)
             if ino is None:
                 raise FsError(errno.ENOENT)
@@ -386,13 +388,16 @@ class Operations(pyfuse3.Operations):
             node.ctime_ns = now
             self.ns.put(txn, node)
             self._touch_dir(txn, parent_inode, now)
+            return node
+        node = self.db.write_freeing(remove)
         if node.nlink == 0:
-            await self._maybe_drop(ino)
+            await self._maybe_drop(node.ino)
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
         now = time.time_ns()
-        with self.db.write() as txn:
+
+        def remove(txn) -> int:
             ino = self.ns.lookup(txn, parent_inode, name)
             if ino is None:
                 raise FsError(errno.ENOENT)
@@ -406,6 +411,8 @@ class Operations(pyfuse3.Operations):
             node.ctime_ns = now
             self.ns.put(txn, node)
             self._touch_dir(txn, parent_inode, now, -1)
+            return ino
+        ino = self.db.write_freeing(remove)
         self.parents.pop(ino, None)
         await self._maybe_drop(ino)
 
@@ -414,71 +421,86 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx) -> None:
         self.ns.check_name(name_new)
         now = time.time_ns()
-        dropped = None
-        with self.db.write() as txn:
-            src = self.ns.lookup(txn, parent_inode_old, name_old)
-            if src is None:
-                raise FsError(errno.ENOENT)
-            dst = self.ns.lookup(txn, parent_inode_new, name_new)
-            snode = self.ns.get(txn, src)
-            if flags & pyfuse3.RENAME_EXCHANGE:
-                if dst is None:
-                    raise FsError(errno.ENOENT)
-                dnode = self.ns.get(txn, dst)
-                self.ns.link(txn, parent_inode_old, name_old, dst)
-                self.ns.link(txn, parent_inode_new, name_new, src)
-                if parent_inode_old != parent_inode_new and snode.is_dir != dnode.is_dir:
-                    moved_dir_delta = 1 if snode.is_dir else -1
-                    self._touch_dir(txn, parent_inode_old, now, -moved_dir_delta)
-                    self._touch_dir(txn, parent_inode_new, now, moved_dir_delta)
-                else:
-                    self._touch_dir(txn, parent_inode_old, now)
-                    self._touch_dir(txn, parent_inode_new, now)
-                for n in (snode, dnode):
-                    n.ctime_ns = now
-                    self.ns.put(txn, n)
-                if snode.is_dir:
-                    self.parents[src] = parent_inode_new
-                if dnode.is_dir:
-                    self.parents[dst] = parent_inode_old
-                return
-            if dst is not None:
-                if flags & pyfuse3.RENAME_NOREPLACE:
-                    raise FsError(errno.EEXIST)
-                if dst == src:
-                    return
-                dnode = self.ns.get(txn, dst)
-                if dnode.is_dir:
-                    if not snode.is_dir:
-                        raise FsError(errno.EISDIR)
-                    if not self.ns.is_empty_dir(txn, dst):
-                        raise FsError(errno.ENOTEMPTY)
-                    dnode.nlink = 0
-                    self._touch_dir(txn, parent_inode_new, now, -1)
-                else:
-                    if snode.is_dir:
-                        raise FsError(errno.ENOTDIR)
-                    dnode.nlink -= 1
-                dnode.ctime_ns = now
-                self.ns.put(txn, dnode)
-                if dnode.nlink == 0:
-                    dropped = dst
-            self.ns.unlink(txn, parent_inode_old, name_old)
-            self.ns.link(txn, parent_inode_new, name_new, src)
-            snode.ctime_ns = now
-            self.ns.put(txn, snode)
-            delta = 1 if snode.is_dir and parent_inode_old != parent_inode_new else 0
-            if snode.is_dir:
-                self.parents[src] = parent_inode_new
-            self._touch_dir(txn, parent_inode_old, now, -delta)
-            self._touch_dir(txn, parent_inode_new, now, delta)
+        dropped = self.db.write_freeing(
+            lambda txn: self._rename(txn, parent_inode_old, name_old, parent_inode_new,
+                                     name_new, flags, now))
         if dropped is not None:
             await self._maybe_drop(dropped)
 
+    def _rename(self, txn, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                name_new: bytes, flags: int, now: int) -> int | None:
+        """rename()'s transaction; the inode it unlinked for good, if any."""
+        dropped = None
+        src = self.ns.lookup(txn, parent_inode_old, name_old)
+        if src is None:
+            raise FsError(errno.ENOENT)
+        dst = self.ns.lookup(txn, parent_inode_new, name_new)
+        snode = self.ns.get(txn, src)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+            dnode = self.ns.get(txn, dst)
+            self.ns.link(txn, parent_inode_old, name_old, dst)
+            self.ns.link(txn, parent_inode_new, name_new, src)
+            if parent_inode_old != parent_inode_new and snode.is_dir != dnode.is_dir:
+                moved_dir_delta = 1 if snode.is_dir else -1
+                self._touch_dir(txn, parent_inode_old, now, -moved_dir_delta)
+                self._touch_dir(txn, parent_inode_new, now, moved_dir_delta)
+            else:
+                self._touch_dir(txn, parent_inode_old, now)
+                self._touch_dir(txn, parent_inode_new, now)
+            for n in (snode, dnode):
+                n.ctime_ns = now
+                self.ns.put(txn, n)
+            if snode.is_dir:
+                self.parents[src] = parent_inode_new
+            if dnode.is_dir:
+                self.parents[dst] = parent_inode_old
+            return None
+        if dst is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if dst == src:
+                return None
+            dnode = self.ns.get(txn, dst)
+            if dnode.is_dir:
+                if not snode.is_dir:
+                    raise FsError(errno.EISDIR)
+                if not self.ns.is_empty_dir(txn, dst):
+                    raise FsError(errno.ENOTEMPTY)
+                dnode.nlink = 0
+                self._touch_dir(txn, parent_inode_new, now, -1)
+            else:
+                if snode.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                dnode.nlink -= 1
+            dnode.ctime_ns = now
+            self.ns.put(txn, dnode)
+            if dnode.nlink == 0:
+                dropped = dst
+        self.ns.unlink(txn, parent_inode_old, name_old)
+        self.ns.link(txn, parent_inode_new, name_new, src)
+        snode.ctime_ns = now
+        self.ns.put(txn, snode)
+        delta = 1 if snode.is_dir and parent_inode_old != parent_inode_new else 0
+        if snode.is_dir:
+            self.parents[src] = parent_inode_new
+        self._touch_dir(txn, parent_inode_old, now, -delta)
+        self._touch_dir(txn, parent_inode_new, now, delta)
+        return dropped
+
     async def _maybe_drop(self, ino: int) -> None:
-        """Delete an inode once it has no links, no kernel lookups and no open handles."""
-        if ino == ROOT_INO or self.lookups.get(ino, 0) > 0:
+        """Free an inode's data once it has no links and no open handles; delete the
+        inode itself once the kernel has forgotten it too.
+
+        The data does not wait for the kernel's FORGET, which comes asynchronously after
+        unlink has returned: as on ext4, the space of a removed file that nobody holds
+        open is free when unlink returns (a full disk is usable again at once). Only one
+        drop of an inode runs at a time (its release, unlink and forget can overlap)."""
+        if ino == ROOT_INO:
             return
+        while (busy := self.dropping.get(ino)) is not None:
+            await busy.wait()
         st = self.state.get(ino)
         if st is not None and st.handles:
             return
@@ -486,6 +508,16 @@ class Operations(pyfuse3.Operations):
             node = self.ns.find(txn, ino)
         if node is None or node.nlink > 0:
             return
+        done = self.dropping[ino] = trio.Event()
+        try:
+            await self._drop(ino, st, forgotten=self.lookups.get(ino, 0) <= 0)
+        finally:
+            del self.dropping[ino]
+            done.set()
+
+    async def _drop(self, ino: int, st: InodeState | None, forgotten: bool) -> None:
+        """_maybe_drop's work: stop the inode's seal and pre-seal, close its staging
+        file, free its chunks and staged bytes; delete the inode row once `forgotten`."""
         if st is not None:
             st.abort.set()
             if st.seal_done is not None:
@@ -504,17 +536,22 @@ class Operations(pyfuse3.Operations):
             has_data = (txn.get(key(ino), db=self.db.t["layouts"]) is not None
                         or txn.get(key(ino), db=self.db.t["staging"]) is not None)
         if not has_data:  # no chunks to release: delete inline, no thread hop
-            with self.db.write() as txn:
-                txn.delete(key(ino), db=self.db.t["fstats"])
-                self.ns.delete_inode(txn, ino)
             self.staging.remove_file(ino)
+            if forgotten:
+                self.db.write_freeing(lambda txn: self._delete_inode(txn, ino))
             return
-        await trio.to_thread.run_sync(self._drop_and_collect, ino, limiter=self.seal_limiter)
+        await trio.to_thread.run_sync(self._drop_and_collect, ino, not forgotten,
+                                      limiter=self.seal_limiter)
         self.generation += 1
 
-    def _drop_and_collect(self, ino: int) -> None:
-        self.sealer.drop(ino)
+    def _delete_inode(self, txn, ino: int) -> None:
+        txn.delete(key(ino), db=self.db.t["fstats"])
+        self.ns.delete_inode(txn, ino)
+
+    def _drop_and_collect(self, ino: int, keep_inode: bool) -> None:
+        self.sealer.drop(ino, keep_inode)
         self.sealer.collect()
+        self.db.refill_reserve()  # if a full disk took it: space may be back now
 
     # -- open, read, write ----------------------------------------------------------
     def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:

@@ -550,14 +550,21 @@ class Sealer:
                 self.chunks.decref(txn, cid, n)
             txn.delete(key(ino), db=self.db.t["layouts"])
 
-    def drop(self, ino: int) -> None:
-        """Delete an inode with no links and no users: its layout, staging and attributes."""
-        with self.db.write() as txn:
+    def drop(self, ino: int, keep_inode: bool = False) -> None:
+        """Free an inode with no links and no users: its staged bytes first (that frees
+        space even on a full disk, where the transaction below may then fail: the inode
+        stays an orphan, which the next drop or recovery deletes), then its layout,
+        staging record and attributes, and the inode row unless `keep_inode` (the kernel
+        still knows the inode)."""
+        self.staging.remove_file(ino)
+
+        def free(txn) -> None:
             self._release_layout(txn, ino)
             txn.delete(key(ino), db=self.db.t["fstats"])
             self.staging.forget(txn, ino)
-            self.ns.delete_inode(txn, ino)
-        self.staging.remove_file(ino)
+            if not keep_inode:
+                self.ns.delete_inode(txn, ino)
+        self.db.write_freeing(free)
 
     def collect(self) -> tuple[int, int]:
         """Delete garbage chunks (refcount 0); stale tensor-index entries are skipped on use."""

@@ -57,3 +57,30 @@ def test_disk_full_gives_enospc_and_loses_nothing(tmp_path, small_disk):
         assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
     finally:
         m.cleanup()
+
+
+def test_space_of_a_removed_file_is_free_when_unlink_returns(tmp_path, small_disk):
+    """As on ext4: once unlink of a closed file returns, its space is usable; the data
+    does not wait for the kernel's FORGET, which comes asynchronously."""
+    m = Mount(tmp_path)
+    m.store = small_disk / "store"
+    try:
+        m.mount()
+        for round_ in range(3):
+            with pytest.raises(OSError) as e:
+                with open(m.path / "fill", "wb") as f:
+                    for _ in range(64):
+                        f.write(os.urandom(1 << 20))
+                        f.flush()
+            assert e.value.errno == errno.ENOSPC
+            os.unlink(m.path / "fill")
+            data = os.urandom(4 << 20)  # no sleep, no sync: the space must be back now
+            (m.path / "next").write_bytes(data)
+            assert (m.path / "next").read_bytes() == data, f"round {round_}"
+            os.unlink(m.path / "next")
+        m.umount()
+        r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "fsck", str(m.store)],
+                           capture_output=True, text=True, cwd=str(ROOT))
+        assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+    finally:
+        m.cleanup()
