@@ -76,6 +76,7 @@ class Database:
         self.t = {name: self.env.open_db(name.encode(), create=not readonly) for name in TABLES} \
             if not readonly else self._open_readonly()
         self._reserve = os.path.join(path, "reserve")
+        self._reserve_ok = False  # allocated; set back to False when given back
         if not readonly:
             self._check_format()
             self.refill_reserve()
@@ -133,6 +134,7 @@ class Database:
 
     def _give_back_reserve(self) -> bool:
         """Free the reserve's blocks; whether it had any."""
+        self._reserve_ok = False
         try:
             had = os.stat(self._reserve).st_blocks > 0
             os.truncate(self._reserve, 0)
@@ -142,6 +144,8 @@ class Database:
 
     def refill_reserve(self) -> None:
         """Allocate the reserve again when it is missing and the disk has room for it."""
+        if self._reserve_ok:
+            return
         try:
             fd = os.open(self._reserve, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -151,6 +155,7 @@ class Database:
             if os.fstat(fd).st_blocks * 512 < RESERVE and \
                     shutil.disk_usage(self.path).free > 2 * RESERVE:
                 os.posix_fallocate(fd, 0, RESERVE)
+            self._reserve_ok = os.fstat(fd).st_blocks * 512 >= RESERVE
         except OSError as exc:
             log.warning("cannot allocate the store's reserve: %s", exc)
         finally:

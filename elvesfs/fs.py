@@ -494,9 +494,12 @@ class Operations(pyfuse3.Operations):
         inode itself once the kernel has forgotten it too.
 
         The data does not wait for the kernel's FORGET, which comes asynchronously after
-        unlink has returned: as on ext4, the space of a removed file that nobody holds
-        open is free when unlink returns (a full disk is usable again at once). Only one
-        drop of an inode runs at a time (its release, unlink and forget can overlap)."""
+        unlink has returned: as on ext4, the staged bytes of a removed file that nobody
+        holds open are off the disk when unlink returns (a full disk is usable again at
+        once); its chunks are released by a background task, which waits its turn behind
+        seals (seals, drops and GC run one at a time), so unlink never waits for a seal
+        of another file. Only one drop of an inode runs at a time (its release, unlink
+        and forget can overlap)."""
         if ino == ROOT_INO:
             return
         while (busy := self.dropping.get(ino)) is not None:
@@ -504,23 +507,32 @@ class Operations(pyfuse3.Operations):
         st = self.state.get(ino)
         if st is not None and st.handles:
             return
+        forgotten = self.lookups.get(ino, 0) <= 0
         with self.db.read() as txn:
             node = self.ns.find(txn, ino)
-        if node is None or node.nlink > 0:
-            return
-        done = self.dropping[ino] = trio.Event()
+            if node is None or node.nlink > 0:
+                return
+            if not forgotten and (st is None or st.idle) and not self._holds_data(txn, ino):
+                return  # nothing to free before FORGET, which deletes the inode
+        self.dropping[ino] = trio.Event()
+        background = False
         try:
-            await self._drop(ino, st, forgotten=self.lookups.get(ino, 0) <= 0)
+            background = await self._drop(ino, st, forgotten)
         finally:
-            del self.dropping[ino]
-            done.set()
+            if not background:
+                self._dropped(ino)
 
-    async def _drop(self, ino: int, st: InodeState | None, forgotten: bool) -> None:
-        """_maybe_drop's work: stop the inode's seal and pre-seal, close its staging
-        file, free its chunks and staged bytes; delete the inode row once `forgotten`."""
+    def _dropped(self, ino: int) -> None:
+        self.dropping.pop(ino).set()
+
+    async def _drop(self, ino: int, st: InodeState | None, forgotten: bool) -> bool:
+        """_maybe_drop's work: stop the inode's seal and pre-seal, close and delete its
+        staging file, then free its chunks (and delete the inode row once `forgotten`).
+        True when the chunks went to a background task, which calls _dropped."""
+        pinned = st is not None and st.preseal is not None  # its chunks wait for collect
         if st is not None:
             st.abort.set()
-            if st.seal_done is not None:
+            if st.seal_done is not None and not st.seal_done.is_set():
                 await st.seal_done.wait()
             if st.preseal is not None and st.preseal.running:
                 await st.preseal.done.wait()
@@ -532,19 +544,49 @@ class Operations(pyfuse3.Operations):
             self._release_state(ino)
         self.layouts.pop(ino, None)
         self.blocks.pop(ino, None)
+        # the staged bytes go now; the staging record goes with the chunks' transaction
+        # (a crash in between leaves an orphan, which recovery drops)
+        self.staging.remove_file(ino)
         with self.db.read() as txn:
-            has_data = (txn.get(key(ino), db=self.db.t["layouts"]) is not None
-                        or txn.get(key(ino), db=self.db.t["staging"]) is not None)
-        if not has_data:  # no chunks to release: delete inline, no thread hop
-            self.staging.remove_file(ino)
+            data = self._holds_data(txn, ino)
+        if not data and not pinned:
+            # no chunk to free (an empty file, or only holes): no thread hop, and nothing
+            # to do before FORGET, which deletes the inode inline
             if forgotten:
                 self.db.write_freeing(lambda txn: self._delete_inode(txn, ino))
-            return
-        await trio.to_thread.run_sync(self._drop_and_collect, ino, not forgotten,
-                                      limiter=self.seal_limiter)
-        self.generation += 1
+            return False
+        if self.nursery is None:
+            await self._drop_chunks(ino, forgotten)
+            return False
+        self.nursery.start_soon(self._drop_chunks, ino, forgotten, True)
+        return True
+
+    async def _drop_chunks(self, ino: int, forgotten: bool, background: bool = False) -> None:
+        """Release the chunks and staging record of a dropped inode, then collect."""
+        try:
+            await trio.to_thread.run_sync(self._drop_and_collect, ino, not forgotten,
+                                          limiter=self.seal_limiter)
+            self.generation += 1
+        except Exception:
+            if not background:
+                raise
+            log.exception("freeing the chunks of removed inode %d failed; the next mount "
+                          "(or elvesfs fsck --repair) frees them", ino)
+        finally:
+            if background:
+                self._dropped(ino)
+
+    def _holds_data(self, txn, ino: int) -> bool:
+        """Whether an inode has staged bytes or references a chunk (an empty or
+        all-holes layout does not)."""
+        if txn.get(key(ino), db=self.db.t["staging"]) is not None:
+            return True
+        raw = txn.get(key(ino), db=self.db.t["layouts"])
+        return bool(raw) and bool(Layout.from_bytes(raw).ids())
 
     def _delete_inode(self, txn, ino: int) -> None:
+        """Delete an inode that references no chunk (its layout, if any, is holes)."""
+        txn.delete(key(ino), db=self.db.t["layouts"])
         txn.delete(key(ino), db=self.db.t["fstats"])
         self.ns.delete_inode(txn, ino)
 
@@ -897,6 +939,8 @@ class Operations(pyfuse3.Operations):
         async with self.idle:
             while self.pending_seals:
                 await self.idle.wait()
+        while self.dropping:  # removed files whose chunks are being released
+            await next(iter(self.dropping.values())).wait()
         await trio.to_thread.run_sync(self.db.sync)
 
     # -- directories --------------------------------------------------------------

@@ -362,12 +362,9 @@ def snapshot(dest: Path) -> str:
     env["PYTHONPATH"] = str(dest) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
                                      else "")
     CODE["root"], CODE["env"] = dest, env
-    warm = ("import numpy as np, codec\n"
-            "r = np.random.default_rng(0)\n"
-            "for dt, a in (('F32', r.normal(0, .02, 1 << 16).astype(np.float32)),\n"
-            "              ('BF16', r.integers(0, 1 << 16, 1 << 16).astype(np.uint16)),\n"
-            "              (None, r.normal(0, .02, 1 << 16).astype(np.float32))):\n"
-            "    codec.decode(codec.encode(a.tobytes(), dt))\n")
+    # the daemon's own warm-up: every kernel it would otherwise compile in the background
+    # of the first measurement (a new path, a cold numba cache) is compiled now
+    warm = "from elvesfs.daemon import warm_up_codecs\nwarm_up_codecs()\n"
     run([sys.executable, "-c", warm], cwd=str(dest), env=env, timeout=600)
     try:
         head = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).stdout.strip()
