@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import dtypes as _dt
+from .dtypes import lossy_allowed
 from .base import REGISTRY, as_bytes_view, decode_frame
 from .frame import parse
 
 ORDER = ("raw", "zstd", "planes", "elf", "xor")
-LOSSY_DTYPES = ("F32", "F16", "F64")
 
 
 @dataclass
@@ -41,10 +41,6 @@ def get_codec(name: str, dtype=None, **kw):
     except KeyError:
         raise ValueError(f"unknown codec {name!r}; available: {available_codecs()}") from None
     return cls(dtype=dtype, **kw)
-
-
-def lossy_allowed(dt, bound) -> bool:
-    return bound is not None and dt is not None and dt.name in LOSSY_DTYPES
 
 
 def encode(data, dtype=None, *, codec: str = "auto", bound=None, reference=None,

@@ -63,3 +63,12 @@ def lookup(name: str | None, nbytes: int) -> DType | None:
 
 def by_id(i: int) -> DType | None:
     return BY_ID.get(i) if i else None
+
+
+#: element types the lossy codecs (ELF) may code; BF16 is never an ELF input
+LOSSY_DTYPES = ("F32", "F16", "F64")
+
+
+def lossy_allowed(dt: DType | None, bound) -> bool:
+    """Whether a lossy coding with ``bound`` may be used for elements of ``dt``."""
+    return bound is not None and dt is not None and dt.name in LOSSY_DTYPES

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import kernels
 from .base import REGISTRY
+from .dtypes import lossy_allowed
 from .elf import native_bound
 from .frame import METHOD_RAW, METHOD_ZSTD, parse
 from .zstd_codec import as_is_or, code_stream
@@ -28,7 +29,6 @@ XOR_SURE = 0.85
 
 
 def candidates(dt, bound, reference) -> list[str]:
-    from .api import lossy_allowed
     c = ["zstd"]
     if dt is not None and dt.itemsize > 1:
         c.append("planes")

@@ -31,3 +31,7 @@ class StoreCorruptError(ElvesError):
 
 class ChunkCorruptError(StoreCorruptError):
     """A chunk failed its checksum on read: we return EIO rather than wrong bytes."""
+
+
+class CliError(Exception):
+    """An error shown to the user as one line, with a non-zero exit (the CLI's)."""

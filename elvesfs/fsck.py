@@ -24,8 +24,9 @@ from .chunkstore import MAX_DELTA_DEPTH, ChunkRecord, ChunkStore
 from .coding import decode_chunk
 from .daemon import lock_store
 from .db import Database
-from .errors import StoreCorruptError
+from .errors import CliError, StoreCorruptError
 from .layout import HOLE, Layout
+from .mounts import default_store, mounts
 from .namespace import Inode, Namespace, ROOT_INO, U64, key
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,6 @@ class Fsck:
 
 def resolve_store(target: str) -> str:
     """A store directory, or the default store of an unmounted mountpoint."""
-    from .cli import CliError, default_store, mounts
     if os.path.exists(os.path.join(target, "data.mdb")):
         return os.path.abspath(target)
     if os.path.realpath(target) in mounts():

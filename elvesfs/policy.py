@@ -16,8 +16,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+from codec.dtypes import LOSSY_DTYPES  # the element types ELF codes
+
 XATTR = b"user.elvesfs.policy"
-LOSSY_DTYPES = frozenset({"F32", "F16", "F64"})
 
 
 class PolicyError(ValueError):

@@ -15,20 +15,8 @@ import sys
 from .accounting import stored_share
 from .chunkstore import ChunkStore
 from .db import Database
+from .mounts import store_of
 from .namespace import Inode, Namespace, key
-
-
-def _mount_of(path: str) -> tuple[str, str]:
-    """(mountpoint, store) of the elvesfs mount holding `path`."""
-    from .cli import CliError, mounts
-    live = mounts()
-    p = os.path.realpath(path)
-    while True:
-        if p in live:
-            return p, live[p]
-        if p == "/":
-            raise CliError(f"{path} is not inside an elvesfs mount")
-        p = os.path.dirname(p)
 
 
 def file_stats(db: Database, ino: int, name: str) -> dict:
@@ -116,7 +104,7 @@ def main(a: argparse.Namespace) -> int:
     paths = a.paths or ([] if a.store else ["."])
     store = a.store
     if store is None:
-        _, store = _mount_of(paths[0])
+        store = store_of(paths[0])
     db = Database(store, readonly=True)
     try:
         files = []
