@@ -204,3 +204,23 @@ def test_kill9_then_unmount_twice_keeps_deleted_space_reclaimed(make_mount):
         db.close()
     assert raw < (1 << 20) + (256 << 10), "the deleted file's chunks are still live"
     fsck_clean(m)
+
+
+def test_kill9_right_after_unlinking_a_staged_file(make_mount):
+    """unlink deletes a closed file's staged bytes at once and leaves its chunks to a
+    background task: a kill -9 in between leaves an orphan that the next mount drops."""
+    m = make_mount()
+    (m.path / "keep").write_bytes(b"kept")
+    with open(m.path / "staged", "wb") as f:  # written and fsync'd; its seal may be
+        f.write(os.urandom(24 << 20))         # running or not yet started at unlink
+        f.flush()
+        os.fsync(f.fileno())
+    os.unlink(m.path / "staged")
+    assert os.listdir(m.store / "staging") == [], "staged bytes still on disk after unlink"
+    m.kill9()
+    m.mount()
+    assert sorted(os.listdir(m.path)) == ["keep"]
+    assert (m.path / "keep").read_bytes() == b"kept"
+    m.sync()
+    assert os.listdir(m.store / "staging") == []
+    fsck_clean(m)
