@@ -29,6 +29,22 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
+def fill_until_enospc(path: Path) -> None:
+    """Write random MiBs to `path` until the store's disk is full: ENOSPC at write time."""
+    with pytest.raises(OSError) as e:
+        with open(path, "wb") as f:
+            for _ in range(64):
+                f.write(os.urandom(1 << 20))
+                f.flush()
+    assert e.value.errno == errno.ENOSPC
+
+
+def assert_fsck_clean(store: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "fsck", str(store)],
+                       capture_output=True, text=True, cwd=str(ROOT))
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+
+
 def test_disk_full_gives_enospc_and_loses_nothing(tmp_path, small_disk):
     m = Mount(tmp_path)
     m.store = small_disk / "store"
@@ -37,12 +53,7 @@ def test_disk_full_gives_enospc_and_loses_nothing(tmp_path, small_disk):
         keep = os.urandom(8 << 20)
         (m.path / "keep").write_bytes(keep)
         m.sync()
-        with pytest.raises(OSError) as e:
-            with open(m.path / "big", "wb") as f:
-                for _ in range(64):
-                    f.write(os.urandom(1 << 20))
-                    f.flush()
-        assert e.value.errno == errno.ENOSPC
+        fill_until_enospc(m.path / "big")
         os.unlink(m.path / "big")
         assert hashlib.sha256((m.path / "keep").read_bytes()).digest() == \
             hashlib.sha256(keep).digest()
@@ -52,9 +63,7 @@ def test_disk_full_gives_enospc_and_loses_nothing(tmp_path, small_disk):
         assert (m.path / "keep").read_bytes() == keep
         assert (m.path / "after").read_bytes() == b"space is back"
         m.umount()
-        r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "fsck", str(m.store)],
-                           capture_output=True, text=True, cwd=str(ROOT))
-        assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+        assert_fsck_clean(m.store)
     finally:
         m.cleanup()
 
@@ -67,20 +76,13 @@ def test_space_of_a_removed_file_is_free_when_unlink_returns(tmp_path, small_dis
     try:
         m.mount()
         for round_ in range(3):
-            with pytest.raises(OSError) as e:
-                with open(m.path / "fill", "wb") as f:
-                    for _ in range(64):
-                        f.write(os.urandom(1 << 20))
-                        f.flush()
-            assert e.value.errno == errno.ENOSPC
+            fill_until_enospc(m.path / "fill")
             os.unlink(m.path / "fill")
             data = os.urandom(4 << 20)  # no sleep, no sync: the space must be back now
             (m.path / "next").write_bytes(data)
             assert (m.path / "next").read_bytes() == data, f"round {round_}"
             os.unlink(m.path / "next")
         m.umount()
-        r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "fsck", str(m.store)],
-                           capture_output=True, text=True, cwd=str(ROOT))
-        assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+        assert_fsck_clean(m.store)
     finally:
         m.cleanup()
