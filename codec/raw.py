@@ -1,9 +1,9 @@
 """The ``raw`` codec: the bytes stored as they are (the selector's fallback)."""
 from __future__ import annotations
 
-from .base import Codec, Encoded, register
-from .frame import METHOD_RAW, Stream, hash64
-from .zstd_codec import decode_stream
+from .base import Codec, register
+from .frame import METHOD_RAW, Stream
+from .zstd_codec import as_is_or, decode_stream
 
 
 @register
@@ -11,9 +11,7 @@ class RawCodec(Codec):
     codec_id = "raw"
 
     def _encode(self, mv, dt):
-        h = hash64(mv)  # the stream's checksum is the content checksum: hash once
-        return Encoded(streams=[Stream("bytes", METHOD_RAW, mv.nbytes, mv, checksum=h)],
-                       content_hash=h)
+        return as_is_or(Stream("bytes", METHOD_RAW, mv.nbytes, mv), mv)
 
     @classmethod
     def _decode(cls, header, frame, dt, reference, fidelity):

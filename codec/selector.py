@@ -14,7 +14,7 @@ from .base import REGISTRY
 from .dtypes import lossy_allowed
 from .elf import native_bound
 from .frame import METHOD_RAW, METHOD_ZSTD, parse
-from .zstd_codec import as_is_or, code_stream
+from .zstd_codec import code_stream
 
 SLICE = 64 * 1024
 NSLICES = 4
@@ -154,20 +154,6 @@ def _planes_then_zstd(mv, dt, level) -> bytes:
     return other if len(other) < len(planes) else planes
 
 
-def _opaque(mv, level: int) -> bytes:
-    """Opaque bytes: zstd, or straight away the raw frame when zstd does not pay
-    (random or encrypted data: one compression attempt and one hash, not a zstd frame
-    that is then thrown away for a raw one)."""
-    s = code_stream("bytes", mv, level, analyse=False)
-    if s.method == METHOD_RAW:
-        return REGISTRY["raw"]().encode(mv)
-    best = REGISTRY["zstd"](level=level).frame(mv, None, as_is_or(s, mv))
-    if len(best) > mv.nbytes:  # coding barely paid: the smaller of it and the raw frame
-        plain = REGISTRY["raw"]().encode(mv)
-        return plain if len(plain) <= len(best) else best
-    return best
-
-
 def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     n = mv.nbytes
     raw = REGISTRY["raw"](dtype=dt.name if dt else None)
@@ -176,9 +162,12 @@ def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     if n < 64:
         return raw.encode(mv)
     names = candidates(dt, bound, reference)
-    if dt is None and names == ["zstd"]:
-        return _opaque(mv, level)
-    if len(names) == 1:  # e.g. int8: nothing to choose, no sample pass
+    if dt is None and names == ["zstd"]:  # opaque bytes: one compression attempt
+        s = code_stream("bytes", mv, level, analyse=False)
+        if s.method == METHOD_RAW:  # zstd did not pay (random, encrypted): the raw frame
+            return raw.encode(mv)   # at once, not a zstd frame thrown away for it
+        best = REGISTRY["zstd"](level=level).frame(mv, None, dict(streams=[s]))
+    elif len(names) == 1:  # e.g. int8: nothing to choose, no sample pass
         best = _make(names[0], dt, bound, reference, level).encode(mv)
     elif n <= WHOLE_BELOW:  # small chunks: every candidate on the whole chunk
         best = _try_all(names, mv, dt, bound, reference, level)

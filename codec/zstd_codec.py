@@ -143,8 +143,9 @@ def _huffman_may_win(h, bh, n: int, tie: float, limit: int, H: float | None = No
 
 
 def as_is_or(s: Stream, mv) -> dict:
-    """The fields of a one-stream encoding of ``mv``; when the stream is ``mv`` stored
-    raw, its checksum is the content checksum: hashed once, not twice."""
+    """The fields of a one-stream encoding of ``mv`` (raw and zstd frames); when the
+    stream is ``mv`` stored raw, its checksum is the content checksum: hashed once, not
+    twice (and decode checks it once: Header.stored_as_is)."""
     if s.method != METHOD_RAW:
         return dict(streams=[s])
     s.checksum = hash64(mv)

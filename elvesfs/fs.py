@@ -421,16 +421,19 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx) -> None:
         self.ns.check_name(name_new)
         now = time.time_ns()
-        dropped = self.db.write_freeing(
+        dropped, moved = self.db.write_freeing(
             lambda txn: self._rename(txn, parent_inode_old, name_old, parent_inode_new,
                                      name_new, flags, now))
+        self.parents.update(moved)  # once committed
         if dropped is not None:
             await self._maybe_drop(dropped)
 
     def _rename(self, txn, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                name_new: bytes, flags: int, now: int) -> int | None:
-        """rename()'s transaction; the inode it unlinked for good, if any."""
+                name_new: bytes, flags: int, now: int) -> tuple[int | None, dict[int, int]]:
+        """rename()'s transaction (no effect outside it: write_freeing may run it twice):
+        the inode it unlinked for good, if any, and {directory: its new parent}."""
         dropped = None
+        moved: dict[int, int] = {}
         src = self.ns.lookup(txn, parent_inode_old, name_old)
         if src is None:
             raise FsError(errno.ENOENT)
@@ -453,15 +456,15 @@ class Operations(pyfuse3.Operations):
                 n.ctime_ns = now
                 self.ns.put(txn, n)
             if snode.is_dir:
-                self.parents[src] = parent_inode_new
+                moved[src] = parent_inode_new
             if dnode.is_dir:
-                self.parents[dst] = parent_inode_old
-            return None
+                moved[dst] = parent_inode_old
+            return None, moved
         if dst is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise FsError(errno.EEXIST)
             if dst == src:
-                return None
+                return None, moved
             dnode = self.ns.get(txn, dst)
             if dnode.is_dir:
                 if not snode.is_dir:
@@ -484,10 +487,10 @@ class Operations(pyfuse3.Operations):
         self.ns.put(txn, snode)
         delta = 1 if snode.is_dir and parent_inode_old != parent_inode_new else 0
         if snode.is_dir:
-            self.parents[src] = parent_inode_new
+            moved[src] = parent_inode_new
         self._touch_dir(txn, parent_inode_old, now, -delta)
         self._touch_dir(txn, parent_inode_new, now, delta)
-        return dropped
+        return dropped, moved
 
     async def _maybe_drop(self, ino: int) -> None:
         """Free an inode's data once it has no links and no open handles; delete the
