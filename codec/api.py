@@ -8,7 +8,7 @@ from .dtypes import lossy_allowed
 from .base import REGISTRY, as_bytes_view, decode_frame
 from .frame import parse
 
-ORDER = ("raw", "zstd", "planes", "elf", "xor")
+ORDER = ("raw", "zstd", "shuffle", "planes", "elf", "xor")
 
 
 @dataclass
@@ -74,7 +74,7 @@ def encode(data, dtype=None, *, codec: str = "auto", bound=None, reference=None,
         return get_codec("xor", dname, reference=reference, level=level).encode(mv)
     if codec == "elf":
         return get_codec("elf", dname, bound=bound, level=level).encode(mv)
-    if codec in ("zstd", "planes"):
+    if codec in ("zstd", "planes", "shuffle"):
         return get_codec(codec, dname, level=level).encode(mv)
     return get_codec(codec, dname).encode(mv)
 

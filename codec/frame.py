@@ -8,7 +8,7 @@ low groups first, high bit = more follows, at most 10 bytes)::
 
     0   4s  magic  b"ELVC"
     4   u8  version 2
-    5   u8  codec id (bits 0..3: raw 0, zstd 1, planes 2, elf 3, xor 4) | flags << 4
+    5   u8  codec id (bits 0..3: raw 0, zstd 1, planes 2, elf 3, xor 4, shuffle 5) | flags << 4
             (bit4 lossy, bit5 needs reference, bit6 bound follows, bit7 max error follows)
     6   u8  dtype id          (0 = opaque bytes; see codec.dtypes)
     7   varint raw size in bytes
@@ -67,7 +67,7 @@ FLAG_LOSSY = 1
 FLAG_NEEDS_REF = 2
 _V2_BOUND, _V2_MAXERR = 4, 8  # v2 flag bits (after the lossy / reference bits)
 
-CODEC_IDS = {"raw": 0, "zstd": 1, "planes": 2, "elf": 3, "xor": 4}
+CODEC_IDS = {"raw": 0, "zstd": 1, "planes": 2, "elf": 3, "xor": 4, "shuffle": 5}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 
 METHOD_RAW, METHOD_ZSTD, METHOD_CONST, METHOD_HUF = 0, 1, 2, 3

@@ -14,6 +14,81 @@ _JIT = dict(cache=True, nogil=True)
 from .huffman import entropy_bits, histogram  # noqa: E402,F401  (four-counter byte histogram)
 
 
+@njit(**_JIT)
+def lane_hist8(a):
+    """(8, 256) byte histograms of the lanes i % 8 of ``a`` (the shuffle probe: sums
+    of its rows give the lanes of strides 1, 2 and 4)."""
+    h = np.zeros((8, 256), np.int64)
+    n = a.shape[0]
+    m = n - n % 8
+    for i in range(0, m, 8):
+        for j in range(8):
+            h[j, a[i + j]] += 1
+    for i in range(m, n):
+        h[i % 8, a[i]] += 1
+    return h
+
+
+@njit(**_JIT)
+def _bits_mm(h, n):
+    """Order-0 bits per symbol of histogram ``h`` (n symbols) with the Miller-Madow
+    correction: small samples read as less random than they are."""
+    s = 0.0
+    used = 0
+    for c in h:
+        if c > 0:
+            s += c * np.log2(c)
+            used += 1
+    return np.log2(n) - s / n + (used - 1) / (2.0 * n * np.log(2.0))
+
+
+@njit(**_JIT)
+def best_stride(h8, min_gain, wider_gain, random_bits):
+    """The stride k (1, 2, 4 or 8) whose lanes have the lowest mean order-0 entropy,
+    given the byte histograms of the lanes i % 8 of a sample (lane j of stride k sums
+    the rows j, j + k, ...). A stride must save ``min_gain`` bits per byte over k = 1,
+    and a wider one ``wider_gain`` more over a narrower one. A sample of at least
+    ``random_bits`` per byte is taken as random (compressed, encrypted): k = 1 at once."""
+    total = 0
+    for c in h8[0]:
+        total += c
+    if total == 0:
+        return 1
+    n8 = total * 8
+    whole = np.zeros(256, np.int64)
+    for j in range(8):
+        whole += h8[j]
+    best_k = 1
+    best = _bits_mm(whole, n8)
+    if best >= random_bits:
+        return 1
+    best -= min_gain
+    for k in (2, 4, 8):
+        hk = lane_bits(h8, k).mean()
+        if hk < best - (wider_gain if best_k > 1 else 0.0):
+            best_k, best = k, hk
+    return best_k
+
+
+@njit(**_JIT)
+def lane_bits(h8, k):
+    """Order-0 bits per byte (Miller-Madow) of each lane j of stride k, from the
+    histograms of the lanes i % 8 (see best_stride)."""
+    total = 0
+    for c in h8[0]:
+        total += c
+    out = np.full(k, 8.0)
+    if total == 0:
+        return out
+    lane = np.zeros(256, np.int64)
+    for j in range(k):
+        lane[:] = 0
+        for r in range(j, 8, k):
+            lane += h8[r]
+        out[j] = _bits_mm(lane, total * 8 // k)
+    return out
+
+
 # ---- lossless float layouts -------------------------------------------------------
 # F32 "fields": exponent byte | sign + mantissa bits 22..16 | mantissa 15..8 | 7..0
 @njit(**_JIT)

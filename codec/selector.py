@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
+from . import kernels, shuffle, zstd_codec
 from .base import REGISTRY
 from .dtypes import lossy_allowed
 from .elf import native_bound
@@ -20,6 +20,7 @@ SLICE = 64 * 1024
 NSLICES = 4
 WHOLE_BELOW = 64 * 1024  # chunks up to this size: every candidate on the whole chunk
 SMALL_SLICE = 16 * 1024  # the smallest sample slice
+SHUFFLE_MIN = 4096  # opaque chunks from this size are probed for fixed-width records
 #: xor is taken without trials when the order-0 size of the sample's reference delta
 #: (plain sub, no context) is under this fraction of the sample's own: on the training
 #: checkpoints the coded xor sample is then at most ~0.87 of planes' (the estimate is
@@ -154,6 +155,39 @@ def _planes_then_zstd(mv, dt, level) -> bytes:
     return other if len(other) < len(planes) else planes
 
 
+def _opaque(mv, level) -> bytes | None:
+    """Opaque bytes: shuffled when a sample's lanes show fixed-width records (arrays
+    in a file we do not parse), else one zstd attempt; None when zstd does not pay.
+    Where zstd finds repeats in a slice (text, repeated records), plain zstd is tried
+    too, and the smaller frame kept."""
+    h8 = shuffle.sample_lanes(mv) if mv.nbytes >= SHUFFLE_MIN else None
+    shuffled = None
+    if h8 is not None and (k := shuffle.probe(mv, h8)) > 1:
+        if _repeats(mv, h8, level):
+            params, streams = shuffle.shuffle_streams(mv, k, level)
+        else:
+            params, streams = shuffle.shuffle_streams_fast(mv, k, level, h8)
+        shuffled = REGISTRY["shuffle"](stride=k, level=level).frame(
+            mv, None, dict(streams=streams, params=params))
+        if not uses_zstd(shuffled):
+            return shuffled
+    s = code_stream("bytes", mv, level, analyse=False)
+    if s.method == METHOD_RAW:
+        return shuffled
+    plain = REGISTRY["zstd"](level=level).frame(mv, None, dict(streams=[s]))
+    return shuffled if shuffled is not None and len(shuffled) <= len(plain) else plain
+
+
+def _repeats(mv, h8, level) -> bool:
+    """Whether zstd codes a 16 KiB slice from the middle of the chunk 5 % below the
+    order-0 size of the sample ``h8``: repeats, which coding shuffled lanes on their
+    own may miss."""
+    n = mv.nbytes
+    mid = np.frombuffer(mv, np.uint8)[max(0, n // 2 - SMALL_SLICE // 2):][:SMALL_SLICE]
+    zsize = len(zstd_codec.compressor(min(level, 1)).compress(mid))
+    return zsize < 0.95 * mid.shape[0] * float(kernels.lane_bits(h8, 1)[0]) / 8
+
+
 def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     n = mv.nbytes
     raw = REGISTRY["raw"](dtype=dt.name if dt else None)
@@ -162,11 +196,10 @@ def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     if n < 64:
         return raw.encode(mv)
     names = candidates(dt, bound, reference)
-    if dt is None and names == ["zstd"]:  # opaque bytes: one compression attempt
-        s = code_stream("bytes", mv, level, analyse=False)
-        if s.method == METHOD_RAW:  # zstd did not pay (random, encrypted): the raw frame
-            return raw.encode(mv)   # at once, not a zstd frame thrown away for it
-        best = REGISTRY["zstd"](level=level).frame(mv, None, dict(streams=[s]))
+    if dt is None and names == ["zstd"]:
+        best = _opaque(mv, level)
+        if best is None:  # zstd did not pay (random, encrypted): the raw frame at once,
+            return raw.encode(mv)  # not a zstd frame thrown away for it
     elif len(names) == 1:  # e.g. int8: nothing to choose, no sample pass
         best = _make(names[0], dt, bound, reference, level).encode(mv)
     elif n <= WHOLE_BELOW:  # small chunks: every candidate on the whole chunk

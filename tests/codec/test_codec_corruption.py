@@ -26,6 +26,8 @@ def frames():
         # stream's checksum is their only check of the decoded bytes (hashed once)
         (codec.encode(noise, None), noise, None),
         (codec.encode(noise, None, codec="zstd"), noise, None),
+        # an array in opaque bytes, shuffled (tail bytes in the parameters)
+        (codec.encode(w.tobytes()[1:], None), w.tobytes()[1:], None),
     ]
 
 

@@ -9,7 +9,7 @@ from codec import dtypes
 SET = settings(max_examples=25, deadline=None)
 ALL_DTYPES = ["F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "I16", "I8",
               "U8", "BOOL", None]
-LOSSLESS = ["raw", "zstd", "planes", "auto"]
+LOSSLESS = ["raw", "zstd", "shuffle", "planes", "auto"]
 
 SPECIALS32 = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.1754942e-38,
                        3.4028235e38, 1.0, 0.99999994, -0.9999999], np.float32)
@@ -141,7 +141,7 @@ def test_progressive_fidelity_planes():
 
 
 def test_api_misc():
-    assert codec.available_codecs() == ["raw", "zstd", "planes", "elf", "xor"]
+    assert codec.available_codecs() == ["raw", "zstd", "shuffle", "planes", "elf", "xor"]
     assert issubclass(codec.FrameError, ValueError)
     c = codec.PlanesCodec(dtype="F32", level=5)
     assert type(c).from_config(c.get_config()) == c
