@@ -205,13 +205,13 @@ class Planner:
     def prefix_pieces(self, fd: int, pos: int, end: int, done: list[int]) -> Iterator[Piece]:
         """Pieces of a file still being written, from `pos` on, that its final plan will
         hold whatever comes after `end`: CDC windows of plain files, tensor pieces of a
-        safetensors file whose header is complete. Sets done[0] past the last one."""
+        safetensors or GGUF file whose header is complete. Sets done[0] past the last one."""
         done[0] = pos
         with os.fdopen(os.dup(fd), "rb") as f:
             kind, segments = formats.parse_prefix(f, end)
         if kind == "plain":
             yield from self.cdc_windows(fd, pos, end, done)
-        elif kind in ("safetensors", "torch-zip"):
+        elif kind in ("safetensors", "torch-zip", "gguf"):
             for p in self._segments(fd, [s for s in segments if s.kind == "tensor"]):
                 if p.offset < pos:
                     continue

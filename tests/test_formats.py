@@ -633,3 +633,79 @@ def test_whole_module_pickled(tmp_path: Path) -> None:
     assert set(segs) == set(sd)
     for name, s in segs.items():
         assert seg_bytes(path, s) == storage_bytes(sd[name]), name
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp)
+
+
+def _gguf_tensors(rng) -> dict:
+    return {
+        "token_embd.weight": rng.standard_normal((64, 32)).astype(np.float32),
+        "blk.0.attn_q.weight": rng.standard_normal((32, 32)).astype(np.float16),
+        "blk.0.attn_k.weight": (rng.standard_normal((8, 256)).astype(np.float32), "BF16"),
+        "blk.0.ffn_up.weight": (rng.standard_normal((8, 256)).astype(np.float32), "Q8_0"),
+        "blk.0.ffn_down.weight": (rng.standard_normal((8, 256)).astype(np.float32), "Q4_0"),
+        "blk.0.ffn_gate.weight": (rng.standard_normal((2, 256)).astype(np.float32), "TQ1_0"),
+        "positions": np.arange(50, dtype=np.int32),
+        "scale": rng.standard_normal(3).astype(np.float64),
+    }
+
+
+@pytest.mark.parametrize("alignment", [None, 64, 4096])
+def test_gguf_segments_match_llama_cpp_reader(tmp_path: Path, alignment) -> None:
+    """Every tensor llama.cpp's own reader finds, at the same offset and length; plain
+    element types keep their dtype (and numpy-order shape), quantized ones are named by
+    their ggml type; the tokenizer metadata before them is skipped, not misread."""
+    import gguf
+    import zoo
+    path = zoo.write_gguf(tmp_path / "m.gguf", _gguf_tensors(np.random.default_rng(3)),
+                          alignment=alignment, vocab=3000)
+    p = parse_path(path)
+    assert p.format == "gguf", p.note
+    assert_cover(p, path.stat().st_size)
+    segs = tensors_of(p)
+    reader = gguf.GGUFReader(str(path))
+    assert set(segs) == {t.name for t in reader.tensors}
+    names = {"F32": "F32", "F16": "F16", "BF16": "BF16", "I32": "I32", "F64": "F64"}
+    for t in reader.tensors:
+        s = segs[t.name]
+        assert (s.offset, s.length) == (int(t.data_offset), int(t.n_bytes)), t.name
+        tname = t.tensor_type.name
+        assert s.dtype == names.get(tname, f"GGML_{tname}")
+        assert s.shape == tuple(int(d) for d in reversed(t.shape)) and s.role == "weight"
+        assert seg_bytes(path, s) == bytes(t.data.reshape(-1).view(np.uint8))
+
+
+def test_gguf_type_table_is_llama_cpps() -> None:
+    """Block sizes and bytes per block of every ggml type we parse, as gguf defines them."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from elvesfs.formats.gguf import GGML_TYPES
+    for tid, (name, block, nbytes) in GGML_TYPES.items():
+        t = GGMLQuantizationType(tid)
+        assert t.name == name and GGML_QUANT_SIZES[t] == (block, nbytes), name
+
+
+def test_gguf_lies_fall_back_to_plain(tmp_path: Path) -> None:
+    import zoo
+    blob = zoo.write_gguf(tmp_path / "m.gguf", _gguf_tensors(np.random.default_rng(4))).read_bytes()
+    p = parse(io.BytesIO(blob), len(blob))
+    assert p.format == "gguf"
+    first = min((s for s in p.segments if s.kind == "tensor"), key=lambda s: s.offset)
+    cases = {
+        "version 1": blob[:4] + struct.pack("<I", 1) + blob[8:],
+        "truncated tensor data": blob[:first.offset + 10],
+        "huge tensor count": blob[:8] + struct.pack("<Q", 1 << 40) + blob[16:],
+        "truncated header": blob[:40],
+    }
+    # the first tensor info's ggml type and offset: an unknown type, an unaligned offset
+    name = first.name.encode()
+    at = blob.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    ndims = struct.unpack_from("<I", blob, at)[0]
+    tpos = at + 4 + 8 * ndims
+    cases["unknown type"] = blob[:tpos] + struct.pack("<I", 99) + blob[tpos + 4:]
+    off = struct.unpack_from("<Q", blob, tpos + 4)[0]
+    cases["unaligned offset"] = blob[:tpos + 4] + struct.pack("<Q", off + 2) + blob[tpos + 12:]
+    for why, bad in cases.items():
+        q = parse(io.BytesIO(bad), len(bad))
+        assert q.format == "plain", why
+        assert_cover(q, len(bad))

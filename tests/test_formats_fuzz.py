@@ -59,6 +59,21 @@ def safetensors_blob() -> bytes:
     )
 
 
+@functools.cache
+def gguf_blob() -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    import zoo
+    rng = np.random.default_rng(2)
+    with tempfile.TemporaryDirectory() as d:
+        return zoo.write_gguf(Path(d) / "m.gguf", {
+            "w": rng.standard_normal((4, 8)).astype(np.float32),
+            "h": rng.standard_normal(16).astype(np.float16),
+            "q": (rng.standard_normal((2, 32)).astype(np.float32), "Q8_0"),
+        }, vocab=5).read_bytes()
+
+
 def _torch_state():
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -99,7 +114,8 @@ def boundaries(blob: bytes) -> set[int]:
 
 @FUZZ
 @given(
-    prefix=st.sampled_from([b"", b"PK\x03\x04", b"PK\x05\x06", LEGACY_MAGIC, b"\x80\x02", b"\x10\0\0\0\0\0\0\0{"]),
+    prefix=st.sampled_from([b"", b"PK\x03\x04", b"PK\x05\x06", LEGACY_MAGIC, b"\x80\x02", b"\x10\0\0\0\0\0\0\0{",
+                            b"GGUF\x03\0\0\0"]),
     body=st.binary(max_size=600),
 )
 def test_random_bytes(prefix: bytes, body: bytes) -> None:
@@ -191,6 +207,26 @@ def test_safetensors_overlap_and_out_of_range() -> None:
         bad = struct.pack("<Q", len(raw)) + raw + blob[8 + n :]
         p = check(bad)
         assert p.format == "plain", name
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def test_gguf_every_truncation() -> None:
+    blob = gguf_blob()
+    assert check(blob).format == "gguf"
+    last = max(s.offset + s.length for s in check(blob).segments if s.kind == "tensor")
+    for n in range(len(blob)):
+        assert check(blob[:n]).format == ("gguf" if n >= last else "plain"), n
+
+
+@FUZZ
+@given(pos=st.integers(min_value=0), val=st.integers(min_value=0, max_value=255))
+def test_gguf_header_byte_flips(pos: int, val: int) -> None:
+    blob = bytearray(gguf_blob())
+    first = min(s.offset for s in check(bytes(blob)).segments if s.kind == "tensor")
+    blob[pos % first] = val
+    check(bytes(blob))
 
 
 # ---------------------------------------------------------------- torch zip
@@ -364,7 +400,7 @@ def prefix_plan(blob: bytes, available: int, tmp_path) -> tuple[str, list | None
         return parse_prefix(f, available)
 
 
-@pytest.mark.parametrize("make", [safetensors_blob, zip_blob, legacy_blob])
+@pytest.mark.parametrize("make", [safetensors_blob, zip_blob, legacy_blob, gguf_blob])
 def test_prefix_plan_agrees_with_the_final_parse(make, tmp_path) -> None:
     """What parse_prefix() plans from any prefix is what parse() finds in the whole file
     (the pre-seal relies on it only for speed, but a wrong plan would waste its work)."""
@@ -374,7 +410,7 @@ def test_prefix_plan_agrees_with_the_final_parse(make, tmp_path) -> None:
     planned = 0
     for cut in sorted(boundaries(blob) | {len(blob)}):
         kind, segs = prefix_plan(blob, cut, tmp_path)
-        assert kind in ("plain", "safetensors", "torch-zip", "later")
+        assert kind in ("plain", "safetensors", "torch-zip", "gguf", "later")
         assert kind != "plain"  # a model file is never planned as plain bytes
         for s in segs or []:
             assert (s.offset, s.length, s.name, s.dtype, s.role) in final, s
@@ -386,11 +422,11 @@ def test_prefix_plan_agrees_with_the_final_parse(make, tmp_path) -> None:
 @FUZZ
 @given(data=st.data())
 def test_prefix_plan_never_raises_on_damaged_files(data, tmp_path_factory) -> None:
-    blob = bytearray(data.draw(st.sampled_from([safetensors_blob, zip_blob]))())
+    blob = bytearray(data.draw(st.sampled_from([safetensors_blob, zip_blob, gguf_blob]))())
     for _ in range(data.draw(st.integers(0, 4))):
         blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(blob)))
     kind, segs = prefix_plan(bytes(blob), cut, tmp_path_factory.mktemp("p"))
-    assert kind in ("plain", "safetensors", "torch-zip", "later")
+    assert kind in ("plain", "safetensors", "torch-zip", "gguf", "later")
     for s in segs or []:
         assert s.kind == "tensor" and s.offset >= 0 and s.length > 0

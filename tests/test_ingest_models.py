@@ -302,3 +302,27 @@ def test_arrays_in_files_we_do_not_parse_are_byte_shuffled(mnt):
     assert s["format"] == "plain" and "shuffle" in s["codecs"], s
     zstd_size = len(zstandard.ZstdCompressor(level=3).compress(data))
     assert s["stored"] < 0.95 * zstd_size, (s["stored"], zstd_size)
+
+
+def test_gguf_fine_tune_is_a_delta_of_its_base(mnt):
+    """GGUF files (llama.cpp, written by its `gguf` package) are parsed: a fine-tune of
+    a base, both F16/F32 GGUF with a quantized tensor, stores its float tensors as XOR
+    deltas against the base's, and both read back exactly after a remount."""
+    rng = np.random.default_rng(11)
+    base = {f"blk.{i}.attn_q.weight": rng.normal(0, 0.02, (256, 512)).astype(np.float16)
+            for i in range(4)}
+    base["output_norm.weight"] = np.ones(512, np.float32)
+    base["blk.0.ffn_up.weight"] = (rng.normal(0, 0.02, (64, 256)).astype(np.float32), "Q8_0")
+    ft = {k: (v if isinstance(v, tuple) else
+              (v.astype(np.float32) + rng.normal(0, 1e-4, v.shape)).astype(v.dtype))
+          for k, v in base.items()}
+    zoo.write_gguf(mnt.path / "base.gguf", base, vocab=2000)
+    zoo.write_gguf(mnt.path / "ft.gguf", ft, vocab=2000)
+    want = {n: sha(mnt.path / n) for n in ("base.gguf", "ft.gguf")}
+    mnt.remount()
+    assert {n: sha(mnt.path / n) for n in want} == want
+    s = file_stats(mnt.path / "ft.gguf")
+    assert s["format"] == "gguf" and s["tensors"] == 5, s  # the typed ones (Q8_0: bytes)
+    xor = s["codecs"].get("xor", {"raw": 0, "stored": 0})
+    assert xor["raw"] > 0.9 * s["logical"], s  # every float tensor is a delta
+    assert xor["stored"] < 0.5 * xor["raw"] and s["delta_saved"] > 0, s

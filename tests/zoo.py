@@ -99,3 +99,31 @@ def embed(model_dir: Path | str):
     from sentence_transformers import SentenceTransformer
     m = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
     return m.encode(SENTENCES, convert_to_numpy=True, normalize_embeddings=True)
+
+
+def write_gguf(path: Path | str, tensors: dict, *, arch: str = "llama", alignment: int | None = None,
+               vocab: int = 0) -> Path:
+    """A GGUF file written by llama.cpp's own `gguf` package: numpy arrays (F32, F16,
+    ints) as they are, (array, 'Q8_0'/'Q4_0'/...) tuples quantized; `vocab` adds a
+    tokenizer list of that many strings (the big metadata of real files)."""
+    import gguf
+    from gguf import quants
+    w = gguf.GGUFWriter(str(path), arch)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
+    w.add_block_count(len(tensors))
+    if vocab:
+        w.add_token_list([f"tok{i}" for i in range(vocab)])
+        w.add_token_scores([float(i) for i in range(vocab)])
+    for name, t in tensors.items():
+        if isinstance(t, tuple):
+            arr, qname = t
+            qtype = gguf.GGMLQuantizationType[qname]
+            w.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

@@ -44,7 +44,7 @@ class Segment:
 class ParsedFile:
     """A file's format and its segments (contiguous, in order, covering [0, size))."""
 
-    format: str  # "safetensors" | "torch-zip" | "torch-legacy" | "plain"
+    format: str  # "safetensors" | "torch-zip" | "torch-legacy" | "gguf" | "plain"
     segments: list[Segment] = field(default_factory=list)
     note: str = ""
 
@@ -225,6 +225,7 @@ class Window:
 
 def parse(f: typing.BinaryIO, size: int) -> ParsedFile:
     """Detect by content (never by name) and parse; never raises on bad input: returns format="plain" with one bytes segment and a note."""
+    from . import gguf as _gg
     from . import safetensors as _st
     from . import torchlegacy as _tl
     from . import torchzip as _tz
@@ -242,6 +243,8 @@ def parse(f: typing.BinaryIO, size: int) -> ParsedFile:
         kind, parser = "torch-legacy", _tl.parse
     elif _st.looks_safetensors(head, size):
         kind, parser = "safetensors", _st.parse
+    elif _gg.looks_gguf(head):
+        kind, parser = "gguf", _gg.parse
     else:
         log.debug("no known model format in %d bytes: plain", size)
         return plain(size, "no known format detected")
@@ -263,6 +266,7 @@ def parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment]
     the header is complete and valid for the size it promises, and these are the tensor
     segments parse() will return once the file has that size; ("torch-zip", tensor
     segments): those of a torch.save archive whose local headers are written so far;
+    ("gguf", tensor segments): likewise for a GGUF file whose header is complete;
     ("later", None): a model format that can only be planned when the file is complete
     (or not yet). Never raises: it only lets the pre-seal get ahead."""
     try:
@@ -273,6 +277,7 @@ def parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment]
 
 
 def _parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment] | None]:
+    from . import gguf as _gg
     from . import safetensors as _st
     from . import torchlegacy as _tl
     from . import torchzip as _tz
@@ -285,17 +290,26 @@ def _parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment
         return ("torch-zip", segs) if segs else ("later", None)
     if head.startswith(b"PK") or _tl.looks_legacy(head):
         return "later", None
+    if _gg.looks_gguf(head):
+        return _planned(_gg.parse, "gguf", f, _gg.promised_size(f, available))
     promised = _st.promised_size(f, available)
-    if promised is None:
-        if _st.looks_safetensors(head, 1 << 62):
-            return "later", None
+    if promised is None and not _st.looks_safetensors(head, 1 << 62):
         return "plain", None
+    return _planned(_st.parse, "safetensors", f, promised)
+
+
+def _planned(parser, kind: str, f: typing.BinaryIO, promised: int | None
+             ) -> tuple[str, list[Segment] | None]:
+    """The tensor segments of a file whose header promises `promised` bytes (None: the
+    header is not complete yet), as parse() will find them once it has that size."""
+    if promised is None:
+        return "later", None
     try:
-        segs = _st.parse(Window(f, promised), promised)
+        segs = parser(Window(f, promised), promised)
         check_segments(segs, promised)
     except FormatError:
         return "later", None
-    return "safetensors", [s for s in segs if s.kind == "tensor"]
+    return kind, [s for s in segs if s.kind == "tensor"]
 
 
 def _fallback(size: int, note: str) -> ParsedFile:
