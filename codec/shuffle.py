@@ -1,6 +1,6 @@
 """Byte shuffle (Blosc's filter) for opaque bytes made of fixed-width records: the
 bytes of a file we do not parse that holds arrays of floats or ints (ONNX, .npy,
-.npy, HDF5, a raw dump of weights).
+HDF5, a raw dump of weights).
 
 Byte j of every k-byte group goes to lane j and each lane is coded on its own (zstd,
 Huffman, raw or a constant byte, as ``code_stream`` picks): the sign+exponent bytes of
