@@ -28,6 +28,7 @@ VERSIONS = (2, 3)
 MAX_HEADER = 512 << 20  # metadata + tensor infos (a tokenizer vocabulary is a few MiB)
 MAX_COUNT = 1 << 24  # tensors, key-values, array items: far above any real model
 MAX_DIMS = 8
+MAX_NAME = 1 << 20  # a key or tensor name (values are skipped, never read whole)
 DEFAULT_ALIGNMENT = 32
 _READ = 1 << 20
 
@@ -59,18 +60,28 @@ def looks_gguf(head: bytes) -> bool:
 
 class _Cursor:
     """Sequential reads of the header through a Window, 1 MiB at a time, never past
-    MAX_HEADER or the file's end."""
+    MAX_HEADER or the file's end; values it only skips are never read."""
 
     def __init__(self, w: Window, size: int) -> None:
         self.w, self.size = w, size
         self.pos = 0
         self.buf, self.start = b"", 0
 
-    def take(self, n: int) -> bytes:
+    def skip(self, n: int) -> int:
+        """Move past n bytes without reading them; returns where they end."""
         end = self.pos + n
         if end > min(self.size, MAX_HEADER):
             raise FormatError(f"header runs past {'the file' if end > self.size else 'its cap'} "
                               f"(needs {end} bytes)")
+        self.pos = end
+        return end
+
+    def take(self, n: int) -> bytes:
+        if n > MAX_NAME:
+            raise FormatError(f"a {n}-byte name or key")
+        start = self.pos
+        end = self.skip(n)
+        self.pos = start
         if end > self.start + len(self.buf):
             self.start = self.pos
             self.buf = self.w.pread(self.pos, min(max(n, _READ), self.size - self.pos))
@@ -91,20 +102,18 @@ class _Cursor:
         return n
 
     def string(self) -> bytes:
-        n = self.u64()
-        if n > MAX_HEADER:
-            raise FormatError(f"string of {n} bytes")
-        return self.take(n)
+        return self.take(self.u64())
 
     def skip_value(self, vtype: int, depth: int = 0) -> None:
+        """Move past a metadata value (read only its lengths: memory stays bounded)."""
         if vtype in _VALUE_SIZE:
-            self.take(_VALUE_SIZE[vtype])
+            self.skip(_VALUE_SIZE[vtype])
         elif vtype == _STRING:
-            self.string()
+            self.skip(self.u64())
         elif vtype == _ARRAY and depth == 0:
             itype, n = self.u32(), self.count("array item")
             if itype in _VALUE_SIZE:
-                self.take(n * _VALUE_SIZE[itype])
+                self.skip(n * _VALUE_SIZE[itype])
             else:
                 for _ in range(n):
                     self.skip_value(itype, depth + 1)
