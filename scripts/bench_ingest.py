@@ -9,13 +9,15 @@ dropping the page cache, beside a cold read of the same file in a plain director
   five       a fine-tune as .safetensors and as .bin + the three checkpoints of its run
   zoo        MiniLM fp32, its bf16 and fp16 conversions, and the fine-tune pair
   elf        fp32 models (MiniLM + the fine-tune) under `--lossy elf` (native bound)
+  gguf       MiniLM and its fine-tune as F16 GGUF files (written by llama.cpp's `gguf`
+             package), the fine-tune after its base
 
 Baselines run in the same process on the same files: zstd -3 of each file alone,
 and zipnn (PyPI) of each file alone with the file's float dtype. The stored size of
 elvesfs is the bytes of its chunks (`elvesfs stats`); the LMDB file size (what `df`
 sees, including metadata and free pages) is shown beside it.
 
-Usage: python scripts/bench_ingest.py [--workdir DIR] [--scenarios series,five,zoo,elf]
+Usage: python scripts/bench_ingest.py [--workdir DIR] [--scenarios series,five,zoo,elf,gguf]
 """
 
 from __future__ import annotations
@@ -58,9 +60,16 @@ def make_files(work: Path) -> dict[str, list[Path]]:
         sd = load_file(str(zoo.minilm_safetensors()))
         save_file({k: v.bfloat16() for k, v in sd.items()}, str(conv / "minilm-bf16.safetensors"))
         save_file({k: v.half() for k, v in sd.items()}, str(conv / "minilm-fp16.safetensors"))
+    ggufs = [conv / "minilm-fp16.gguf", ft / "model-fp16.gguf"]
+    for src, dst in zip([zoo.minilm_safetensors(), ft / "model.safetensors"], ggufs):
+        if not dst.exists():  # llama.cpp's F16 export of the model and of its fine-tune
+            zoo.write_gguf(dst, {k: (v.half() if v.is_floating_point() else v).numpy()
+                                 for k, v in load_file(str(src)).items()},
+                           arch="bert")
     base = zoo.minilm_safetensors()
     pair = [ft / "model.safetensors", ft / "pytorch_model.bin"]
     return {
+        "gguf": ggufs,
         "series": ckpts,
         "five": pair + ckpts,
         "zoo": [base, conv / "minilm-bf16.safetensors", conv / "minilm-fp16.safetensors"] + pair,
@@ -150,7 +159,7 @@ def run_scenario(name: str, files: list[Path], work: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workdir", default="/var/tmp/elvesfs-bench-ingest")
-    ap.add_argument("--scenarios", default="series,five,zoo,elf")
+    ap.add_argument("--scenarios", default="series,five,zoo,elf,gguf")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     work = Path(a.workdir)
