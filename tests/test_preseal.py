@@ -215,8 +215,8 @@ def test_kill9_after_a_preseal_keeps_fsynced_data_and_a_clean_store(mnt):
     assert check_store(mnt.store) == []
 
 
-@pytest.mark.parametrize("writer", ["safetensors", "torch"])
-def test_model_file_written_slowly_is_presealed_tensor_by_tensor(mnt, writer):
+@pytest.mark.parametrize("writer", ["safetensors", "torch", "gguf"])
+def test_model_file_written_slowly_is_presealed_tensor_by_tensor(mnt, writer, tmp_path):
     """A model file written over time: its tensors are coded (with XOR deltas against the
     previous version) while the writer is still writing, and read back exactly."""
     import io
@@ -232,12 +232,15 @@ def test_model_file_written_slowly_is_presealed_tensor_by_tensor(mnt, writer):
         if writer == "safetensors":
             from safetensors.numpy import save
             return save(tensors)
+        if writer == "gguf":
+            import zoo
+            return zoo.write_gguf(tmp_path / "m.gguf", tensors).read_bytes()
         torch = pytest.importorskip("torch")
         buf = io.BytesIO()
         torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, buf)
         return buf.getvalue()
 
-    path = mnt.path / ("model.safetensors" if writer == "safetensors" else "model.pt")
+    path = mnt.path / {"safetensors": "model.safetensors", "gguf": "model.gguf"}.get(writer, "model.pt")
     for version, tensors in enumerate((base, v2)):
         data = serialize(tensors)
         chunks_before = stored_chunks(mnt.store)
@@ -254,7 +257,7 @@ def test_model_file_written_slowly_is_presealed_tensor_by_tensor(mnt, writer):
         mnt.sync()
         assert sha_file(path) == hashlib.sha256(data).hexdigest()
         f = file_stats(path)
-        assert f["format"] == ("safetensors" if writer == "safetensors" else "torch-zip")
+        assert f["format"] == {"torch": "torch-zip"}.get(writer, writer)
         assert f["tensors"] == 24
         # pre-sealed tensors are the file's own, never dedup hits; in version 1 only
         # metadata bytes equal to version 0's (still stored while it is sealed) are
