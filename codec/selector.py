@@ -163,13 +163,14 @@ def _opaque(mv, level) -> bytes | None:
     h8 = shuffle.sample_lanes(mv) if mv.nbytes >= SHUFFLE_MIN else None
     shuffled = None
     if h8 is not None and (k := shuffle.probe(mv, h8)) > 1:
-        if _repeats(mv, h8, level):
+        repeats = _repeats(mv, h8, level)
+        if repeats:
             params, streams = shuffle.shuffle_streams(mv, k, level)
         else:
             params, streams = shuffle.shuffle_streams_fast(mv, k, level, h8)
         shuffled = REGISTRY["shuffle"](stride=k, level=level).frame(
             mv, None, dict(streams=streams, params=params))
-        if not uses_zstd(shuffled):
+        if not repeats and not uses_zstd(shuffled):
             return shuffled
     s = code_stream("bytes", mv, level, analyse=False)
     if s.method == METHOD_RAW:
