@@ -25,7 +25,7 @@ from . import FormatError, Segment, Window, assemble
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
-MAX_HEADER = 512 << 20  # metadata + tensor infos (a tokenizer vocabulary is a few MiB)
+MAX_HEADER = 128 << 20  # metadata + tensor infos (a 256k-token vocabulary is ~20 MiB)
 MAX_COUNT = 1 << 24  # tensors, key-values, array items: far above any real model
 MAX_DIMS = 8
 MAX_NAME = 1 << 20  # a key or tensor name (values are skipped, never read whole)
