@@ -719,7 +719,8 @@ def _decode_blocks(w, n, L, out):
         if 1 + nlw + 4 + tw != size:
             return 1
         body = w[pos + 5 + nlw:pos + size]
-        if short and avg < 7.0:  # several symbols per lookup pay
+        if short and avg < 7.0 and m >= 4 << L:  # several symbols per lookup pay (and
+            # the bigger table they need: not on a few hundred symbols)
             bad = _decode4(body, cw.astype(np.int64), m, build_table(lens, codes, L), L,
                            out[k * bs:k * bs + m])
         else:

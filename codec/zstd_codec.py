@@ -48,14 +48,16 @@ def entropy(hist: np.ndarray) -> float:
 
 
 def code_stream(name: str, data, level: int = 3, *, analyse: bool = True,
-                hist: np.ndarray | None = None) -> Stream:
+                hist: np.ndarray | None = None, tie: float = 1.002) -> Stream:
     """Code one byte stream with the cheapest of constant / huffman / zstd / raw.
     ``data`` is a 1-d uint8 array or bytes-like; raw streams are stored without a copy.
 
     Low-entropy streams (exponents): canonical Huffman, unless zstd does better on a
     64 KiB probe (runs, repeats). High-entropy streams (mantissas): one fast zstd pass
     (level <= 1) to catch repeats, else raw. ``hist``: the byte histogram of ``data``
-    when the caller has it (int64[256]; saves a pass)."""
+    when the caller has it (int64[256]; saves a pass). ``tie``: how much smaller
+    Huffman must be than zstd on a high-entropy stream to be taken (zstd's decoder is
+    faster there)."""
     a = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
     n = a.shape[0]
     if n == 0:
@@ -102,7 +104,7 @@ def code_stream(name: str, data, level: int = 3, *, analyse: bool = True,
     c = compressor(min(level, 1)).compress(a)
     # near-ties go to zstd when the Huffman codes are long (fp16 sign+exponent+2 bits,
     # mantissas): its decoder is faster there; exponent planes take the smaller
-    tie = 1.0 if H < LOW_ENTROPY else 1.002
+    tie = 1.0 if H < LOW_ENTROPY else tie
     if H < 7.98 and _huffman_may_win(h, bh, n, tie, min(len(c), n - 64), H):
         # (above 7.98, Huffman saves < 0.25 % and zstd's decoder is faster)
         est, lens, block = plan or huffman.plan_blocks(a, h, bh)
