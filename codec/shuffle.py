@@ -21,7 +21,9 @@ from . import huffman, kernels
 from . import zstd_codec as zc
 from .base import Codec, register
 from .errors import FrameError
+from .dtypes import BY_NAME
 from .frame import METHOD_HUF, METHOD_RAW, Stream
+from .planes import L_BYTES, split
 from .zstd_codec import code_stream, decode_stream
 
 STRIDES = (2, 4, 8)
@@ -29,6 +31,7 @@ MIN_GAIN = 0.25  # bits per byte the lanes must save over the whole sample's ent
 WIDER_GAIN = 0.05  # and a wider stride over a narrower one
 RANDOM_BITS = 7.95  # a sample this random (compressed, encrypted bytes) is not probed
 RAW_ENTROPY = 7.95  # lanes whose sample has this order-0 entropy are stored raw
+UINT = {2: BY_NAME["U16"], 4: BY_NAME["U32"], 8: BY_NAME["U64"]}  # record types to split
 PROBE_SLICE = 8 * 1024  # two slices of this many bytes make the probe's sample
 
 
@@ -86,15 +89,9 @@ def shuffle_streams_fast(mv, k: int, level: int, h8: np.ndarray) -> tuple[bytes,
 def _shuffle(mv, k: int, level: int, bits) -> tuple[bytes, list]:
     a = np.frombuffer(mv, np.uint8)
     m = a.shape[0] - a.shape[0] % k
-    planes = np.empty((k, m // k), np.uint8)
-    if k == 2:
-        kernels.split_u16(a[:m].view("<u2"), planes)
-    elif k == 4:
-        kernels.split_u32(a[:m].view("<u4"), planes)
-    else:
-        kernels.split_bytes(a[:m].reshape(-1, k), planes)
+    planes, names = split(a[:m], UINT[k], L_BYTES)  # the planes codec's byte planes
     streams = []
-    for p, name in enumerate(_lane_names(k)):  # plane p holds byte k - 1 - p of a record
+    for p, name in enumerate(names):  # plane p holds byte k - 1 - p of a record
         if bits is None:
             streams.append(code_stream(name, planes[p], level))
         elif bits[k - 1 - p] >= RAW_ENTROPY and m // k >= 2 * zc.PROBE:
