@@ -101,7 +101,8 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self.parents: dict[int, int] = {ROOT_INO: ROOT_INO}  # directory -> parent, for ".."
-        self.prefetching: set[bytes] = set()  # chunks a readahead task is already fetching
+        # chunks a readahead task is fetching, set when it is done (cached, or failed)
+        self.prefetching: dict[bytes, trio.Event] = {}
         self._next_fh = 1
         self.layouts: dict[int, Layout] = {}
         self.generation = 0  # bumped whenever refcounts change: invalidates st_blocks shares
@@ -673,6 +674,8 @@ class Operations(pyfuse3.Operations):
             if off >= lay.size:
                 return b""
             data = self.reader.cached_range(lay, off, size)
+            if data is None and await self._prefetched(lay, off, size):
+                data = self.reader.cached_range(lay, off, size)
             if data is None:
                 try:
                     data = await trio.to_thread.run_sync(self.reader.read_range, lay, off,
@@ -705,7 +708,7 @@ class Operations(pyfuse3.Operations):
             if (cid != HOLE and lay.length(j) >= PREFETCH_MIN
                     and cid not in self.prefetching and cid not in self.reader.cache):
                 # one task per chunk: duplicates would each hold a reader thread slot
-                self.prefetching.add(cid)
+                self.prefetching[cid] = trio.Event()
                 self.nursery.start_soon(self._prefetch, cid)
 
     async def _prefetch(self, cid: bytes) -> None:
@@ -714,7 +717,17 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:  # the real read will report it
             log.debug("readahead of %s failed: %s", cid.hex(), exc)
         finally:
-            self.prefetching.discard(cid)
+            self.prefetching.pop(cid).set()
+
+    async def _prefetched(self, lay: Layout, off: int, size: int) -> bool:
+        """Wait here, on the event loop, for readahead tasks already decoding chunks of
+        [off, off + size); True if there were any. The kernel sends the 1 MiB requests of
+        a 4 MiB chunk at once: each waiting in a reader thread would hold a slot of
+        read_limiter that the next chunks' readahead needs."""
+        pending = [self.prefetching[c] for c in lay.chunk_ids(off, size) if c in self.prefetching]
+        for ev in pending:
+            await ev.wait()
+        return bool(pending)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -12,7 +12,9 @@ references no chunk, so sparse files stay sparse in the store.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -47,26 +49,46 @@ class Layout:
     def to_bytes(self) -> bytes:
         return self.ext.tobytes()
 
+    @cached_property
+    def _ends(self) -> list[int]:
+        """The extents' ends as Python ints: a read looks extents up several times per
+        request, and numpy's per-element access costs microseconds each."""
+        return self.ext["end"].tolist()
+
     @property
     def size(self) -> int:
-        return int(self.ext["end"][-1]) if len(self.ext) else 0
+        return self._ends[-1] if len(self.ext) else 0
 
     def __len__(self) -> int:
         return len(self.ext)
 
     def start(self, i: int) -> int:
-        return int(self.ext["end"][i - 1]) if i > 0 else 0
+        return self._ends[i - 1] if i > 0 else 0
+
+    def end(self, i: int) -> int:
+        return self._ends[i]
 
     def length(self, i: int) -> int:
         """Bytes of the file that extent `i` holds."""
-        return int(self.ext["end"][i]) - self.start(i)
+        return self._ends[i] - self.start(i)
 
     def chunk_id(self, i: int) -> bytes:
         return bytes(self.ext["id"][i])
 
     def find(self, offset: int) -> int:
         """Index of the extent containing `offset` (len(self) if past the end)."""
-        return int(np.searchsorted(self.ext["end"], offset, side="right"))
+        return bisect.bisect_right(self._ends, offset)
+
+    def chunk_ids(self, off: int, size: int) -> list[bytes]:
+        """Ids of the chunks that hold bytes [off, off + size), holes excluded."""
+        i, end = self.find(off), min(off + size, self.size)
+        out = []
+        while i < len(self) and self.start(i) < end:
+            cid = self.chunk_id(i)
+            if cid != HOLE:
+                out.append(cid)
+            i += 1
+        return out
 
     def ids(self) -> list[bytes]:
         """Chunk ids in file order, holes excluded, repeats kept (one reference each)."""

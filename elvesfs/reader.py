@@ -70,7 +70,7 @@ class ChunkReader:
         pos = off
         while pos < end:
             cid = layout.chunk_id(i)
-            start, stop = layout.start(i), int(layout.ext["end"][i])
+            start, stop = layout.start(i), layout.end(i)
             if cid == HOLE:
                 data = None
                 parts.append(bytes(min(stop, end) - pos))
@@ -81,7 +81,7 @@ class ChunkReader:
                 parts.append(memoryview(data)[pos - start:min(stop, end) - start])
             pos = min(stop, end)
             i += 1
-        return b"".join(parts)
+        return _joined(parts)
 
     def read_range(self, layout: Layout, off: int, size: int) -> bytes:
         """Bytes [off, off+size) of a sealed file, clipped to its size."""
@@ -91,7 +91,7 @@ class ChunkReader:
         i = layout.find(off)
         while pos < end:
             cid = layout.chunk_id(i)
-            start, stop = layout.start(i), int(layout.ext["end"][i])
+            start, stop = layout.start(i), layout.end(i)
             take_end = min(stop, end)
             if cid == HOLE:
                 parts.append(bytes(take_end - pos))
@@ -103,7 +103,7 @@ class ChunkReader:
                 parts.append(memoryview(data)[pos - start:take_end - start])
             pos = take_end
             i += 1
-        return b"".join(parts)
+        return _joined(parts)
 
     def copy_to_fd(self, layout: Layout, fd: int, limit: int | None = None) -> None:
         """Write a sealed file's content into `fd` (holes stay holes): used to stage a rewrite."""
@@ -114,6 +114,13 @@ class ChunkReader:
                 continue
             data = self.get(cid)
             os_pwrite_all(fd, data, layout.start(i))
+
+
+def _joined(parts: list) -> bytes | memoryview:
+    """The parts as one buffer; a single part as it is, a view of its cached chunk
+    (pyfuse3 copies the reply into the kernel from any buffer: no 1 MiB copy into fresh
+    memory per read, and the view keeps the chunk alive however the cache evicts)."""
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def os_pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
