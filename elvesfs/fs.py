@@ -108,7 +108,10 @@ class Operations(pyfuse3.Operations):
         self.generation = 0  # bumped whenever refcounts change: invalidates st_blocks shares
         self.blocks: dict[int, tuple[int, int]] = {}
         self.seal_limiter = trio.CapacityLimiter(1)  # seals, drops and GC run one at a time
-        self.read_limiter = trio.CapacityLimiter(max(2, (os.cpu_count() or 2) * 2))
+        # one decoding reader thread per CPU: decoding is CPU work, and more threads only
+        # trade the GIL back and forth (cold 1 GiB `cat`s on 2 CPUs, 4 runs each: 4
+        # threads 1.66 s median, 2 threads 1.57 s; a checkpoint of 4 MiB deltas 0.86 vs 0.76 s)
+        self.read_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.pending_seals = 0
         self.seals_due: Counter[int] = Counter()  # inode -> seal tasks not finished
         self.idle = trio.Condition()
