@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from . import dtypes as _dt
 from .dtypes import lossy_allowed
 from .base import REGISTRY, as_bytes_view, decode_frame
-from .frame import parse
+from .frame import parse, protect as protect_frame
 
 ORDER = ("raw", "zstd", "shuffle", "planes", "elf", "xor")
 
@@ -24,6 +24,7 @@ class FrameInfo:
     needs_reference: bool
     streams: list = field(default_factory=list)  # [(name, stored size)]
     stream_methods: list = field(default_factory=list)  # [(name, "raw"|"zstd"|"const")]
+    protected: list = field(default_factory=list)  # names of streams stored twice
 
     @property
     def ratio(self) -> float:
@@ -44,13 +45,25 @@ def get_codec(name: str, dtype=None, **kw):
 
 
 def encode(data, dtype=None, *, codec: str = "auto", bound=None, reference=None,
-           level: int = 3) -> bytes:
+           level: int = 3, protect: bool = False) -> bytes:
     """Encode one chunk into a self-describing frame.
 
     data: bytes-like of raw little-endian elements (or opaque bytes); dtype: safetensors
     dtype name or None. codec: "auto" or one of available_codecs(). bound: None
     (lossless), a float > 0 (absolute error bound) or "native" -- only used for
-    F32/F16/F64, ignored elsewhere. reference: same-length chunk for "xor"."""
+    F32/F16/F64, ignored elsewhere. reference: same-length chunk for "xor". protect:
+    store a second copy of the sign+exponent streams of float data (frame.protect):
+    decode survives damage to either copy."""
+    frame = _encode(data, dtype, codec, bound, reference, level)
+    if protect and dtype is not None:
+        raw_size = parse(frame).raw_size
+        dt = _dt.lookup(dtype, raw_size)
+        if dt is not None and dt.is_float:
+            return protect_frame(frame, raw_size // dt.itemsize)
+    return frame
+
+
+def _encode(data, dtype, codec: str, bound, reference, level: int) -> bytes:
     mv = as_bytes_view(data)
     dt = _dt.lookup(dtype, mv.nbytes)
     if bound is not None and bound != "native":
@@ -98,4 +111,5 @@ def inspect(frame) -> FrameInfo:
                      lossy=h.lossy, bound=h.bound, max_error=h.max_error,
                      needs_reference=h.needs_reference,
                      streams=[(s.name, s.stored_len) for s in h.streams],
-                     stream_methods=[(s.name, METHOD_NAMES[s.method]) for s in h.streams])
+                     stream_methods=[(s.name, METHOD_NAMES[s.method]) for s in h.streams],
+                     protected=[s.name for s in h.streams if s.backup is not None])

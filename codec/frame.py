@@ -49,12 +49,20 @@ low groups first, high bit = more follows, at most 10 bytes)::
     then the S stored streams, in table order.
 
 A frame must be exactly header + sum(stored lengths) bytes long (all little-endian).
+
+**Protected streams** (both versions' readers; written by ``protect``): a stream named
+``X~`` is a second copy of stream ``X`` (same method, lengths and checksum), stored after
+all the others. ``parse`` takes the copies out of the stream list and hangs each on its
+stream as ``backup``; ``stream_view`` falls back to it when ``X`` fails its checksum. So
+codecs never see them, and a frame without copies reads exactly as before. Copied are
+the most significant streams (sign and exponent): a flipped exponent bit wrecks a
+weight, a flipped low-mantissa bit barely moves it (noisy-storage coding).
 """
 from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import xxhash
 
@@ -105,6 +113,7 @@ class Stream:
     checksum: int = 0
     offset: int = 0  # in the frame (set by parse)
     check_bits: int = 64  # width of ``checksum`` (v2 frames under WIDE_FROM: 32)
+    backup: "Stream | None" = None  # a protected stream's copy (set by parse)
 
 
 @dataclass
@@ -265,7 +274,50 @@ def parse(frame) -> Header:
         what = "truncated" if pos > n else "has trailing bytes"
         raise FrameError(f"frame {what}: header says {pos} bytes, got {n}; the stored chunk is "
                          "damaged")
+    _link_copies(h)
     return h
+
+
+COPY = "~"  # suffix of a protected stream's copy
+
+
+def _link_copies(h: Header) -> None:
+    """Take the ``X~`` copies out of ``h.streams`` and hang each on its stream ``X``."""
+    if not any(s.name.endswith(COPY) for s in h.streams):
+        return
+    by_name = {s.name: s for s in h.streams if not s.name.endswith(COPY)}
+    for c in h.streams:
+        if c.name.endswith(COPY):
+            s = by_name.get(c.name[:-1])
+            if s is None or (s.method, s.raw_len, s.stored_len, s.checksum) != \
+                    (c.method, c.raw_len, c.stored_len, c.checksum):
+                raise FrameError(f"stream copy {c.name!r} matches no stream of the frame")
+            s.backup = c
+    h.streams = list(by_name.values())
+
+
+def protect(frame, elements: int) -> bytes:
+    """``frame`` with a copy of its most significant streams: the leading streams (the
+    table is most significant first) up to the first that holds one byte per element
+    (the sign+exponent plane; ELF: the outliers and the top plane; a delta: the top byte
+    of every class). A frame without such a stream (opaque bytes) comes back as it is."""
+    h = parse(frame)
+    if elements <= 0 or any(s.backup for s in h.streams) or h.version != FORMAT_VERSION:
+        return bytes(frame)
+    mv = memoryview(frame).cast("B")
+    lead, covered = [], 0
+    for s in h.streams:
+        lead.append(s)
+        covered += s.raw_len
+        if covered >= elements:
+            break
+    if covered < elements or len(h.streams) + len(lead) > 255 or len(lead) == len(h.streams):
+        return bytes(frame)
+    streams = [replace(s, stored=mv[s.offset:s.offset + s.stored_len]) for s in h.streams]
+    streams += [replace(s, name=s.name + COPY) for s in streams[:len(lead)]]
+    return pack(h.codec, h.dtype_id, h.raw_size, h.params, streams, h.content_hash,
+                lossy=h.lossy, needs_reference=h.needs_reference, bound=h.bound,
+                max_error=h.max_error)
 
 
 def _check_header(mv, pos: int, c: int) -> int:
@@ -341,6 +393,11 @@ def stream_view(frame, s: Stream) -> memoryview:
     """The stored bytes of stream ``s``, checksum verified."""
     mv = memoryview(frame).cast("B")[s.offset:s.offset + s.stored_len]
     if _trunc(hash64(mv), s.check_bits) != s.checksum:
+        if s.backup is not None:
+            try:
+                return stream_view(frame, s.backup)
+            except FrameError:
+                pass
         raise FrameError(f"stream {s.name!r} checksum mismatch: its stored bytes are corrupt",
                          damaged=(s.name,))
     return mv

@@ -9,7 +9,10 @@ one). Table `chunks` maps id -> codec frame; table `refs` maps id -> CHUNK recor
     stored    u32   frame size
     ref       16B   id of the reference chunk of an XOR-delta frame, or zeros
     flags     u8    LOSSY: the id is seeded by a lossy policy, so the decoded bytes are
-                    verified by the frame's checksums, not against the id
+                    verified by the frame's checksums, not against the id;
+                    PROTECTED: written under the `protect` policy (its id seeded by
+                    policy.PROTECT_SEED; the frame holds copies of its sign+exponent
+                    streams), so only protected chunks serve it as delta references
 
 Invariants: a chunk with refcount 0 is listed in `zero` and is garbage; only the
 single sealer thread adds chunks or collects garbage, so a dedup hit can never
@@ -33,6 +36,7 @@ from .errors import StoreCorruptError
 CHUNK = struct.Struct("<QII16sB")
 NO_REF = bytes(16)
 LOSSY = 1
+PROTECTED = 2
 MAX_DELTA_DEPTH = 1  # deltas in a chain: 1 = a read needs at most one reference hop
 
 

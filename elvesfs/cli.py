@@ -37,6 +37,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         cmd += ["-o", o]
     if a.lossy:
         cmd += ["--lossy", a.lossy]
+    if a.protect:
+        cmd.append("--protect")
     if a.no_preseal:
         cmd.append("--no-preseal")
     if a.debug:
@@ -136,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("-o", action="append", default=[], help="FUSE options, e.g. allow_other")
     m.add_argument("--lossy", metavar="elf[=BOUND]",
                    help="allow ELF on float weights (default: lossless)")
+    m.add_argument("--protect", action="store_true",
+                   help="store float tensors' sign+exponent streams twice, so a damaged "
+                        "copy is read around (costs ~10%% on float32)")
     m.add_argument("--cache-mb", type=int, default=256, help="decoded chunk cache size")
     m.add_argument("--no-preseal", action="store_true",
                    help="code files only once closed, never while they are being written "

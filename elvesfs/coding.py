@@ -8,9 +8,9 @@ import xxhash
 
 import codec
 
-from .chunkstore import LOSSY
+from .chunkstore import LOSSY, PROTECTED
 from .errors import ChunkCorruptError
-from .policy import Policy
+from .policy import PROTECT_SEED, Policy
 
 
 def chunk_id(data: bytes | memoryview, seed: int = 0) -> bytes:
@@ -38,13 +38,14 @@ def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
     `cid`, when the caller already hashed the chunk, must be chunk_id() under the policy."""
     lossy = policy.allows_lossy(dtype, role)
     if cid is None:
-        cid = chunk_id(data, policy.seed() if lossy else 0)
+        cid = chunk_id(data, policy.chunk_seed(dtype, role))
     frame = codec.encode(data, dtype, codec="auto", bound=policy.bound if lossy else None,
-                         reference=reference)
+                         reference=reference, protect=policy.protect)
     info = codec.inspect(frame)
-    # A seeded id cannot be checked against the decoded bytes: flag it, and trust the
-    # frame's own checksums for that chunk.
-    return Encoded(cid, frame, len(data), LOSSY if lossy else 0, info.codec,
+    # A lossily seeded id cannot be checked against the decoded bytes: flag it, and
+    # trust the frame's own checksums for that chunk.
+    flags = (LOSSY if lossy else 0) | (PROTECTED if policy.protect else 0)
+    return Encoded(cid, frame, len(data), flags, info.codec,
                    info.max_error if info.lossy else None, info.needs_reference)
 
 
@@ -56,6 +57,6 @@ def decode_chunk(cid: bytes, frame: bytes, flags: int,
         data = codec.decode(frame, reference=reference, copy=False)
     except codec.FrameError as exc:
         raise ChunkCorruptError(f"chunk {cid.hex()} is corrupt: {exc}") from exc
-    if not flags & LOSSY and chunk_id(data) != cid:
+    if not flags & LOSSY and chunk_id(data, PROTECT_SEED if flags & PROTECTED else 0) != cid:
         raise ChunkCorruptError(f"chunk {cid.hex()} failed its content checksum")
     return data

@@ -8,6 +8,7 @@ daemon writes "OK\n" there once the mount is live, or "ERR <message>\n".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import logging
 import os
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", required=True)
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("--lossy", default=None)
+    p.add_argument("--protect", action="store_true")
     p.add_argument("--cache-mb", type=int, default=256)
     p.add_argument("--no-preseal", action="store_true")
     p.add_argument("--ready-fd", type=int, default=None)
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, handlers=handlers,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     policy = Policy.parse(a.lossy) if a.lossy else Policy()
+    if a.protect:
+        policy = dataclasses.replace(policy, protect=True)
     return run(os.path.abspath(a.mountpoint), os.path.abspath(a.store), a.options, policy,
                a.cache_mb << 20, a.ready_fd, preseal=not a.no_preseal)
 

@@ -32,7 +32,7 @@ import xxhash
 from pyfastcdc import FastCDC
 
 from . import formats
-from .chunkstore import MAX_DELTA_DEPTH, ChunkStore
+from .chunkstore import MAX_DELTA_DEPTH, PROTECTED, ChunkStore
 from .coding import Encoded, chunk_id, encode_chunk
 from .db import Database
 from .layout import HOLE, Layout
@@ -301,12 +301,14 @@ class Sealer:
         self.committer.shutdown(wait=True)
 
     # -- piece coding (pool threads) -------------------------------------------
-    def _reference(self, p: Piece) -> tuple[bytes, bytes | None]:
+    def _reference(self, p: Piece, protect: bool = False) -> tuple[bytes, bytes | None]:
         """The newest stored version of this tensor piece that may serve as a reference.
 
         The index names the latest version; if that one already ends a chain of
         MAX_DELTA_DEPTH deltas, walk back along its chain to the newest version that
-        does not (with depth 1: the last version stored alone), so reads stay bounded."""
+        does not (with depth 1: the last version stored alone), so reads stay bounded.
+        A protected piece (`protect`) only takes a protected reference: a delta is no
+        safer than the chunk it is decoded against."""
         if not (self.delta and p.name and p.dtype):
             return bytes(16), None
         with self.db.read() as txn:
@@ -315,7 +317,7 @@ class Sealer:
             while rec is not None and self.chunks.depth(txn, ref) >= MAX_DELTA_DEPTH:
                 ref = rec.ref
                 rec = self.chunks.record(txn, ref)
-            if rec is None or rec.raw != p.length:
+            if rec is None or rec.raw != p.length or (protect and not rec.flags & PROTECTED):
                 return bytes(16), None
         try:
             return ref, self.reader.get(ref)
@@ -337,9 +339,8 @@ class Sealer:
             data = p.data if p.data is not None else os.pread(fd, p.length, p.offset)
             if len(data) != p.length:
                 raise OSError(f"staging file shrank while sealing at {p.offset}")
-            lossy = policy.allows_lossy(p.dtype, p.role)
             datas.append(data)
-            cids.append(chunk_id(data, policy.seed() if lossy else 0))
+            cids.append(chunk_id(data, policy.chunk_seed(p.dtype, p.role)))
         with self.db.read() as txn:
             known = [self.chunks.record(txn, cid) is not None for cid in cids]
         out = []
@@ -351,7 +352,7 @@ class Sealer:
                 log.warning("pre-sealed chunk %s missing; coding it again", cid.hex())
                 p = replace(p, pre=None)
                 data = os.pread(fd, p.length, p.offset)
-            ref_id, ref = self._reference(p)
+            ref_id, ref = self._reference(p, policy.protect)
             enc = encode_chunk(memoryview(data), p.dtype, p.role, policy, ref, cid)
             if not enc.needs_reference:  # the selector found coding alone smaller
                 ref_id = bytes(16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -326,3 +327,62 @@ def test_gguf_fine_tune_is_a_delta_of_its_base(mnt):
     xor = s["codecs"].get("xor", {"raw": 0, "stored": 0})
     assert xor["raw"] > 0.9 * s["logical"], s  # every float tensor is a delta
     assert xor["stored"] < 0.5 * xor["raw"] and s["delta_saved"] > 0, s
+
+
+def _weight_chunk(db, name: bytes):
+    """(chunk id, flags, frame) of the largest chunk of file `name` in the root dir."""
+    from elvesfs.chunkstore import ChunkStore
+    from elvesfs.layout import Layout
+    from elvesfs.namespace import ROOT_INO, Namespace, key
+    ns, chunks = Namespace(db), ChunkStore(db)
+    with db.read() as txn:
+        parent = ROOT_INO
+        for part in name.split(b"/"):
+            parent = ns.lookup(txn, parent, part)
+        lay = Layout.from_bytes(txn.get(key(parent), db=db.t["layouts"]))
+        i = max(range(len(lay)), key=lay.length)
+        cid = lay.chunk_id(i)
+        return cid, chunks.record(txn, cid).flags, bytes(chunks.frame(txn, cid)), set(lay.ids())
+
+
+def test_protected_directory_reads_around_a_damaged_exponent_stream(make_mount, tmp_path):
+    """Under the `protect` policy a float tensor's sign+exponent stream is stored twice:
+    a flipped byte in it is read around (the unprotected twin gets EIO), and protected
+    chunks never share storage with unprotected ones."""
+    import codec
+    from codec import frame as fr
+    from elvesfs.chunkstore import PROTECTED
+    from elvesfs.db import Database
+    m = make_mount()
+    d = m.path / "safe"
+    d.mkdir()
+    os.setxattr(d, "user.elvesfs.policy", b"protect")
+    w = {"layer.weight": torch.randn(512, 512) * 0.05}
+    src = tmp_path / "w.safetensors"
+    safetensors_torch.save_file(w, str(src))
+    shutil.copy(src, d / "w.safetensors")
+    shutil.copy(src, m.path / "w.safetensors")
+    m.sync()
+    assert file_stats(d / "w.safetensors")["policy"] == "lossless,protect"
+    m.umount()
+    db = Database(str(m.store))
+    try:
+        pcid, pflags, pframe, pids = _weight_chunk(db, b"safe/w.safetensors")
+        ucid, uflags, uframe, uids = _weight_chunk(db, b"w.safetensors")
+        assert pflags & PROTECTED and not uflags & PROTECTED
+        assert codec.inspect(pframe).protected == ["exponent"]
+        assert codec.inspect(uframe).protected == []
+        assert not pids & uids  # no chunk shared across the two policies
+        with db.write() as txn:
+            for cid, frame in ((pcid, pframe), (ucid, uframe)):
+                s = fr.parse(frame).streams[0]  # the exponent plane
+                b = bytearray(frame)
+                b[s.offset + s.stored_len // 2] ^= 0x5A
+                txn.put(cid, bytes(b), db=db.t["chunks"])
+    finally:
+        db.close()
+    m.mount()
+    assert sha(d / "w.safetensors") == sha(src)
+    with pytest.raises(OSError) as e:
+        (m.path / "w.safetensors").read_bytes()
+    assert e.value.errno == errno.EIO
