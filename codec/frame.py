@@ -389,6 +389,32 @@ def _parse_v1(mv) -> tuple[Header, int]:
     return h, pos
 
 
+def mend(frame) -> tuple[bytes, list[str]]:
+    """(``frame`` with every damaged copy of a protected stream rewritten from the intact
+    one, the names of the streams mended): what a scrub writes back, so the next damage
+    to the same stream is survivable again. Both copies damaged: left as they are."""
+    h = parse(frame)
+    mv = memoryview(frame).cast("B")
+    out, names = None, []
+    for s in h.streams:
+        c = s.backup
+        if c is None:
+            continue
+        ok_s, ok_c = _intact(mv, s), _intact(mv, c)
+        if ok_s == ok_c:
+            continue
+        good, bad = (s, c) if ok_s else (c, s)
+        if out is None:
+            out = bytearray(mv)
+        out[bad.offset:bad.offset + bad.stored_len] = mv[good.offset:good.offset + good.stored_len]
+        names.append(s.name)
+    return (bytes(out) if out is not None else bytes(mv)), names
+
+
+def _intact(mv: memoryview, s: Stream) -> bool:
+    return _trunc(hash64(mv[s.offset:s.offset + s.stored_len]), s.check_bits) == s.checksum
+
+
 def stream_view(frame, s: Stream) -> memoryview:
     """The stored bytes of stream ``s``, checksum verified."""
     mv = memoryview(frame).cast("B")[s.offset:s.offset + s.stored_len]

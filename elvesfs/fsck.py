@@ -20,7 +20,9 @@ import stat
 import sys
 from collections import Counter
 
-from .chunkstore import MAX_DELTA_DEPTH, ChunkRecord, ChunkStore
+from codec import frame as codec_frame
+
+from .chunkstore import MAX_DELTA_DEPTH, PROTECTED, ChunkRecord, ChunkStore
 from .coding import decode_chunk
 from .daemon import lock_store
 from .db import Database
@@ -202,10 +204,30 @@ class Fsck:
         with self._bar(len(ids), "verifying chunks") as bar:
             for cid in ids:
                 try:
+                    self._mend(cid)
                     self._decode(cid)
                 except Exception as exc:
                     self.problem(f"chunk {cid.hex()} does not verify: {exc}")
                 bar.update(1)
+
+    def _mend(self, cid: bytes) -> None:
+        """A protected chunk whose stream or its copy is damaged reads fine from the
+        other: report it, and with --repair write the intact copy back over the damaged."""
+        with self.db.read() as txn:
+            rec = self.chunks.record(txn, cid)
+            if rec is None or not rec.flags & PROTECTED:
+                return
+            frame = txn.get(cid, db=self.t["chunks"])
+        if frame is None:
+            return
+        mended, names = codec_frame.mend(frame)
+        if not names:
+            return
+        self.problem(f"chunk {cid.hex()}: one copy of protected stream(s) "
+                     f"{', '.join(names)} is damaged (the other is intact)")
+        if self.repair:
+            with self.db.write() as txn:
+                txn.put(cid, mended, db=self.t["chunks"])
 
     def _decode(self, cid: bytes, hops: int = 0) -> bytes:
         """Decode a chunk and, first, the chain of references it is a delta against."""

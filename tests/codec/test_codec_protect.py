@@ -95,3 +95,20 @@ def test_a_copy_that_matches_no_stream_is_a_frame_error():
     bad = fr.pack(h.codec, h.dtype_id, h.raw_size, h.params, streams, h.content_hash)
     with pytest.raises(codec.FrameError, match="copy"):
         codec.decode(bad)
+
+
+@pytest.mark.parametrize("which", ["primary", "copy", "both"])
+def test_mend_rewrites_the_damaged_copy_from_the_intact_one(which):
+    prot = codec.encode(W.tobytes(), "F32", bound="native", protect=True)
+    s = fr.parse(prot).streams[2]  # q0, the top ELF plane
+    bad = prot
+    if which in ("primary", "both"):
+        bad = _flip(bad, s)
+    if which in ("copy", "both"):
+        bad = _flip(bad, s.backup)
+    mended, names = fr.mend(bad)
+    if which == "both":
+        assert (mended, names) == (bad, [])
+    else:
+        assert (mended, names) == (prot, ["q0"])
+    assert fr.mend(prot) == (prot, [])
