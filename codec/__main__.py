@@ -1,7 +1,8 @@
-"""python -m codec FILE.safetensors [--bound B] [--codecs a,b] [--chunk MiB]
+"""python -m codec FILE.safetensors [--bound B] [--codecs a,b] [--chunk MiB] [--protect]
 
 Reports, per codec, the ratio, encode/decode MB/s (one thread) and max error over the
-file's tensors, chunked like the filesystem chunks them (<= 4 MiB per tensor)."""
+file's tensors, chunked like the filesystem chunks them (<= 4 MiB per tensor);
+``--protect``: with the sign+exponent streams stored twice (the ``protect`` policy)."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bound", default=None, help="absolute error bound for ELF, or 'native'")
     ap.add_argument("--codecs", default="zstd,planes,elf,auto")
     ap.add_argument("--chunk", type=float, default=4.0, help="chunk size in MiB")
+    ap.add_argument("--protect", action="store_true",
+                    help="store the sign+exponent streams twice (what the policy costs)")
     a = ap.parse_args(argv)
     bound = a.bound if a.bound in (None, "native") else float(a.bound)
     buf = open_file(a.file)
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
         picks: dict[str, int] = {}
         for dt, c in chunks:
             t0 = time.perf_counter()
-            f = encode(c, dt, codec=name, bound=b)
+            f = encode(c, dt, codec=name, bound=b, protect=a.protect)
             t1 = time.perf_counter()
             out = decode(f)
             td += time.perf_counter() - t1
