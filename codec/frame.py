@@ -412,18 +412,16 @@ def mend(frame) -> tuple[bytes, list[str]]:
 
 
 def _intact(mv: memoryview, s: Stream) -> bool:
+    """Whether stream ``s``'s stored bytes in the frame ``mv`` match their checksum."""
     return _trunc(hash64(mv[s.offset:s.offset + s.stored_len]), s.check_bits) == s.checksum
 
 
 def stream_view(frame, s: Stream) -> memoryview:
-    """The stored bytes of stream ``s``, checksum verified."""
-    mv = memoryview(frame).cast("B")[s.offset:s.offset + s.stored_len]
-    if _trunc(hash64(mv), s.check_bits) != s.checksum:
-        if s.backup is not None:
-            try:
-                return stream_view(frame, s.backup)
-            except FrameError:
-                pass
-        raise FrameError(f"stream {s.name!r} checksum mismatch: its stored bytes are corrupt",
-                         damaged=(s.name,))
-    return mv
+    """The stored bytes of stream ``s``, checksum verified (a protected stream that fails
+    its checksum: its copy's, if that one is intact)."""
+    mv = memoryview(frame).cast("B")
+    for x in (s, s.backup):
+        if x is not None and _intact(mv, x):
+            return mv[x.offset:x.offset + x.stored_len]
+    raise FrameError(f"stream {s.name!r} checksum mismatch: its stored bytes are corrupt",
+                     damaged=(s.name,))
