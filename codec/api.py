@@ -55,11 +55,11 @@ def encode(data, dtype=None, *, codec: str = "auto", bound=None, reference=None,
     store a second copy of the sign+exponent streams of float data (frame.protect):
     decode survives damage to either copy."""
     frame = _encode(data, dtype, codec, bound, reference, level)
-    if protect and dtype is not None:
-        raw_size = parse(frame).raw_size
-        dt = _dt.lookup(dtype, raw_size)
+    if protect:
+        n = as_bytes_view(data).nbytes
+        dt = _dt.lookup(dtype, n)
         if dt is not None and dt.is_float:
-            return protect_frame(frame, raw_size // dt.itemsize)
+            return protect_frame(frame, n // dt.itemsize)
     return frame
 
 

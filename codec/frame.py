@@ -302,7 +302,8 @@ def protect(frame, elements: int) -> bytes:
     (the sign+exponent plane; ELF: the outliers and the top plane; a delta: the top byte
     of every class). A frame without such a stream (opaque bytes) comes back as it is."""
     h = parse(frame)
-    if elements <= 0 or any(s.backup for s in h.streams) or h.version != FORMAT_VERSION:
+    if elements <= 0 or any(s.backup is not None for s in h.streams) or \
+            h.version != FORMAT_VERSION:
         return bytes(frame)
     mv = memoryview(frame).cast("B")
     lead, covered = [], 0

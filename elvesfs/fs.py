@@ -667,7 +667,7 @@ class Operations(pyfuse3.Operations):
         os.fsync(fd)
 
     @handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handles[fh]
         for attempt in (1, 2):
             st = self.state.get(h.ino)

@@ -204,38 +204,39 @@ class Fsck:
         with self._bar(len(ids), "verifying chunks") as bar:
             for cid in ids:
                 try:
-                    self._mend(cid)
-                    self._decode(cid)
+                    self._decode(cid, loaded=self._mend(cid, *self._load(cid)))
                 except Exception as exc:
                     self.problem(f"chunk {cid.hex()} does not verify: {exc}")
                 bar.update(1)
 
-    def _mend(self, cid: bytes) -> None:
+    def _mend(self, cid: bytes, rec: ChunkRecord, frame: bytes) -> tuple[ChunkRecord, bytes]:
         """A protected chunk whose stream or its copy is damaged reads fine from the
         other: report it, and with --repair write the intact copy back over the damaged."""
-        with self.db.read() as txn:
-            rec = self.chunks.record(txn, cid)
-            if rec is None or not rec.flags & PROTECTED:
-                return
-            frame = txn.get(cid, db=self.t["chunks"])
-        if frame is None:
-            return
+        if not rec.flags & PROTECTED:
+            return rec, frame
         mended, names = codec_frame.mend(frame)
-        if not names:
-            return
-        self.problem(f"chunk {cid.hex()}: one copy of protected stream(s) "
-                     f"{', '.join(names)} is damaged (the other is intact)")
-        if self.repair:
-            with self.db.write() as txn:
-                txn.put(cid, mended, db=self.t["chunks"])
+        if names:
+            self.problem(f"chunk {cid.hex()}: one copy of protected stream(s) "
+                         f"{', '.join(names)} is damaged (the other is intact)")
+            if self.repair:
+                with self.db.write() as txn:
+                    txn.put(cid, mended, db=self.t["chunks"])
+        return rec, frame
 
-    def _decode(self, cid: bytes, hops: int = 0) -> bytes:
-        """Decode a chunk and, first, the chain of references it is a delta against."""
+    def _load(self, cid: bytes) -> tuple[ChunkRecord, bytes]:
+        """The record and frame of a chunk (StoreCorruptError if either is missing)."""
         with self.db.read() as txn:
             rec = self.chunks.record(txn, cid)
             frame = txn.get(cid, db=self.t["chunks"])
         if rec is None or frame is None:
             raise StoreCorruptError(f"chunk {cid.hex()} is missing")
+        return rec, frame
+
+    def _decode(self, cid: bytes, hops: int = 0,
+                loaded: tuple[ChunkRecord, bytes] | None = None) -> bytes:
+        """Decode a chunk (`loaded`: its record and frame, already read) and, first, the
+        chain of references it is a delta against."""
+        rec, frame = loaded or self._load(cid)
         if hops > 4 * MAX_DELTA_DEPTH:  # the sealer never builds such a chain: a loop
             raise StoreCorruptError(f"delta chain through {cid.hex()} is too long")
         ref = self._decode(rec.ref, hops + 1) if rec.is_delta else None

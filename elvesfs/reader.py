@@ -62,7 +62,7 @@ class ChunkReader:
             frame = self.chunks.frame(txn, cid)
             return decode_chunk(cid, frame, rec.flags, reference)
 
-    def cached_range(self, layout: Layout, off: int, size: int) -> bytes | None:
+    def cached_range(self, layout: Layout, off: int, size: int) -> bytes | memoryview | None:
         """The bytes if every chunk they need is cached (a fast path for the event loop)."""
         parts = []
         i = layout.find(off)
@@ -83,7 +83,7 @@ class ChunkReader:
             i += 1
         return _joined(parts)
 
-    def read_range(self, layout: Layout, off: int, size: int) -> bytes:
+    def read_range(self, layout: Layout, off: int, size: int) -> bytes | memoryview:
         """Bytes [off, off+size) of a sealed file, clipped to its size."""
         parts = []
         end = min(off + size, layout.size)

@@ -136,7 +136,6 @@ def test_mount_lossy_takes_a_bare_bound(make_mount):
     assert np.abs(back - w).max() <= 1e-3
 
 
-
 @pytest.mark.parametrize("which", ["primary", "copy"])
 def test_fsck_mends_a_damaged_copy_of_a_protected_stream(make_mount, which):
     """`fsck --verify-data` reports a protected stream whose copy (or primary) is damaged

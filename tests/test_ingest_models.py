@@ -330,7 +330,8 @@ def test_gguf_fine_tune_is_a_delta_of_its_base(mnt):
 
 
 def _weight_chunk(db, name: bytes):
-    """(chunk id, flags, frame) of the largest chunk of file `name` in the root dir."""
+    """(chunk id, flags, frame, all chunk ids) of the largest chunk of the file at `name`
+    (a path under the mount's root)."""
     from elvesfs.chunkstore import ChunkStore
     from elvesfs.layout import Layout
     from elvesfs.namespace import ROOT_INO, Namespace, key
@@ -386,3 +387,32 @@ def test_protected_directory_reads_around_a_damaged_exponent_stream(make_mount, 
     with pytest.raises(OSError) as e:
         (m.path / "w.safetensors").read_bytes()
     assert e.value.errno == errno.EIO
+
+
+def test_protected_file_is_a_delta_of_protected_versions_only(make_mount, tmp_path):
+    """A protected tensor is never coded against an unprotected version (a delta is no
+    safer than its reference), but is against a protected one."""
+    from elvesfs.chunkstore import ChunkStore
+    from elvesfs.db import Database
+    m = make_mount()
+    d = m.path / "safe"
+    d.mkdir()
+    os.setxattr(d, "user.elvesfs.policy", b"protect")
+    base = torch.randn(512, 512) * 0.05
+    versions = [base + torch.randn(512, 512) * 1e-4 * k for k in range(3)]
+    for k, (where, w) in enumerate(zip((m.path, d, d), versions)):
+        src = tmp_path / f"v{k}.safetensors"
+        safetensors_torch.save_file({"layer.weight": w}, str(src))
+        shutil.copy(src, where / f"v{k}.safetensors")
+        m.sync()  # in order: each version is stored before the next is coded
+    m.umount()
+    db = Database(str(m.store))
+    try:
+        refs = {}
+        for k, rel in ((1, b"safe/v1.safetensors"), (2, b"safe/v2.safetensors")):
+            cid = _weight_chunk(db, rel)[0]
+            with db.read() as txn:
+                refs[k] = ChunkStore(db).record(txn, cid).is_delta
+    finally:
+        db.close()
+    assert refs == {1: False, 2: True}
