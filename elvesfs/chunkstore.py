@@ -13,11 +13,16 @@ one). Table `chunks` maps id -> codec frame; table `refs` maps id -> CHUNK recor
                     PROTECTED: written under the `protect` policy (its id seeded by
                     policy.PROTECT_SEED; the frame holds copies of its sign+exponent
                     streams), so only protected chunks serve it as delta references
+    deps      u32   how many of the refcount's references are delta chunks (format
+                    elvesfs-2; records of elvesfs-1 stores lack it and are rewritten by
+                    upgrade_records when the store is first opened for writing)
 
 Invariants: a chunk with refcount 0 is listed in `zero` and is garbage; only the
 single sealer thread adds chunks or collects garbage, so a dedup hit can never
 race with the deletion of the chunk it found. A delta chunk holds one reference
-on its reference chunk, so deleting the file it came from never breaks it. References
+on its reference chunk, so deleting the file it came from never breaks it; a chunk
+whose refcount equals its deps is held only by such deltas (its files are gone) and
+serves no new delta (see ingest.Sealer._reference). References
 form chains (checkpoint 3 -> 2 -> 1) at most MAX_DELTA_DEPTH deltas long, so a read
 decodes at most MAX_DELTA_DEPTH + 1 frames; a chain never loops, because a new chunk
 can only reference chunks that are already stored.
@@ -33,7 +38,8 @@ import lmdb
 from .db import Database
 from .errors import StoreCorruptError
 
-CHUNK = struct.Struct("<QII16sB")
+CHUNK = struct.Struct("<QII16sBI")
+CHUNK_V1 = struct.Struct("<QII16sB")  # elvesfs-1: no deps
 NO_REF = bytes(16)
 LOSSY = 1
 PROTECTED = 2
@@ -49,13 +55,21 @@ class ChunkRecord:
     stored: int
     ref: bytes
     flags: int
+    deps: int = 0
 
     def pack(self) -> bytes:
-        return CHUNK.pack(self.refcount, self.raw, self.stored, self.ref, self.flags)
+        return CHUNK.pack(self.refcount, self.raw, self.stored, self.ref, self.flags,
+                          self.deps)
 
     @classmethod
     def unpack(cls, raw: bytes) -> "ChunkRecord":
-        return cls(*CHUNK.unpack(raw))
+        """A record of either format (a read-only look at an elvesfs-1 store: deps 0)."""
+        return cls(*(CHUNK_V1 if len(raw) == CHUNK_V1.size else CHUNK).unpack(raw))
+
+    @property
+    def orphaned(self) -> bool:
+        """Held only by delta chunks that use it: the files it was written for are gone."""
+        return self.refcount <= self.deps
 
     @property
     def is_delta(self) -> bool:
@@ -93,26 +107,31 @@ class ChunkStore:
         if txn.get(cid, db=self.t["refs"]) is not None:
             return False
         if ref != NO_REF:
-            self.incref(txn, ref)
+            self.incref(txn, ref, delta=True)
         txn.put(cid, frame, db=self.t["chunks"])
         txn.put(cid, ChunkRecord(0, raw, len(frame), ref, flags).pack(), db=self.t["refs"])
         txn.put(cid, b"", db=self.t["zero"])
         return True
 
-    def incref(self, txn: lmdb.Transaction, cid: bytes, n: int = 1) -> None:
+    def incref(self, txn: lmdb.Transaction, cid: bytes, n: int = 1,
+               delta: bool = False) -> None:
+        """Add `n` references (`delta`: from delta chunks that use it)."""
         rec = self.record(txn, cid)
         if rec is None:
             raise StoreCorruptError(f"reference to missing chunk {cid.hex()}")
         if rec.refcount == 0:
             txn.delete(cid, db=self.t["zero"])
         rec.refcount += n
+        rec.deps += n if delta else 0
         txn.put(cid, rec.pack(), db=self.t["refs"])
 
-    def decref(self, txn: lmdb.Transaction, cid: bytes, n: int = 1) -> None:
+    def decref(self, txn: lmdb.Transaction, cid: bytes, n: int = 1,
+               delta: bool = False) -> None:
         rec = self.record(txn, cid)
         if rec is None:
             raise StoreCorruptError(f"release of missing chunk {cid.hex()}")
         rec.refcount = max(0, rec.refcount - n)
+        rec.deps = max(0, rec.deps - n) if delta else min(rec.deps, rec.refcount)
         if rec.refcount == 0:
             txn.put(cid, b"", db=self.t["zero"])
         txn.put(cid, rec.pack(), db=self.t["refs"])
@@ -138,8 +157,29 @@ class ChunkStore:
                     freed += rec.stored
                     n += 1
                     if rec.is_delta and self.record(txn, rec.ref) is not None:
-                        self.decref(txn, rec.ref)
+                        self.decref(txn, rec.ref, delta=True)
         return n, freed
+
+    def count_deps(self, txn: lmdb.Transaction) -> dict[bytes, int]:
+        """Delta chunks per reference chunk, from a scan of all records."""
+        deps: dict[bytes, int] = {}
+        for _, v in txn.cursor(db=self.t["refs"]):
+            rec = ChunkRecord.unpack(v)
+            if rec.is_delta:
+                deps[rec.ref] = deps.get(rec.ref, 0) + 1
+        return deps
+
+    def upgrade_records(self, txn: lmdb.Transaction) -> int:
+        """Rewrite elvesfs-1 records (no deps) in the current format; returns how many."""
+        deps = self.count_deps(txn)
+        n = 0
+        for cid, v in list(txn.cursor(db=self.t["refs"])):
+            if len(v) == CHUNK_V1.size:
+                rec = ChunkRecord.unpack(v)
+                rec.deps = deps.get(bytes(cid), 0)
+                txn.put(cid, rec.pack(), db=self.t["refs"])
+                n += 1
+        return n
 
     def totals(self, txn: lmdb.Transaction) -> tuple[int, int, int]:
         """(chunks, raw bytes, stored bytes) over all live chunks: a full scan."""

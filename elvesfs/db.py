@@ -12,7 +12,8 @@ On-disk layout of a store directory::
 
 Tables (all keys big-endian so cursors iterate in numeric order):
 
-    meta       b"format" -> b"elvesfs-1";  b"next_ino" -> u64
+    meta       b"format" -> b"elvesfs-2" (an elvesfs-1 store is upgraded when first
+               opened for writing);  b"next_ino" -> u64
     inodes     ino u64 -> packed attributes (see namespace.INODE)
     dentries   parent u64 + name -> child ino u64
     symlinks   ino -> target bytes
@@ -21,7 +22,8 @@ Tables (all keys big-endian so cursors iterate in numeric order):
     staging    ino -> staging record (see staging.py)
     fstats     ino -> JSON per-file ingest statistics
     chunks     chunk id (16 bytes) -> codec frame
-    refs       chunk id -> chunk record (refcount, sizes, reference chunk; see chunkstore.py)
+    refs       chunk id -> chunk record (refcount, sizes, reference chunk, flags, delta
+               users; see chunkstore.py)
     zero       chunk id -> b"" for chunks whose refcount is 0 (garbage, collected by the sealer)
     tindex     xxh3-64(tensor name, dtype, piece size) + piece index u32 -> chunk id of the
                latest stored piece of that tensor: the reference candidate for XOR delta
@@ -42,7 +44,8 @@ from .errors import StoreCorruptError, StoreFullError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORMAT = b"elvesfs-1"
+FORMAT = b"elvesfs-2"  # elvesfs-1: chunk records without their deps count (upgraded)
+FORMAT_V1 = b"elvesfs-1"
 TABLES = ("meta", "inodes", "dentries", "symlinks", "xattrs", "layouts", "staging", "tindex",
           "fstats", "chunks", "refs", "zero")
 MIN_MAP = 1 << 30
@@ -89,8 +92,19 @@ class Database:
             fmt = txn.get(b"format", db=self.t["meta"])
             if fmt is None:
                 txn.put(b"format", FORMAT, db=self.t["meta"])
+            elif fmt == FORMAT_V1:
+                self._upgrade_from_v1(txn)
             elif fmt != FORMAT:
                 raise StoreCorruptError(f"store {self.path} has format {fmt!r}, expected {FORMAT!r}")
+
+    def _upgrade_from_v1(self, txn: lmdb.Transaction) -> None:
+        """elvesfs-1 -> 2: chunk records gain their count of delta chunks (one scan and
+        rewrite of the chunk records, in the same transaction as the new format mark)."""
+        from .chunkstore import ChunkStore  # chunkstore builds on this module
+        n = ChunkStore(self).upgrade_records(txn)
+        txn.put(b"format", FORMAT, db=self.t["meta"])
+        log.info("store %s upgraded from %s to %s (%d chunk records)", self.path,
+                 FORMAT_V1.decode(), FORMAT.decode(), n)
 
     @contextlib.contextmanager
     def read(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:

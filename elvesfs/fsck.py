@@ -6,8 +6,9 @@ Checks, in order:
 2. staging records have staging files and vice versa;
 3. every layout names existing chunks (a missing chunk becomes a hole on repair,
    and the file is reported as damaged) and sealed sizes match layouts;
-4. every chunk's refcount equals its references (layouts + delta chunks), the
-   garbage list holds exactly the unreferenced chunks;
+4. every chunk's refcount equals its references (layouts + delta chunks) and its
+   deps the delta chunks among them; the garbage list holds exactly the
+   unreferenced chunks;
 5. with --verify-data, every chunk decodes and matches its checksum.
 """
 
@@ -168,20 +169,19 @@ class Fsck:
                         node.size = lay.size
                         self.ns.put(txn, node)
                 want.update(lay.ids())
-            for cid, v in txn.cursor(db=self.t["refs"]):
-                rec = ChunkRecord.unpack(v)
-                if rec.is_delta:
-                    want[rec.ref] += 1
+            deps = self.chunks.count_deps(txn)
+            want.update(deps)
             for cid, v in list(txn.cursor(db=self.t["refs"])):
                 rec = ChunkRecord.unpack(v)
                 if txn.get(cid, db=self.t["chunks"]) is None:
                     self.problem(f"chunk {cid.hex()} has a record but no data")
                     continue
-                if rec.refcount != want[cid]:
-                    self.problem(f"chunk {cid.hex()} refcount {rec.refcount}, "
-                                 f"references {want[cid]}")
+                if (rec.refcount, rec.deps) != (want[cid], deps.get(cid, 0)):
+                    self.problem(f"chunk {cid.hex()} refcount {rec.refcount} ({rec.deps} "
+                                 f"from deltas), references {want[cid]} "
+                                 f"({deps.get(cid, 0)} from deltas)")
                     if self.repair:
-                        rec.refcount = want[cid]
+                        rec.refcount, rec.deps = want[cid], deps.get(cid, 0)
                         txn.put(cid, rec.pack(), db=self.t["refs"])
                 in_zero = txn.get(cid, db=self.t["zero"]) is not None
                 if (want[cid] == 0) != in_zero:

@@ -308,7 +308,12 @@ class Sealer:
         MAX_DELTA_DEPTH deltas, walk back along its chain to the newest version that
         does not (with depth 1: the last version stored alone), so reads stay bounded.
         A protected piece (`protect`) only takes a protected reference: a delta is no
-        safer than the chunk it is decoded against."""
+        safer than the chunk it is decoded against. An orphaned version (its files
+        deleted, kept only for the deltas that use it: checkpoint rotation) is no
+        reference either: the piece is stored alone and becomes the next versions'
+        reference, so the orphan is freed with its last delta instead of being kept
+        alive by every later version (whose deltas against it grow as training moves
+        on)."""
         if not (self.delta and p.name and p.dtype):
             return bytes(16), None
         with self.db.read() as txn:
@@ -317,7 +322,8 @@ class Sealer:
             while rec is not None and self.chunks.depth(txn, ref) >= MAX_DELTA_DEPTH:
                 ref = rec.ref
                 rec = self.chunks.record(txn, ref)
-            if rec is None or rec.raw != p.length or (protect and not rec.flags & PROTECTED):
+            if rec is None or rec.raw != p.length or rec.orphaned or \
+                    (protect and not rec.flags & PROTECTED):
                 return bytes(16), None
         try:
             return ref, self.reader.get(ref)

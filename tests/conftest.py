@@ -174,7 +174,8 @@ def check_store(store: Path, *, mounted: bool = False) -> list[str]:
     """An independent consistency check of a store (a test oracle, not `elvesfs fsck`).
 
     Returns a list of problems: layouts naming missing chunks, refcounts that differ from
-    the references counted from layouts and delta chunks, entries naming missing inodes,
+    the references counted from layouts and delta chunks (and deps from the delta
+    chunks), entries naming missing inodes,
     wrong link counts, sizes that differ from layouts; and, when `mounted` is False,
     leftover staging records/files, orphan inodes and uncollected garbage."""
     from collections import Counter
@@ -213,9 +214,11 @@ def check_store(store: Path, *, mounted: bool = False) -> list[str]:
         if ends != sorted(ends):
             problems.append(f"inode {ino}: layout extents out of order")
         expected.update(lay.ids())
+    deps: Counter[bytes] = Counter()
     for cid, rec in refs.items():
         if rec.ref != NO_REF:
             expected[rec.ref] += 1
+            deps[rec.ref] += 1
             if rec.ref not in refs:
                 problems.append(f"delta chunk {cid.hex()} names missing reference")
     for cid in refs:  # reads decode at most MAX_DELTA_DEPTH references per chunk
@@ -229,6 +232,9 @@ def check_store(store: Path, *, mounted: bool = False) -> list[str]:
             problems.append(f"chunk {cid.hex()} referenced {n}x is missing")
         elif refs[cid].refcount != n:
             problems.append(f"chunk {cid.hex()}: refcount {refs[cid].refcount} != {n} references")
+    for cid, rec in refs.items():
+        if rec.deps != deps[cid]:
+            problems.append(f"chunk {cid.hex()}: deps {rec.deps} != {deps[cid]} delta chunks")
     for cid, rec in refs.items():
         if cid not in frames:
             problems.append(f"chunk record {cid.hex()} without frame")

@@ -11,7 +11,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from elvesfs.chunkstore import CHUNK
+from elvesfs.chunkstore import CHUNK, ChunkRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,7 +154,7 @@ def test_fsck_mends_a_damaged_copy_of_a_protected_stream(make_mount, which):
     env, t = _open_env(m.store)
     with env.begin(write=True) as txn:
         cid, frame = max(((bytes(k), bytes(v)) for k, v in txn.cursor(db=t["chunks"])
-                          if CHUNK.unpack(txn.get(k, db=t["refs"]))[-1] & PROTECTED),
+                          if ChunkRecord.unpack(txn.get(k, db=t["refs"])).flags & PROTECTED),
                          key=lambda kv: len(kv[1]))
         s = fr.parse(frame).streams[0]
         assert s.name == "exponent" and s.backup is not None
@@ -176,3 +176,77 @@ def test_fsck_mends_a_damaged_copy_of_a_protected_stream(make_mount, which):
     env.close()
     m.mount()
     assert (m.path / "w.safetensors").read_bytes() == want
+
+
+def _two_versions(m) -> tuple[bytes, bytes]:
+    """A base and a fine-tune of one float tensor written through the mount (the second
+    a delta of the first), unmounted; returns both files' bytes."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    w = (np.random.default_rng(5).standard_normal((512, 512)) * 0.05).astype(np.float32)
+    save_file({"w": w}, str(m.path / "base.safetensors"))
+    m.sync()
+    save_file({"w": w + np.float32(1e-4)}, str(m.path / "tuned.safetensors"))
+    m.sync()
+    out = (m.path / "base.safetensors").read_bytes(), (m.path / "tuned.safetensors").read_bytes()
+    m.umount()
+    return out
+
+
+def _records(store: Path) -> dict[bytes, ChunkRecord]:
+    env, t = _open_env(store)
+    with env.begin() as txn:
+        recs = {bytes(k): ChunkRecord.unpack(v) for k, v in txn.cursor(db=t["refs"])}
+    env.close()
+    return recs
+
+
+def test_store_of_format_1_is_upgraded(make_mount):
+    """A store written before chunk records counted their delta users (format
+    elvesfs-1) is upgraded when first opened for writing: fsck finds it clean, every
+    reference chunk gets its count, and the files read back."""
+    from elvesfs.chunkstore import CHUNK_V1
+    m = make_mount()
+    want = _two_versions(m)
+    recs = _records(m.store)
+    assert sorted(r.deps for r in recs.values() if r.deps) == [1], recs  # one base
+    env = lmdb.open(str(m.store), max_dbs=20, subdir=True)
+    refs, meta = env.open_db(b"refs"), env.open_db(b"meta")
+    with env.begin(write=True) as txn:  # back to elvesfs-1: records without deps
+        for cid, r in recs.items():
+            txn.put(cid, CHUNK_V1.pack(r.refcount, r.raw, r.stored, r.ref, r.flags), db=refs)
+        txn.put(b"format", b"elvesfs-1", db=meta)
+    env.close()
+    r = cli("fsck", str(m.store))
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+    assert _records(m.store) == recs
+    env = lmdb.open(str(m.store), max_dbs=20, subdir=True)
+    meta = env.open_db(b"meta")
+    with env.begin() as txn:
+        assert txn.get(b"format", db=meta) == b"elvesfs-2"
+    env.close()
+    m.mount()
+    assert ((m.path / "base.safetensors").read_bytes(),
+            (m.path / "tuned.safetensors").read_bytes()) == want
+
+
+def test_fsck_repairs_a_wrong_count_of_delta_users(make_mount):
+    """A reference chunk's count of the delta chunks that use it decides whether it may
+    serve new deltas: fsck checks it against the records and --repair restores it."""
+    m = make_mount()
+    _two_versions(m)
+    recs = _records(m.store)
+    base = next(c for c, r in recs.items() if r.deps)
+    env, t = _open_env(m.store)
+    with env.begin(write=True) as txn:
+        rec = recs[base]
+        rec.deps = 0
+        txn.put(base, rec.pack(), db=t["refs"])
+    env.close()
+    r = cli("fsck", str(m.store))
+    assert r.returncode == 1 and f"{base.hex()} refcount {rec.refcount} (0 from deltas), " \
+        f"references {rec.refcount} (1 from deltas)" in r.stderr, r.stdout + r.stderr
+    r = cli("fsck", str(m.store), "--repair")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "clean" in cli("fsck", str(m.store)).stdout
+    assert _records(m.store) == recs | {base: ChunkRecord(**{**vars(rec), "deps": 1})}

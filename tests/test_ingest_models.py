@@ -416,3 +416,51 @@ def test_protected_file_is_a_delta_of_protected_versions_only(make_mount, tmp_pa
     finally:
         db.close()
     assert refs == {1: False, 2: True}
+
+
+def test_rotated_checkpoints_do_not_keep_a_deleted_base_alive(make_mount, tmp_path):
+    """Checkpoint rotation (keep the last two, as Trainer's save_total_limit): once the
+    version that later ones were coded against is deleted, the next version is stored
+    alone and becomes the new reference, so the deleted one is freed with its last
+    delta instead of being kept alive by every later checkpoint."""
+    from elvesfs.chunkstore import ChunkStore
+    from elvesfs.db import Database
+    m = make_mount()
+    base = torch.randn(512, 512) * 0.05
+    src = []
+    for k in range(4):
+        src.append(tmp_path / f"v{k}.safetensors")
+        w = base + torch.randn(512, 512) * 1e-4 * k
+        safetensors_torch.save_file({"layer.weight": w}, str(src[k]))
+
+    def save(k: int) -> None:
+        (m.path / f"checkpoint-{k}").mkdir()
+        shutil.copy(src[k], m.path / f"checkpoint-{k}" / "model.safetensors")
+        m.sync()  # in order: each version is stored before the next is coded
+
+    save(0)
+    save(1)
+    shutil.rmtree(m.path / "checkpoint-0")  # its chunk lives on as 1's reference
+    save(2)
+    save(3)
+    shutil.rmtree(m.path / "checkpoint-1")  # 0's last delta: 0 can go too
+    m.umount()
+    db = Database(str(m.store))
+    try:
+        got = {}
+        for k in (2, 3):
+            cid = _weight_chunk(db, f"checkpoint-{k}/model.safetensors".encode())[0]
+            with db.read() as txn:
+                rec = ChunkStore(db).record(txn, cid)
+            got[k] = (cid, rec.is_delta, rec.ref)
+        with db.read() as txn:
+            records = txn.stat(db.t["refs"])["entries"]
+    finally:
+        db.close()
+    assert not got[2][1], "version 2 was coded against the deleted version 0"
+    assert got[3][1:] == (True, got[2][0]), "version 3 is not a delta of version 2"
+    # two weight chunks (2, and 3's delta) and the two files' small header chunks
+    assert records <= 4, f"{records} chunk records: version 0 outlived its last delta"
+    m.mount()
+    for k in (2, 3):
+        assert sha(m.path / f"checkpoint-{k}" / "model.safetensors") == sha(src[k])
