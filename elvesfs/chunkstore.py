@@ -20,9 +20,11 @@ one). Table `chunks` maps id -> codec frame; table `refs` maps id -> CHUNK recor
 Invariants: a chunk with refcount 0 is listed in `zero` and is garbage; only the
 single sealer thread adds chunks or collects garbage, so a dedup hit can never
 race with the deletion of the chunk it found. A delta chunk holds one reference
-on its reference chunk, so deleting the file it came from never breaks it; a chunk
-whose refcount equals its deps is held only by such deltas (its files are gone) and
-serves no new delta (see ingest.Sealer._reference). References
+on its reference chunk, so deleting the file it came from never breaks it. A chunk
+whose refcount equals its deps (> 0) is an orphan, listed in `orphans`: held only by
+such deltas, its files gone (checkpoint rotation deletes the version later ones were
+coded against). It serves no new delta, and the sealer codes its users again
+without it (Sealer.rebase_orphans), after which it is garbage. References
 form chains (checkpoint 3 -> 2 -> 1) at most MAX_DELTA_DEPTH deltas long, so a read
 decodes at most MAX_DELTA_DEPTH + 1 frames; a chain never loops, because a new chunk
 can only reference chunks that are already stored.
@@ -123,7 +125,7 @@ class ChunkStore:
             txn.delete(cid, db=self.t["zero"])
         rec.refcount += n
         rec.deps += n if delta else 0
-        txn.put(cid, rec.pack(), db=self.t["refs"])
+        self._put(txn, cid, rec)
 
     def decref(self, txn: lmdb.Transaction, cid: bytes, n: int = 1,
                delta: bool = False) -> None:
@@ -134,6 +136,45 @@ class ChunkStore:
         rec.deps = max(0, rec.deps - n) if delta else min(rec.deps, rec.refcount)
         if rec.refcount == 0:
             txn.put(cid, b"", db=self.t["zero"])
+        self._put(txn, cid, rec)
+
+    def _put(self, txn: lmdb.Transaction, cid: bytes, rec: ChunkRecord) -> None:
+        """Write a record, keeping `orphans` in step with it."""
+        txn.put(cid, rec.pack(), db=self.t["refs"])
+        if rec.refcount and rec.orphaned:
+            txn.put(cid, b"", db=self.t["orphans"])
+        else:
+            txn.delete(cid, db=self.t["orphans"])
+
+    def orphans(self, txn: lmdb.Transaction) -> list[bytes]:
+        return [bytes(k) for k in txn.cursor(db=self.t["orphans"]).iternext(values=False)]
+
+    def users(self, txn: lmdb.Transaction, cids: set[bytes]
+              ) -> dict[bytes, list[tuple[bytes, ChunkRecord]]]:
+        """The delta chunks coded against each of `cids`, with their records: one scan of
+        all records (run only when there are orphans, i.e. after the deletion of a
+        version that others were coded against)."""
+        out: dict[bytes, list[tuple[bytes, ChunkRecord]]] = {}
+        for k, v in txn.cursor(db=self.t["refs"]):
+            rec = ChunkRecord.unpack(v)
+            if rec.ref in cids:
+                out.setdefault(rec.ref, []).append((bytes(k), rec))
+        return out
+
+    def recode(self, txn: lmdb.Transaction, cid: bytes, frame: bytes,
+               ref: bytes = NO_REF) -> None:
+        """Replace a chunk's frame by another coding of the same bytes, against `ref` (or
+        alone): the new reference gains a delta user, the old one loses one (and may
+        become garbage)."""
+        rec = self.record(txn, cid)
+        if rec is None:
+            raise StoreCorruptError(f"recode of missing chunk {cid.hex()}")
+        if ref != NO_REF:
+            self.incref(txn, ref, delta=True)
+        if rec.is_delta:
+            self.decref(txn, rec.ref, delta=True)
+        rec.ref, rec.stored = ref, len(frame)
+        txn.put(cid, frame, db=self.t["chunks"])
         txn.put(cid, rec.pack(), db=self.t["refs"])
 
     def collect(self, txn: lmdb.Transaction, limit: int = 10000,
@@ -154,6 +195,7 @@ class ChunkStore:
                 if rec is not None and rec.refcount == 0:
                     txn.delete(cid, db=self.t["chunks"])
                     txn.delete(cid, db=self.t["refs"])
+                    txn.delete(cid, db=self.t["orphans"])
                     freed += rec.stored
                     n += 1
                     if rec.is_delta and self.record(txn, rec.ref) is not None:
@@ -170,14 +212,15 @@ class ChunkStore:
         return deps
 
     def upgrade_records(self, txn: lmdb.Transaction) -> int:
-        """Rewrite elvesfs-1 records (no deps) in the current format; returns how many."""
+        """Rewrite elvesfs-1 records (no deps) in the current format and list the
+        orphans; returns how many records were rewritten."""
         deps = self.count_deps(txn)
         n = 0
         for cid, v in list(txn.cursor(db=self.t["refs"])):
             if len(v) == CHUNK_V1.size:
                 rec = ChunkRecord.unpack(v)
                 rec.deps = deps.get(bytes(cid), 0)
-                txn.put(cid, rec.pack(), db=self.t["refs"])
+                self._put(txn, cid, rec)
                 n += 1
         return n
 

@@ -49,6 +49,17 @@ def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
                    info.max_error if info.lossy else None, info.needs_reference)
 
 
+def recode_chunk(frame: bytes, data: bytes | memoryview, flags: int,
+                 reference: bytes | memoryview | None = None) -> tuple[bytes, bool]:
+    """(frame, needs its reference) of a stored chunk's decoded bytes coded again, when
+    the chunk it was a delta of is going away: lossless (the bytes stay exactly what
+    reads return, even for a lossily coded chunk), protected if it was, against
+    `reference` if that pays."""
+    out = codec.encode(data, codec.inspect(frame).dtype, codec="auto", reference=reference,
+                       protect=bool(flags & PROTECTED))
+    return out, codec.inspect(out).needs_reference
+
+
 def decode_chunk(cid: bytes, frame: bytes, flags: int,
                  reference: bytes | memoryview | None = None) -> bytes | memoryview:
     """Decode and verify a chunk: exact chunks must hash back to their id. The result

@@ -25,6 +25,8 @@ Tables (all keys big-endian so cursors iterate in numeric order):
     refs       chunk id -> chunk record (refcount, sizes, reference chunk, flags, delta
                users; see chunkstore.py)
     zero       chunk id -> b"" for chunks whose refcount is 0 (garbage, collected by the sealer)
+    orphans    chunk id -> b"" for chunks held only by the delta chunks that use them (their
+               files are gone); the sealer codes those users without them, then collects them
     tindex     xxh3-64(tensor name, dtype, piece size) + piece index u32 -> chunk id of the
                latest stored piece of that tensor: the reference candidate for XOR delta
 """
@@ -44,10 +46,10 @@ from .errors import StoreCorruptError, StoreFullError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORMAT = b"elvesfs-2"  # elvesfs-1: chunk records without their deps count (upgraded)
+FORMAT = b"elvesfs-2"  # elvesfs-1: chunk records without deps, no orphans table (upgraded)
 FORMAT_V1 = b"elvesfs-1"
 TABLES = ("meta", "inodes", "dentries", "symlinks", "xattrs", "layouts", "staging", "tindex",
-          "fstats", "chunks", "refs", "zero")
+          "fstats", "chunks", "refs", "zero", "orphans")
 MIN_MAP = 1 << 30
 RESERVE = 8 << 20
 FULL_BELOW = 1 << 20  # free bytes under which a failed commit is taken for a full disk
@@ -98,8 +100,9 @@ class Database:
                 raise StoreCorruptError(f"store {self.path} has format {fmt!r}, expected {FORMAT!r}")
 
     def _upgrade_from_v1(self, txn: lmdb.Transaction) -> None:
-        """elvesfs-1 -> 2: chunk records gain their count of delta chunks (one scan and
-        rewrite of the chunk records, in the same transaction as the new format mark)."""
+        """elvesfs-1 -> 2: chunk records gain their count of delta chunks and the orphans
+        table is filled (one scan and rewrite of the chunk records, in the same
+        transaction as the new format mark)."""
         from .chunkstore import ChunkStore  # chunkstore builds on this module
         n = ChunkStore(self).upgrade_records(txn)
         txn.put(b"format", FORMAT, db=self.t["meta"])

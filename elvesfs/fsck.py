@@ -8,7 +8,7 @@ Checks, in order:
    and the file is reported as damaged) and sealed sizes match layouts;
 4. every chunk's refcount equals its references (layouts + delta chunks) and its
    deps the delta chunks among them; the garbage list holds exactly the
-   unreferenced chunks;
+   unreferenced chunks, the orphans list those held only by delta chunks;
 5. with --verify-data, every chunk decodes and matches its checksum.
 """
 
@@ -183,6 +183,15 @@ class Fsck:
                     if self.repair:
                         rec.refcount, rec.deps = want[cid], deps.get(cid, 0)
                         txn.put(cid, rec.pack(), db=self.t["refs"])
+                orphan = 0 < want[cid] == deps.get(cid, 0)
+                if orphan != (txn.get(cid, db=self.t["orphans"]) is not None):
+                    self.problem(f"chunk {cid.hex()} is {'' if orphan else 'not '}an orphan "
+                                 f"(held only by delta chunks) but {'not ' if orphan else ''}"
+                                 "listed as one")
+                    if self.repair and orphan:
+                        txn.put(cid, b"", db=self.t["orphans"])
+                    elif self.repair:
+                        txn.delete(cid, db=self.t["orphans"])
                 in_zero = txn.get(cid, db=self.t["zero"]) is not None
                 if (want[cid] == 0) != in_zero:
                     if want[cid] == 0:
@@ -196,6 +205,11 @@ class Fsck:
                     self.problem(f"chunk data {cid.hex()} without a record")
                     if self.repair:
                         txn.delete(cid, db=self.t["chunks"])
+            for cid in self.chunks.orphans(txn):
+                if txn.get(cid, db=self.t["refs"]) is None:
+                    self.problem(f"orphan list names missing chunk {cid.hex()}")
+                    if self.repair:
+                        txn.delete(cid, db=self.t["orphans"])
 
     # -- 5. data ------------------------------------------------------------------------
     def verify_chunks(self) -> None:

@@ -32,8 +32,8 @@ import xxhash
 from pyfastcdc import FastCDC
 
 from . import formats
-from .chunkstore import MAX_DELTA_DEPTH, PROTECTED, ChunkStore
-from .coding import Encoded, chunk_id, encode_chunk
+from .chunkstore import MAX_DELTA_DEPTH, NO_REF, PROTECTED, ChunkStore
+from .coding import Encoded, chunk_id, encode_chunk, recode_chunk
 from .db import Database
 from .layout import HOLE, Layout
 from .namespace import Namespace, key
@@ -574,7 +574,64 @@ class Sealer:
         self.db.write_freeing(free)
 
     def collect(self) -> tuple[int, int]:
-        """Delete garbage chunks (refcount 0); stale tensor-index entries are skipped on use."""
+        """Delete garbage chunks (refcount 0), then code the users of orphaned chunks
+        without them and delete those too; stale tensor-index entries are skipped on use."""
+        n, b = self._collect_garbage()
+        if self.rebase_orphans():
+            n2, b2 = self._collect_garbage()
+            n, b = n + n2, b + b2
+        return n, b
+
+    def rebase_orphans(self) -> int:
+        """Re-code the delta users of every orphan (a chunk kept only by the deltas coded
+        against it: its files were deleted) so that the orphan can be freed: the user
+        that differs most from it (its largest delta: most likely the newest version,
+        which later versions resemble most) is stored alone, the others as deltas of
+        that one where it pays. Returns how many orphans were released. A failure
+        (e.g. a damaged frame) leaves that orphan in place: it costs space, not data."""
+        with self.db.read() as txn:
+            todo = self.chunks.orphans(txn)
+            users = self.chunks.users(txn, set(todo)) if todo else {}
+        done = recoded = 0
+        for cid in todo:
+            try:
+                n = self._rebase(cid, users.get(cid, []))
+            except Exception:
+                log.exception("could not re-code the users of orphaned chunk %s; it stays",
+                              cid.hex())
+                continue
+            done += n > 0
+            recoded += n
+        if done:
+            log.info("re-coded %d chunks without the %d orphaned chunks they were deltas of",
+                     recoded, done)
+        return done
+
+    def _rebase(self, orphan: bytes, users: list) -> int:
+        """Re-code the users (chunk id, record) of one orphan; returns how many."""
+        with self.db.read() as txn:
+            rec = self.chunks.record(txn, orphan)
+        if rec is None or not rec.refcount or not rec.orphaned or not users:
+            return 0  # no users while deps says so: out of step, fsck repairs that
+        users.sort(key=lambda u: u[1].stored, reverse=True)
+        base_id, base_rec = users[0]
+        base = self.reader.get(base_id)
+        self._recode(base_id, base, None)
+        for cid, r in users[1:]:
+            usable = base_rec.flags & PROTECTED or not r.flags & PROTECTED
+            self._recode(cid, self.reader.get(cid), (base_id, base) if usable else None)
+        return len(users)
+
+    def _recode(self, cid: bytes, data, ref: tuple[bytes, bytes] | None) -> None:
+        """Store chunk `cid` (decoded: `data`) coded alone or against `ref`, in place."""
+        with self.db.read() as txn:
+            rec = self.chunks.record(txn, cid)
+            old = bytes(self.chunks.frame(txn, cid))
+        frame, needs_ref = recode_chunk(old, data, rec.flags, ref[1] if ref else None)
+        with self.db.write() as txn:
+            self.chunks.recode(txn, cid, frame, ref[0] if ref and needs_ref else NO_REF)
+
+    def _collect_garbage(self) -> tuple[int, int]:
         total_n = total_b = 0
         keep = self._pinned()
         while True:

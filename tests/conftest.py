@@ -195,6 +195,7 @@ def check_store(store: Path, *, mounted: bool = False) -> list[str]:
             refs = {bytes(k): ChunkRecord.unpack(v) for k, v in txn.cursor(db=t["refs"])}
             frames = {bytes(k) for k in txn.cursor(db=t["chunks"]).iternext(values=False)}
             zero = {bytes(k) for k in txn.cursor(db=t["zero"]).iternext(values=False)}
+            orphans = {bytes(k) for k in txn.cursor(db=t["orphans"]).iternext(values=False)}
             layouts = {U64.unpack(k)[0]: Layout.from_bytes(v)
                        for k, v in txn.cursor(db=t["layouts"])}
             staged = [int.from_bytes(k, "big") for k in
@@ -235,6 +236,10 @@ def check_store(store: Path, *, mounted: bool = False) -> list[str]:
     for cid, rec in refs.items():
         if rec.deps != deps[cid]:
             problems.append(f"chunk {cid.hex()}: deps {rec.deps} != {deps[cid]} delta chunks")
+    held_by_deltas_only = {c for c, n in expected.items() if n and n == deps[c]}
+    if orphans != held_by_deltas_only:
+        problems.append(f"orphans listed {len(orphans)}, held only by deltas "
+                        f"{len(held_by_deltas_only)}")
     for cid, rec in refs.items():
         if cid not in frames:
             problems.append(f"chunk record {cid.hex()} without frame")

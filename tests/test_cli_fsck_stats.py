@@ -231,21 +231,25 @@ def test_store_of_format_1_is_upgraded(make_mount):
 
 
 def test_fsck_repairs_a_wrong_count_of_delta_users(make_mount):
-    """A reference chunk's count of the delta chunks that use it decides whether it may
-    serve new deltas: fsck checks it against the records and --repair restores it."""
+    """A reference chunk's count of the delta chunks that use it decides whether it is
+    an orphan (kept only for them): fsck checks that count and the list of orphans
+    against the records, and --repair restores both."""
     m = make_mount()
     _two_versions(m)
     recs = _records(m.store)
     base = next(c for c, r in recs.items() if r.deps)
     env, t = _open_env(m.store)
+    orphans = env.open_db(b"orphans")
     with env.begin(write=True) as txn:
         rec = recs[base]
         rec.deps = 0
         txn.put(base, rec.pack(), db=t["refs"])
+        txn.put(base, b"", db=orphans)  # it has a file: not an orphan
     env.close()
     r = cli("fsck", str(m.store))
     assert r.returncode == 1 and f"{base.hex()} refcount {rec.refcount} (0 from deltas), " \
         f"references {rec.refcount} (1 from deltas)" in r.stderr, r.stdout + r.stderr
+    assert f"chunk {base.hex()} is not an orphan" in r.stderr, r.stderr
     r = cli("fsck", str(m.store), "--repair")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "clean" in cli("fsck", str(m.store)).stdout

@@ -419,16 +419,16 @@ def test_protected_file_is_a_delta_of_protected_versions_only(make_mount, tmp_pa
 
 
 def test_rotated_checkpoints_do_not_keep_a_deleted_base_alive(make_mount, tmp_path):
-    """Checkpoint rotation (keep the last two, as Trainer's save_total_limit): once the
-    version that later ones were coded against is deleted, the next version is stored
-    alone and becomes the new reference, so the deleted one is freed with its last
-    delta instead of being kept alive by every later checkpoint."""
+    """Checkpoint rotation (keep the last two, as Trainer's save_total_limit): deleting
+    the version that later ones were coded against must not keep it stored for them.
+    Its users are coded again without it (the most changed one alone, the others as
+    deltas of that one), it is freed, and the next versions are deltas of those."""
     from elvesfs.chunkstore import ChunkStore
     from elvesfs.db import Database
     m = make_mount()
     base = torch.randn(512, 512) * 0.05
     src = []
-    for k in range(4):
+    for k in range(4):  # version k differs from the base by noise of size k * 1e-4
         src.append(tmp_path / f"v{k}.safetensors")
         w = base + torch.randn(512, 512) * 1e-4 * k
         safetensors_torch.save_file({"layer.weight": w}, str(src[k]))
@@ -438,29 +438,43 @@ def test_rotated_checkpoints_do_not_keep_a_deleted_base_alive(make_mount, tmp_pa
         shutil.copy(src[k], m.path / f"checkpoint-{k}" / "model.safetensors")
         m.sync()  # in order: each version is stored before the next is coded
 
+    def weights(ks) -> tuple[dict, int]:
+        """({version: (weight chunk, its reference or None)}, chunk records), unmounted."""
+        m.umount()
+        db = Database(str(m.store))
+        try:
+            got = {}
+            for k in ks:
+                cid = _weight_chunk(db, f"checkpoint-{k}/model.safetensors".encode())[0]
+                with db.read() as txn:
+                    rec = ChunkStore(db).record(txn, cid)
+                got[k] = (cid, rec.ref if rec.is_delta else None)
+            with db.read() as txn:
+                records = txn.stat(db.t["refs"])["entries"]
+        finally:
+            db.close()
+        m.mount()
+        return got, records
+
     save(0)
     save(1)
-    shutil.rmtree(m.path / "checkpoint-0")  # its chunk lives on as 1's reference
+    got, _ = weights([1])
+    assert got[1][1] is not None, "version 1 is not a delta of version 0"
+    shutil.rmtree(m.path / "checkpoint-0")  # version 1's delta needs it
+    got, records = weights([1])
+    assert got[1][1] is None, "version 1 still needs the deleted version 0"
+    assert records <= 2, f"{records} chunk records: version 0 was not freed"
     save(2)
     save(3)
-    shutil.rmtree(m.path / "checkpoint-1")  # 0's last delta: 0 can go too
-    m.umount()
-    db = Database(str(m.store))
-    try:
-        got = {}
-        for k in (2, 3):
-            cid = _weight_chunk(db, f"checkpoint-{k}/model.safetensors".encode())[0]
-            with db.read() as txn:
-                rec = ChunkStore(db).record(txn, cid)
-            got[k] = (cid, rec.is_delta, rec.ref)
-        with db.read() as txn:
-            records = txn.stat(db.t["refs"])["entries"]
-    finally:
-        db.close()
-    assert not got[2][1], "version 2 was coded against the deleted version 0"
-    assert got[3][1:] == (True, got[2][0]), "version 3 is not a delta of version 2"
-    # two weight chunks (2, and 3's delta) and the two files' small header chunks
-    assert records <= 4, f"{records} chunk records: version 0 outlived its last delta"
-    m.mount()
+    got, _ = weights([2, 3])
+    assert got[2][1] == got[3][1] == weights([1])[0][1][0], "2 and 3 are not deltas of 1"
+    shutil.rmtree(m.path / "checkpoint-1")
+    got, records = weights([2, 3])
+    assert got[3][1] is None and got[2][1] == got[3][0], \
+        "the most changed version (3) is not stored alone with 2 a delta of it"
+    assert records <= 4, f"{records} chunk records: version 1 was not freed"
     for k in (2, 3):
         assert sha(m.path / f"checkpoint-{k}" / "model.safetensors") == sha(src[k])
+    m.umount()
+    from conftest import check_store
+    assert check_store(m.store) == []
