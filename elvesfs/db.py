@@ -48,6 +48,7 @@ T = TypeVar("T")
 
 FORMAT = b"elvesfs-2"  # elvesfs-1: chunk records without deps, no orphans table (upgraded)
 FORMAT_V1 = b"elvesfs-1"
+NEW_IN_V2 = ("orphans",)
 TABLES = ("meta", "inodes", "dentries", "symlinks", "xattrs", "layouts", "staging", "tindex",
           "fstats", "chunks", "refs", "zero", "orphans")
 MIN_MAP = 1 << 30
@@ -87,7 +88,16 @@ class Database:
             self.refill_reserve()
 
     def _open_readonly(self) -> dict:
-        return {name: self.env.open_db(name.encode(), create=False) for name in TABLES}
+        """The tables; a store of an earlier format lacks the newer ones (a read-only
+        open cannot upgrade it), which are left out."""
+        out = {}
+        for name in TABLES:
+            try:
+                out[name] = self.env.open_db(name.encode(), create=False)
+            except lmdb.NotFoundError:
+                if name not in NEW_IN_V2:
+                    raise
+        return out
 
     def _check_format(self) -> None:
         with self.write() as txn:

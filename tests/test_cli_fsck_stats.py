@@ -211,12 +211,16 @@ def test_store_of_format_1_is_upgraded(make_mount):
     recs = _records(m.store)
     assert sorted(r.deps for r in recs.values() if r.deps) == [1], recs  # one base
     env = lmdb.open(str(m.store), max_dbs=20, subdir=True)
-    refs, meta = env.open_db(b"refs"), env.open_db(b"meta")
+    refs, meta, orphans = (env.open_db(n) for n in (b"refs", b"meta", b"orphans"))
     with env.begin(write=True) as txn:  # back to elvesfs-1: records without deps
         for cid, r in recs.items():
             txn.put(cid, CHUNK_V1.pack(r.refcount, r.raw, r.stored, r.ref, r.flags), db=refs)
         txn.put(b"format", b"elvesfs-1", db=meta)
+        txn.drop(orphans, delete=True)  # and no orphans table
     env.close()
+    r = cli("stats", "--store", str(m.store), "--json")  # a read-only open: no upgrade
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["store"]["stored"] == sum(x.stored for x in recs.values())
     r = cli("fsck", str(m.store))
     assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
     assert _records(m.store) == recs
