@@ -309,11 +309,9 @@ class Sealer:
         does not (with depth 1: the last version stored alone), so reads stay bounded.
         A protected piece (`protect`) only takes a protected reference: a delta is no
         safer than the chunk it is decoded against. An orphaned version (its files
-        deleted, kept only for the deltas that use it: checkpoint rotation) is no
-        reference either: the piece is stored alone and becomes the next versions'
-        reference, so the orphan is freed with its last delta instead of being kept
-        alive by every later version (whose deltas against it grow as training moves
-        on)."""
+        deleted, kept only for the deltas that use it) is no reference either: it is
+        about to be freed (rebase_orphans, run after every drop, codes its users
+        without it; it stays only where that failed), and a new delta would keep it."""
         if not (self.delta and p.name and p.dtype):
             return bytes(16), None
         with self.db.read() as txn:
