@@ -52,9 +52,9 @@ def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
 def recode_chunk(frame: bytes, data: bytes | memoryview, flags: int,
                  reference: bytes | memoryview | None = None) -> tuple[bytes, bool]:
     """(frame, needs its reference) of a stored chunk's decoded bytes coded again, when
-    the chunk it was a delta of is going away: lossless (the bytes stay exactly what
-    reads return, even for a lossily coded chunk), protected if it was, against
-    `reference` if that pays."""
+    the chunk it was a delta of is going away: protected if it was, against `reference`
+    if that pays, and lossless, as its delta frame was (a LOSSY flag only says that its
+    id is seeded), so reads return the same bytes."""
     out = codec.encode(data, codec.inspect(frame).dtype, codec="auto", reference=reference,
                        protect=bool(flags & PROTECTED))
     return out, codec.inspect(out).needs_reference
