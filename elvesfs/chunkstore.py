@@ -70,7 +70,8 @@ class ChunkRecord:
 
     @property
     def orphaned(self) -> bool:
-        """Held only by delta chunks that use it: the files it was written for are gone."""
+        """Held only by delta chunks that use it, if by anything: the files it was
+        written for are gone (an orphan when refcount > 0, else garbage)."""
         return self.refcount <= self.deps
 
     @property

@@ -464,10 +464,11 @@ def test_rotated_checkpoints_do_not_keep_a_deleted_base_alive(make_mount, tmp_pa
     got, records = weights([1])
     assert got[1][1] is None, "version 1 still needs the deleted version 0"
     assert records <= 2, f"{records} chunk records: version 0 was not freed"
+    v1 = got[1][0]
     save(2)
     save(3)
     got, _ = weights([2, 3])
-    assert got[2][1] == got[3][1] == weights([1])[0][1][0], "2 and 3 are not deltas of 1"
+    assert got[2][1] == got[3][1] == v1, "2 and 3 are not deltas of 1"
     shutil.rmtree(m.path / "checkpoint-1")
     got, records = weights([2, 3])
     assert got[3][1] is None and got[2][1] == got[3][0], \
