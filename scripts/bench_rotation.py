@@ -13,6 +13,7 @@ shows, for the files alive at that moment:
              the sum is the store's chunk bytes, including deleted versions that
              deltas still need)
   zstd -3, zipnn   each live file compressed alone (baselines, same run)
+  save+sync s      both torch.saves (mount and plain), the rotation and `elvesfs sync`
 
 Usage: python scripts/bench_rotation.py [--steps 300] [--every 25] [--keep 2] [--workdir DIR]
 """
