@@ -49,13 +49,18 @@ def encode_chunk(data: memoryview, dtype: str | None, role: str, policy: Policy,
                    info.max_error if info.lossy else None, info.needs_reference)
 
 
-def recode_chunk(frame: bytes, data: bytes | memoryview, flags: int,
+def frame_dtype(frame: bytes | memoryview) -> str | None:
+    """The element type a stored frame records (from its header alone)."""
+    return codec.inspect(frame).dtype
+
+
+def recode_chunk(data: bytes | memoryview, dtype: str | None, flags: int,
                  reference: bytes | memoryview | None = None) -> tuple[bytes, bool]:
     """(frame, needs its reference) of a stored chunk's decoded bytes coded again, when
     the chunk it was a delta of is going away: protected if it was, against `reference`
     if that pays, and lossless, as its delta frame was (a LOSSY flag only says that its
     id is seeded), so reads return the same bytes."""
-    out = codec.encode(data, codec.inspect(frame).dtype, codec="auto", reference=reference,
+    out = codec.encode(data, dtype, codec="auto", reference=reference,
                        protect=bool(flags & PROTECTED))
     return out, codec.inspect(out).needs_reference
 

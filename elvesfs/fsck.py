@@ -218,16 +218,18 @@ class Fsck:
         with self._bar(len(ids), "verifying chunks") as bar:
             for cid in ids:
                 try:
-                    self._decode(cid, loaded=self._mend(cid, *self._load(cid)))
+                    loaded = self._load(cid)
+                    self._mend(cid, *loaded)
+                    self._decode(cid, loaded=loaded)
                 except Exception as exc:
                     self.problem(f"chunk {cid.hex()} does not verify: {exc}")
                 bar.update(1)
 
-    def _mend(self, cid: bytes, rec: ChunkRecord, frame: bytes) -> tuple[ChunkRecord, bytes]:
+    def _mend(self, cid: bytes, rec: ChunkRecord, frame: bytes) -> None:
         """A protected chunk whose stream or its copy is damaged reads fine from the
         other: report it, and with --repair write the intact copy back over the damaged."""
         if not rec.flags & PROTECTED:
-            return rec, frame
+            return
         mended, names = codec_frame.mend(frame)
         if names:
             self.problem(f"chunk {cid.hex()}: one copy of protected stream(s) "
@@ -235,7 +237,6 @@ class Fsck:
             if self.repair:
                 with self.db.write() as txn:
                     txn.put(cid, mended, db=self.t["chunks"])
-        return rec, frame
 
     def _load(self, cid: bytes) -> tuple[ChunkRecord, bytes]:
         """The record and frame of a chunk (StoreCorruptError if either is missing)."""

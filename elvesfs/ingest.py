@@ -33,7 +33,7 @@ from pyfastcdc import FastCDC
 
 from . import formats
 from .chunkstore import MAX_DELTA_DEPTH, NO_REF, PROTECTED, ChunkStore
-from .coding import Encoded, chunk_id, encode_chunk, recode_chunk
+from .coding import Encoded, chunk_id, encode_chunk, frame_dtype, recode_chunk
 from .db import Database
 from .layout import HOLE, Layout
 from .namespace import Namespace, key
@@ -614,18 +614,18 @@ class Sealer:
         users.sort(key=lambda u: u[1].stored, reverse=True)
         base_id, base_rec = users[0]
         base = self.reader.get(base_id)
-        self._recode(base_id, base, None)
+        self._recode(base_id, base_rec.flags, base, None)
         for cid, r in users[1:]:
             usable = base_rec.flags & PROTECTED or not r.flags & PROTECTED
-            self._recode(cid, self.reader.get(cid), (base_id, base) if usable else None)
+            self._recode(cid, r.flags, self.reader.get(cid),
+                         (base_id, base) if usable else None)
         return len(users)
 
-    def _recode(self, cid: bytes, data, ref: tuple[bytes, bytes] | None) -> None:
+    def _recode(self, cid: bytes, flags: int, data, ref: tuple[bytes, bytes] | None) -> None:
         """Store chunk `cid` (decoded: `data`) coded alone or against `ref`, in place."""
-        with self.db.read() as txn:
-            rec = self.chunks.record(txn, cid)
-            old = bytes(self.chunks.frame(txn, cid))
-        frame, needs_ref = recode_chunk(old, data, rec.flags, ref[1] if ref else None)
+        with self.db.read(buffers=True) as txn:  # its header only: no copy of the frame
+            dtype = frame_dtype(self.chunks.frame(txn, cid))
+        frame, needs_ref = recode_chunk(data, dtype, flags, ref[1] if ref else None)
         with self.db.write() as txn:
             self.chunks.recode(txn, cid, frame, ref[0] if ref and needs_ref else NO_REF)
 

@@ -479,3 +479,50 @@ def test_rotated_checkpoints_do_not_keep_a_deleted_base_alive(make_mount, tmp_pa
     m.umount()
     from conftest import check_store
     assert check_store(m.store) == []
+
+
+def test_an_orphan_that_cannot_be_recoded_stays_and_serves_no_new_delta(make_mount, tmp_path):
+    """If the users of a deleted reference cannot be coded again (here: the one user's
+    frame is damaged, so it cannot be decoded), the reference stays stored for it, is
+    logged, and a new version is not coded against it (that would only cost a second
+    coding of the new version at the next collection)."""
+    from conftest import check_store
+    from elvesfs.chunkstore import ChunkStore
+    from elvesfs.db import Database
+    m = make_mount()
+    base = torch.randn(512, 512) * 0.05
+    for k in range(3):
+        safetensors_torch.save_file({"layer.weight": base + torch.randn(512, 512) * 1e-4 * k},
+                                    str(tmp_path / f"v{k}.safetensors"))
+    for k in (0, 1):
+        shutil.copy(tmp_path / f"v{k}.safetensors", m.path / f"v{k}.safetensors")
+        m.sync()
+    m.umount()
+    db = Database(str(m.store))
+    try:
+        v0 = _weight_chunk(db, b"v0.safetensors")[0]
+        v1, _, frame, _ = _weight_chunk(db, b"v1.safetensors")
+        with db.write() as txn:
+            assert ChunkStore(db).record(txn, v1).ref == v0, "version 1 is not a delta of 0"
+            bad = bytearray(frame)
+            bad[len(bad) // 2] ^= 0xFF
+            txn.put(v1, bytes(bad), db=db.t["chunks"])
+    finally:
+        db.close()
+    m.mount()
+    os.unlink(m.path / "v0.safetensors")  # v0 is an orphan whose one user cannot be decoded
+    shutil.copy(tmp_path / "v2.safetensors", m.path / "v2.safetensors")
+    m.sync()
+    assert sha(m.path / "v2.safetensors") == sha(tmp_path / "v2.safetensors")
+    s = file_stats(m.path / "v2.safetensors")  # how its seal coded it
+    assert s["delta_saved"] == 0 and "xor" not in s["codecs"], \
+        f"version 2 was coded against the orphan: {s}"
+    m.umount()
+    assert "could not re-code the users of orphaned chunk" in m.log()
+    db = Database(str(m.store))
+    try:
+        with db.read() as txn:
+            assert ChunkStore(db).orphans(txn) == [v0], "the orphan is no longer listed"
+    finally:
+        db.close()
+    assert check_store(m.store) == []
