@@ -52,15 +52,15 @@ class ChunkReader:
                 ev.set()
 
     def _decode(self, cid: bytes) -> bytes | memoryview:
-        with self.db.read() as txn:
-            rec = self.chunks.record(txn, cid)
-        if rec is None:
-            raise StoreCorruptError(f"chunk {cid.hex()} is missing; run `elvesfs fsck`")
-        reference = self.get(rec.ref) if rec.is_delta else None
-        # decode straight from the map (no copy of the frame): inside the transaction
+        # Record and frame from one snapshot: the sealer re-codes chunks in place (alone
+        # <-> delta) while files are read. Decoded straight from the map (no copy of the
+        # frame), inside the transaction.
         with self.db.read(buffers=True) as txn:
-            frame = self.chunks.frame(txn, cid)
-            return decode_chunk(cid, frame, rec.flags, reference)
+            rec = self.chunks.record(txn, cid)
+            if rec is None:
+                raise StoreCorruptError(f"chunk {cid.hex()} is missing; run `elvesfs fsck`")
+            reference = self.get(rec.ref) if rec.is_delta else None
+            return decode_chunk(cid, self.chunks.frame(txn, cid), rec.flags, reference)
 
     def cached_range(self, layout: Layout, off: int, size: int) -> bytes | memoryview | None:
         """The bytes if every chunk they need is cached (a fast path for the event loop)."""
