@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""The daemon's memory while it stores and serves files larger than its caches.
+
+For each --sizes (GiB), a safetensors file of 64 MiB float32 tensors (model path:
+parsed, coded per tensor) and the same floats as a headerless .bin (generic path:
+content-defined chunks) are written with `cp` into a fresh mount, then `elvesfs sync`;
+then, after unmount + drop_caches + mount, read with `cat`. A sampler reads the
+daemon's /proc/PID/status every 10 ms:
+
+  RssAnon   the daemon's own memory (heap, numpy buffers, decoded-chunk cache): what
+            must stay bounded, whatever the file size
+  VmHWM     peak resident set, including file-backed pages of LMDB's memory map (page
+            cache the kernel reclaims at will; reported, not bounded by elvesfs)
+
+Columns: the idle daemon after mount, and the peak during each phase. A daemon that
+held whole files would grow by the file size between the two sizes.
+
+Usage: python scripts/bench_memory.py [--sizes 1,4] [--cache-mb 256] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_fs import drop_caches  # noqa: E402
+from bench_ingest import cli  # noqa: E402
+
+TENSOR = 64 << 20
+MiB = 1 << 20
+
+
+def make_floats(path: Path, size: int, header: bool) -> None:
+    """`size` bytes of float32 weights (N(0, 0.02), every 64 MiB block different), as a
+    safetensors file of 64 MiB tensors (`header`) or as bare bytes, written in blocks."""
+    n = size // TENSOR
+    rng = np.random.default_rng(0)
+    base = (rng.standard_normal(TENSOR // 4) * 0.02).astype(np.float32)
+    with open(path, "wb") as f:
+        if header:
+            meta = {f"layers.{i}.weight": {"dtype": "F32", "shape": [TENSOR // 4096, 1024],
+                                           "data_offsets": [i * TENSOR, (i + 1) * TENSOR]}
+                    for i in range(n)}
+            h = json.dumps(meta).encode()
+            h += b" " * (-len(h) % 8)
+            f.write(len(h).to_bytes(8, "little") + h)
+        for i in range(n):
+            f.write((base * np.float32(1 + (i + 1) * 1e-3)).tobytes())
+
+
+class Sampler:
+    """Peak RssAnon / VmHWM of a process, sampled in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_anon, self.hwm = pid, 0, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def status(self) -> dict[str, int]:
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("RssAnon", "VmHWM", "VmRSS"):
+                    out[k] = int(v.split()[0]) << 10
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                s = self.status()
+            except OSError:
+                return
+            self.peak_anon = max(self.peak_anon, s["RssAnon"])
+            self.hwm = max(self.hwm, s["VmHWM"])
+            time.sleep(0.01)
+
+    def __enter__(self) -> "Sampler":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def daemon_pid(store: Path) -> int:
+    return int((store / "daemon.lock").read_text().strip())
+
+
+def measure(src: Path, work: Path, cache_mb: int) -> dict:
+    """Write `src` into a fresh mount, sync, remount cold, read it; the memory of each."""
+    store, mnt = work / "store", work / "mnt"
+    shutil.rmtree(store, ignore_errors=True)
+    mnt.mkdir(exist_ok=True)
+    opts = ("--store", str(store), "--cache-mb", str(cache_mb))
+    row: dict = {"file": src.name, "GiB": round(src.stat().st_size / (1 << 30), 2)}
+    cli("mount", str(mnt), *opts)
+    try:
+        time.sleep(1)
+        s = Sampler(daemon_pid(store))
+        row["idle"] = s.status()["RssAnon"]
+        with s:
+            t0 = time.monotonic()
+            subprocess.run(["cp", str(src), str(mnt / src.name)], check=True)
+            cli("sync", str(mnt))
+            row["write_s"] = round(time.monotonic() - t0, 1)
+        row["write_anon"], row["write_hwm"] = s.peak_anon, s.hwm
+    finally:
+        cli("umount", str(mnt))
+    drop_caches()
+    cli("mount", str(mnt), *opts)
+    try:
+        time.sleep(1)
+        s = Sampler(daemon_pid(store))
+        row["idle_read"] = s.status()["RssAnon"]
+        with s:
+            t0 = time.monotonic()
+            r = subprocess.run(f"cmp {mnt / src.name} {src}", shell=True)
+            row["read_s"] = round(time.monotonic() - t0, 1)
+            row["exact"] = r.returncode == 0
+        row["read_anon"], row["read_hwm"] = s.peak_anon, s.hwm
+    finally:
+        cli("umount", str(mnt))
+    return row
+
+
+def table(rows: list[dict], cache_mb: int) -> str:
+    out = [f"Daemon memory, MiB (decoded-chunk cache {cache_mb} MiB; RssAnon = its own "
+           "memory, VmHWM also counts LMDB map pages):", "",
+           "| file | GiB | idle | write+sync peak RssAnon | (VmHWM) | cold read peak "
+           "RssAnon | (VmHWM) | read exact |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['file']} | {r['GiB']} | {r['idle'] // MiB} | "
+                   f"**{r['write_anon'] // MiB}** | {r['write_hwm'] // MiB} | "
+                   f"**{r['read_anon'] // MiB}** | {r['read_hwm'] // MiB} | {r['exact']} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1,4", help="file sizes in GiB, comma-separated")
+    ap.add_argument("--cache-mb", type=int, default=256)
+    ap.add_argument("--workdir", default="/var/tmp/elvesfs-bench-memory")
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    rows = []
+    try:
+        for gib in (float(x) for x in a.sizes.split(",")):
+            size = int(gib * (1 << 30)) // TENSOR * TENSOR
+            for name, header in (("model.safetensors", True), ("weights.bin", False)):
+                src = work / f"{gib:g}G-{name}"
+                make_floats(src, size, header)
+                try:
+                    rows.append(measure(src, work, a.cache_mb))
+                finally:
+                    src.unlink()
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work / "store", ignore_errors=True)
+    print(table(rows, a.cache_mb))
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    print(f"\nelvesfs code measured: commit {head}; {os.cpu_count()} CPUs; "
+          f"{(time.monotonic() - t0) / 60:.1f} min in all.")
+    return 0 if all(r["exact"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
