@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The daemon's memory while it stores and serves files larger than its caches.
 
-For each --sizes (GiB), a safetensors file of 64 MiB float32 tensors (model path:
-parsed, coded per tensor) and the same floats as a headerless .bin (generic path:
-content-defined chunks) are written with `cp` into a fresh mount, then `elvesfs sync`;
+For each --sizes (GiB), a safetensors file of 64 MiB float32 tensors and a torch.save
+checkpoint of the same (model paths: parsed, coded per tensor), and the same floats as a
+headerless .bin (generic path: content-defined chunks) are written with `cp` into a fresh mount, then `elvesfs sync`;
 then, after unmount + drop_caches + mount, read with `cat`. A sampler reads the
 daemon's /proc/PID/status every 10 ms:
 
@@ -12,7 +12,8 @@ daemon's /proc/PID/status every 10 ms:
   VmHWM     peak resident set, including file-backed pages of LMDB's memory map (page
             cache the kernel reclaims at will; reported, not bounded by elvesfs)
 
-Columns: the idle daemon after mount, and the peak during each phase. A daemon that
+Columns: the idle daemon after mount, the peak during each phase, and RssAnon 6 s
+after the read (one sync period: the daemon then trims its allocator). A daemon that
 held whole files would grow by the file size between the two sizes.
 
 Usage: python scripts/bench_memory.py [--sizes 1,4] [--cache-mb 256] [--workdir DIR]
@@ -41,12 +42,25 @@ TENSOR = 64 << 20
 MiB = 1 << 20
 
 
-def make_floats(path: Path, size: int, header: bool) -> None:
-    """`size` bytes of float32 weights (N(0, 0.02), every 64 MiB block different), as a
-    safetensors file of 64 MiB tensors (`header`) or as bare bytes, written in blocks."""
-    n = size // TENSOR
+def _blocks(n: int):
+    """n different 64 MiB blocks of float32 weights, N(0, 0.02)."""
     rng = np.random.default_rng(0)
     base = (rng.standard_normal(TENSOR // 4) * 0.02).astype(np.float32)
+    for i in range(n):
+        yield base * np.float32(1 + (i + 1) * 1e-3)
+
+
+def make_checkpoint(path: Path, size: int) -> None:
+    """The same weights as a torch.save'd state dict (the zip checkpoint path)."""
+    import torch
+    torch.save({f"layers.{i}.weight": torch.from_numpy(b.reshape(-1, 1024))
+                for i, b in enumerate(_blocks(size // TENSOR))}, path)
+
+
+def make_floats(path: Path, size: int, header: bool) -> None:
+    """`size` bytes of float32 weights (every 64 MiB block different), as a safetensors
+    file of 64 MiB tensors (`header`) or as bare bytes, written in blocks."""
+    n = size // TENSOR
     with open(path, "wb") as f:
         if header:
             meta = {f"layers.{i}.weight": {"dtype": "F32", "shape": [TENSOR // 4096, 1024],
@@ -55,8 +69,8 @@ def make_floats(path: Path, size: int, header: bool) -> None:
             h = json.dumps(meta).encode()
             h += b" " * (-len(h) % 8)
             f.write(len(h).to_bytes(8, "little") + h)
-        for i in range(n):
-            f.write((base * np.float32(1 + (i + 1) * 1e-3)).tobytes())
+        for b in _blocks(n):
+            f.write(b.tobytes())
 
 
 class Sampler:
@@ -131,6 +145,8 @@ def measure(src: Path, work: Path, cache_mb: int) -> dict:
             row["read_s"] = round(time.monotonic() - t0, 1)
             row["exact"] = r.returncode == 0
         row["read_anon"], row["read_hwm"] = s.peak_anon, s.hwm
+        time.sleep(6)  # one 5 s sync period: the daemon trims its allocator's free pages
+        row["after_read"] = s.status()["RssAnon"]
     finally:
         cli("umount", str(mnt))
     return row
@@ -140,11 +156,12 @@ def table(rows: list[dict], cache_mb: int) -> str:
     out = [f"Daemon memory, MiB (decoded-chunk cache {cache_mb} MiB; RssAnon = its own "
            "memory, VmHWM also counts LMDB map pages):", "",
            "| file | GiB | idle | write+sync peak RssAnon | (VmHWM) | cold read peak "
-           "RssAnon | (VmHWM) | read exact |", "|---|---|---|---|---|---|---|---|"]
+           "RssAnon | (VmHWM) | 6 s later | read exact |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['file']} | {r['GiB']} | {r['idle'] // MiB} | "
                    f"**{r['write_anon'] // MiB}** | {r['write_hwm'] // MiB} | "
-                   f"**{r['read_anon'] // MiB}** | {r['read_hwm'] // MiB} | {r['exact']} |")
+                   f"**{r['read_anon'] // MiB}** | {r['read_hwm'] // MiB} | "
+                   f"{r['after_read'] // MiB} | {r['exact']} |")
     return "\n".join(out)
 
 
@@ -161,9 +178,11 @@ def main() -> int:
     try:
         for gib in (float(x) for x in a.sizes.split(",")):
             size = int(gib * (1 << 30)) // TENSOR * TENSOR
-            for name, header in (("model.safetensors", True), ("weights.bin", False)):
+            for name, make in (("model.safetensors", lambda p: make_floats(p, size, True)),
+                               ("checkpoint.pt", lambda p: make_checkpoint(p, size)),
+                               ("weights.bin", lambda p: make_floats(p, size, False))):
                 src = work / f"{gib:g}G-{name}"
-                make_floats(src, size, header)
+                make(src)
                 try:
                     rows.append(measure(src, work, a.cache_mb))
                 finally:
