@@ -155,9 +155,11 @@ def _malloc_trim():
     pages, so a daemon with a 256 MiB chunk cache sat at ~650 MiB after a few 1 GiB
     reads, ~370 MiB with a trim every 5 s (scripts/bench_memory.py, README "Memory")."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def _seal_remaining(ops: Operations, store: Store) -> None:
