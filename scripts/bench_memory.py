@@ -113,6 +113,30 @@ def daemon_pid(store: Path) -> int:
     return int((store / "daemon.lock").read_text().strip())
 
 
+def _phase(mnt: Path, store: Path, opts: tuple, row: dict, name: str, cmd: list[str],
+           after: float = 0) -> int:
+    """Mount, run `cmd` while sampling the daemon, unmount; the peaks (and, `after` s
+    later, RssAnon) go into `row` under `name`. Returns cmd's exit code."""
+    cli("mount", str(mnt), *opts)
+    try:
+        time.sleep(1)
+        s = Sampler(daemon_pid(store))
+        row["idle" if name == "write" else f"idle_{name}"] = s.status()["RssAnon"]
+        with s:
+            t0 = time.monotonic()
+            rc = subprocess.run(cmd).returncode
+            if name == "write":
+                cli("sync", str(mnt))
+            row[f"{name}_s"] = round(time.monotonic() - t0, 1)
+        row[f"{name}_anon"], row[f"{name}_hwm"] = s.peak_anon, s.hwm
+        if after:
+            time.sleep(after)
+            row[f"after_{name}"] = s.status()["RssAnon"]
+    finally:
+        cli("umount", str(mnt))
+    return rc
+
+
 def measure(src: Path, work: Path, cache_mb: int) -> dict:
     """Write `src` into a fresh mount, sync, remount cold, read it; the memory of each."""
     store, mnt = work / "store", work / "mnt"
@@ -120,35 +144,12 @@ def measure(src: Path, work: Path, cache_mb: int) -> dict:
     mnt.mkdir(exist_ok=True)
     opts = ("--store", str(store), "--cache-mb", str(cache_mb))
     row: dict = {"file": src.name, "GiB": round(src.stat().st_size / (1 << 30), 2)}
-    cli("mount", str(mnt), *opts)
-    try:
-        time.sleep(1)
-        s = Sampler(daemon_pid(store))
-        row["idle"] = s.status()["RssAnon"]
-        with s:
-            t0 = time.monotonic()
-            subprocess.run(["cp", str(src), str(mnt / src.name)], check=True)
-            cli("sync", str(mnt))
-            row["write_s"] = round(time.monotonic() - t0, 1)
-        row["write_anon"], row["write_hwm"] = s.peak_anon, s.hwm
-    finally:
-        cli("umount", str(mnt))
+    if _phase(mnt, store, opts, row, "write", ["cp", str(src), str(mnt / src.name)]):
+        raise RuntimeError(f"cp of {src} into the mount failed")
     drop_caches()
-    cli("mount", str(mnt), *opts)
-    try:
-        time.sleep(1)
-        s = Sampler(daemon_pid(store))
-        row["idle_read"] = s.status()["RssAnon"]
-        with s:
-            t0 = time.monotonic()
-            r = subprocess.run(f"cmp {mnt / src.name} {src}", shell=True)
-            row["read_s"] = round(time.monotonic() - t0, 1)
-            row["exact"] = r.returncode == 0
-        row["read_anon"], row["read_hwm"] = s.peak_anon, s.hwm
-        time.sleep(6)  # one 5 s sync period: the daemon trims its allocator's free pages
-        row["after_read"] = s.status()["RssAnon"]
-    finally:
-        cli("umount", str(mnt))
+    # 6 s after the read: one 5 s sync period, after which the daemon trims its allocator
+    rc = _phase(mnt, store, opts, row, "read", ["cmp", str(mnt / src.name), str(src)], 6)
+    row["exact"] = rc == 0
     return row
 
 
