@@ -75,6 +75,11 @@ class ChunkRecord:
         return self.refcount <= self.deps
 
     @property
+    def is_orphan(self) -> bool:
+        """Orphaned and still held (by its delta users): what table `orphans` lists."""
+        return self.refcount > 0 and self.orphaned
+
+    @property
     def is_delta(self) -> bool:
         return self.ref != NO_REF
 
@@ -142,7 +147,7 @@ class ChunkStore:
     def _put(self, txn: lmdb.Transaction, cid: bytes, rec: ChunkRecord) -> None:
         """Write a record, keeping `orphans` in step with it."""
         txn.put(cid, rec.pack(), db=self.t["refs"])
-        if rec.refcount and rec.orphaned:
+        if rec.is_orphan:
             txn.put(cid, b"", db=self.t["orphans"])
         else:
             txn.delete(cid, db=self.t["orphans"])

@@ -20,6 +20,7 @@ import os
 import stat
 import sys
 from collections import Counter
+from dataclasses import replace
 
 from codec import frame as codec_frame
 
@@ -176,14 +177,14 @@ class Fsck:
                 if txn.get(cid, db=self.t["chunks"]) is None:
                     self.problem(f"chunk {cid.hex()} has a record but no data")
                     continue
-                if (rec.refcount, rec.deps) != (want[cid], deps.get(cid, 0)):
+                should = replace(rec, refcount=want[cid], deps=deps.get(cid, 0))
+                if rec != should:
                     self.problem(f"chunk {cid.hex()} refcount {rec.refcount} ({rec.deps} "
-                                 f"from deltas), references {want[cid]} "
-                                 f"({deps.get(cid, 0)} from deltas)")
+                                 f"from deltas), references {should.refcount} "
+                                 f"({should.deps} from deltas)")
                     if self.repair:
-                        rec.refcount, rec.deps = want[cid], deps.get(cid, 0)
-                        txn.put(cid, rec.pack(), db=self.t["refs"])
-                orphan = 0 < want[cid] == deps.get(cid, 0)
+                        txn.put(cid, should.pack(), db=self.t["refs"])
+                orphan = should.is_orphan
                 if orphan != (txn.get(cid, db=self.t["orphans"]) is not None):
                     self.problem(f"chunk {cid.hex()} is {'' if orphan else 'not '}an orphan "
                                  f"(held only by delta chunks) but {'not ' if orphan else ''}"

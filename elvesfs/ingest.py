@@ -609,7 +609,7 @@ class Sealer:
         """Re-code the users (chunk id, record) of one orphan; returns how many."""
         with self.db.read() as txn:
             rec = self.chunks.record(txn, orphan)
-        if rec is None or not rec.refcount or not rec.orphaned or not users:
+        if rec is None or not rec.is_orphan or not users:
             return 0  # no users while deps says so: out of step, fsck repairs that
         users.sort(key=lambda u: u[1].stored, reverse=True)
         base_id, base_rec = users[0]
