@@ -59,8 +59,18 @@ def encode(data, dtype=None, *, codec: str = "auto", bound=None, reference=None,
         n = as_bytes_view(data).nbytes
         dt = _dt.lookup(dtype, n)
         if dt is not None and dt.is_float:
+            if _joint_elf(frame):  # one stream holds sign and magnitude: use the planes,
+                # whose top plane (sign and high bits) is what a copy protects
+                frame = get_codec("elf", dt.name, bound=bound, level=level,
+                                  joint=False).encode(as_bytes_view(data))
             return protect_frame(frame, n // dt.itemsize)
     return frame
+
+
+def _joint_elf(frame) -> bool:
+    """Whether ``frame`` is ELF in its joint layout (codec.elf)."""
+    h = parse(frame)
+    return h.codec == "elf" and any(s.name == "qsym" for s in h.streams)
 
 
 def _encode(data, dtype, codec: str, bound, reference, level: int) -> bytes:

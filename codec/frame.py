@@ -85,7 +85,7 @@ METHOD_NAMES = {METHOD_RAW: "raw", METHOD_ZSTD: "zstd", METHOD_CONST: "const", M
 STREAM_NAMES = ("bytes", "exponent", "sign+mant_hi", "mant_mid", "mant_lo", "sign+mant",
                 *(f"byte{j}" for j in range(8)), "outlier_pos", "outlier_val",
                 *(f"q{j}" for j in range(8)),
-                *(f"c{c}.byte{j}" for c in range(8) for j in range(8)))
+                *(f"c{c}.byte{j}" for c in range(8) for j in range(8)), "qsym")
 _NAME_CODE = {nm: i for i, nm in enumerate(STREAM_NAMES)}
 _NAME_LITERAL = 255
 WIDE_FROM = 1 << 16  # v2: raw sizes from here on get 64-bit checksums

@@ -95,7 +95,7 @@ def _code_lengths(f, maxlen):
     """Rare symbols' counts are raised to a growing floor until the longest code fits.
     The floored counts' order comes from f's in one pass (the floored symbols, all at
     the floor, first by symbol; then the others in f's order): one sort per call."""
-    lens = np.zeros(256, np.uint8)
+    lens = np.zeros(f.shape[0], np.uint8)  # any alphabet size (codec.wide: up to 4096)
     sym = np.flatnonzero(f > 0)
     m = sym.shape[0]
     if m == 0:
@@ -112,7 +112,7 @@ def _code_lengths(f, maxlen):
     g = f.copy()
     order2 = np.empty(m, np.int64)
     while True:
-        for s in range(256):
+        for s in range(f.shape[0]):
             g[s] = max(f[s], floor) if f[s] > 0 else 0
         q = 0
         for k in range(m):
@@ -137,10 +137,10 @@ def canonical(lens: np.ndarray) -> np.ndarray:
 @njit(**_JIT)
 def _canonical(lens):
     """Canonical codes: by (length, symbol), consecutive within a length."""
-    codes = np.zeros(256, np.uint32)
+    codes = np.zeros(lens.shape[0], np.uint32)
     code = 0
     for ln in range(1, 33):
-        for s in range(256):
+        for s in range(lens.shape[0]):
             if lens[s] == ln:
                 codes[s] = code
                 code += 1

@@ -231,6 +231,16 @@ def elf_planes(t, signbits, outlier, qbits, nplanes, out):
 
 
 @njit(**_JIT)
+def elf_symbols(t, u, sbit, outlier, out):
+    """ELF's joint symbols q << 1 | sign (codec.wide; the sign is bit ``sbit`` of the
+    raw bits ``u``); outliers are written as 0."""
+    for i in range(t.shape[0]):  # branchless: vectorizes
+        s = np.uint16((np.uint64(u[i]) >> np.uint64(sbit)) & np.uint64(1)) & \
+            np.uint16(outlier[i] ^ np.uint8(1))
+        out[i] = (np.uint16(t[i]) << np.uint16(1)) | s
+
+
+@njit(**_JIT)
 def elf_unplanes(planes, have, nplanes, qbits, step, out):
     """Inverse of elf_planes for the first ``have`` planes; missing low bits take the
     midpoint of their range. out: float32/float64."""
@@ -365,41 +375,46 @@ def _quant_f16(u, step, inv_step, qmax, bound, t, rec, outlier, err):
 
 
 @njit(**_JIT)
-def elf_quantize_f16(u, step, inv_step, qmax, bound, t, rec, outlier):
+def f16_quant_table(step, inv_step, qmax, bound):
+    """_quant_f16 of all 65536 bit patterns, for elf_quantize_f16 (qmax < 2^15): (entries
+    rec bits | q << 16 | outlier << 31, errors). Depends on the grid only: callers cache it."""
+    pat = np.arange(65536).astype(np.uint16)
+    tt = np.empty(65536, np.int64)
+    tr = np.empty(65536, np.uint16)
+    to = np.empty(65536, np.uint8)
+    te = np.empty(65536, np.float64)
+    _quant_f16(pat, step, inv_step, min(qmax, 32767.0), bound, tt, tr, to, te)
+    pk = np.empty(65536, np.uint32)
+    for j in range(65536):
+        pk[j] = np.uint32(tr[j]) | (np.uint32(tt[j]) << np.uint32(16)) | \
+            (np.uint32(to[j]) << np.uint32(31))
+    return pk, te
+
+
+@njit(**_JIT)
+def elf_quantize_f16(u, step, inv_step, qmax, bound, t, rec, outlier, pk, te):
     """elf_quantize for float16 bits ``u``, with the bound checked on the float16 the
-    decoder reconstructs. Large inputs go through a table over all 65536 bit patterns.
-    rec: uint16 bits (outliers verbatim). Returns (qbits, max_error, n_outliers)."""
+    decoder reconstructs. With ``pk, te`` (f16_quant_table of this grid; empty arrays:
+    none) one 256 KiB table lookup per value, else per value arithmetic. rec: uint16
+    bits (outliers verbatim). Returns (qbits, max_error, n_outliers)."""
     n = u.shape[0]
     maxerr = 0.0
     qhi = np.int64(0)
     nout = 0
-    if n >= 16384:
-        # the result depends on the 16 bits only: compute it once per distinct pattern
+    if pk.shape[0] == 65536:
         used = np.zeros(65536, np.uint8)
         for i in range(n):
+            e = pk[u[i]]
             used[u[i]] = 1
-        pat = np.flatnonzero(used).astype(np.uint16)
-        k = pat.shape[0]
-        tt = np.empty(k, np.int64)
-        tr = np.empty(k, np.uint16)
-        to = np.empty(k, np.uint8)
-        te = np.empty(k, np.float64)
-        _quant_f16(pat, step, inv_step, qmax, bound, tt, tr, to, te)
-        slot = np.zeros(65536, np.int64)
-        for j in range(k):
-            slot[pat[j]] = j
-            if to[j] == 0:
-                if te[j] > maxerr:
-                    maxerr = te[j]
-                if tt[j] > qhi:
-                    qhi = tt[j]
-        for i in range(n):
-            j = slot[u[i]]
-            t[i] = tt[j]
-            rec[i] = tr[j]
-            outlier[i] = to[j]
-        for i in range(n):
-            nout += outlier[i]
+            rec[i] = np.uint16(e & np.uint32(0xFFFF))
+            t[i] = (e >> np.uint32(16)) & np.uint32(0x7FFF)
+            o = np.uint8(e >> np.uint32(31))
+            outlier[i] = o
+            nout += o
+        for j in range(65536):  # largest error and q of the patterns in use
+            if used[j] and not pk[j] >> np.uint32(31):
+                maxerr = max(maxerr, te[j])
+                qhi = max(qhi, np.int64((pk[j] >> np.uint32(16)) & np.uint32(0x7FFF)))
     else:
         err = np.empty(n, np.float64)
         _quant_f16(u, step, inv_step, qmax, bound, t, rec, outlier, err)
@@ -526,6 +541,20 @@ def elf_unplanes3(p0, p1, p2, qbits, step, out):
             r = -r
         out[i] = r
 
+
+
+@njit(**_JIT)
+def elf_unplanes2(p0, p1, qbits, step, out):
+    """elf_unplanes for two complete planes (F32/F64 at bounds around 1e-4), straight
+    from the decoded streams."""
+    qmask = (np.uint32(1) << np.uint32(qbits)) - np.uint32(1)
+    sb = np.uint32(qbits)
+    for i in range(out.shape[0]):
+        v = (np.uint32(p0[i]) << np.uint32(8)) | np.uint32(p1[i])
+        r = np.float64(v & qmask) * step
+        if (v >> sb) & np.uint32(1):
+            r = -r
+        out[i] = r
 
 
 # ---- statistics -------------------------------------------------------------------

@@ -155,8 +155,9 @@ def m_codec(name, bound=None, use_ref=False):
         nm = "planes" if name == "xor" and ref is None else name  # tensor new in this file
         return codec.encode(ch[2], ch[1], codec=nm, bound=bound, reference=ref)
 
-    def dec(blob, ch):
-        return codec.decode(blob, reference=ch[3] if use_ref else None)
+    def dec(blob, ch):  # copy=False: the decoder's own buffer, as the filesystem reads
+        # it (copy=True adds one copy of the output into a fresh bytes object)
+        return codec.decode(blob, reference=ch[3] if use_ref else None, copy=False)
     return enc, dec
 
 
