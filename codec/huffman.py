@@ -334,11 +334,15 @@ def _step1(win, bp, o, out, tab, sh):
 
 
 @njit(inline="always", **_JIT)
-def _step16(win, bp, o, out, tab, sh):
-    """One lookup in build_table1's table: one symbol out."""
+def _step16(win, bp, o, out, tab, vals, sh):
+    """One lookup in a single-symbol table (symbol | code length << 12, u16): one value
+    out, the symbol (bytes: ``vals`` None) or vals[symbol] (codec.wide: the element)."""
     e = tab[win >> sh]
-    out[o] = np.uint8(e & np.uint16(0xFF))
-    ln = np.uint64(e >> np.uint16(8))
+    if vals is None:  # (a compile-time branch: numba prunes it per signature)
+        out[o] = np.uint8(e & np.uint16(0xFF))
+    else:
+        out[o] = vals[e & np.uint16(0xFFF)]
+    ln = np.uint64(e >> np.uint16(12))
     return win << ln, bp + ln, o + np.uint64(1)
 
 
@@ -366,11 +370,11 @@ def _tail(words, bp, we, o, e, out, tab, sh):
 
 
 @njit(inline="always", **_JIT)
-def _tail16(words, bp, we, o, e, out, tab, sh):
-    """_tail for build_table1's table."""
+def _tail16(words, bp, we, o, e, out, tab, vals, sh):
+    """_tail for a single-symbol table."""
     while o < e:
         x = _window_safe(words, np.int64(bp), we)
-        x, bp, o = _step16(x, bp, o, out, tab, sh)
+        x, bp, o = _step16(x, bp, o, out, tab, vals, sh)
     return 1 if bp > np.uint64(32 * we) else 0
 
 
@@ -402,23 +406,25 @@ def _decode4(words, counts, n, tab, L, out):
 
 @njit(**_JIT)
 def build_table1(lens, codes, L):
-    """Single-symbol decode table: entry = symbol | code length << 8 (u16: 8 KiB at
-    L = 12, a quarter of build_table's, so it stays in L1 next to the output)."""
+    """Single-symbol decode table: entry = symbol | code length << 12 (u16: 8 KiB at
+    L = 12, a quarter of build_table's, so it stays in L1 next to the output; symbols
+    up to 4095: codec.wide builds its tables here too)."""
     tab = np.zeros(1 << L, np.uint16)
-    for s in range(256):
+    for s in range(lens.shape[0]):
         ln = lens[s]
         if ln > 0:
             start = np.int64(codes[s]) << (L - ln)
             for j in range(start, start + (np.int64(1) << (L - ln))):
-                tab[j] = np.uint16(s | (ln << 8))
+                tab[j] = np.uint16(s | (ln << 12))
     return tab
 
 
 @njit(**_JIT)
-def _decode4s(words, counts, n, tab, L, out):
+def _decode4s(words, counts, n, tab, L, vals, out):
     """_decode4 for codes without short words (one symbol per lookup) with
-    build_table1's table: 5 lookups of <= 12 bits per 64-bit window, unsigned
-    positions (no negative-index fix-ups). ~1.3x faster than _decode4 there."""
+    build_table1's table, writing vals[symbol]: 5 lookups of <= 12 bits per 64-bit
+    window, unsigned positions (no negative-index fix-ups). ~1.3x faster than _decode4
+    there."""
     sh = np.uint64(64 - L)
     (w1, w2, w3, w4), (e0, e1, e2, e3) = _substreams(counts, n)
     u1, u2, u3, u4 = np.uint64(w1), np.uint64(w2), np.uint64(w3), np.uint64(w4)
@@ -435,14 +441,14 @@ def _decode4s(words, counts, n, tab, L, out):
         x2 = _window3(words, b2)
         x3 = _window3(words, b3)
         for _r in range(5):  # 5 lookups of <= 12 bits from each 64-bit window
-            x0, b0, o0 = _step16(x0, b0, o0, out, tab, sh)
-            x1, b1, o1 = _step16(x1, b1, o1, out, tab, sh)
-            x2, b2, o2 = _step16(x2, b2, o2, out, tab, sh)
-            x3, b3, o3 = _step16(x3, b3, o3, out, tab, sh)
-    return (_tail16(words, b0, w1, o0, f0, out, tab, sh)
-            | _tail16(words, b1, w2, o1, f1, out, tab, sh)
-            | _tail16(words, b2, w3, o2, f2, out, tab, sh)
-            | _tail16(words, b3, w4, o3, f3, out, tab, sh))
+            x0, b0, o0 = _step16(x0, b0, o0, out, tab, vals, sh)
+            x1, b1, o1 = _step16(x1, b1, o1, out, tab, vals, sh)
+            x2, b2, o2 = _step16(x2, b2, o2, out, tab, vals, sh)
+            x3, b3, o3 = _step16(x3, b3, o3, out, tab, vals, sh)
+    return (_tail16(words, b0, w1, o0, f0, out, tab, vals, sh)
+            | _tail16(words, b1, w2, o1, f1, out, tab, vals, sh)
+            | _tail16(words, b2, w3, o2, f2, out, tab, vals, sh)
+            | _tail16(words, b3, w4, o3, f3, out, tab, vals, sh))
 
 
 BLOCK = 1 << 18
@@ -531,10 +537,11 @@ def block_hist(a, bs):
 
 
 @njit(**_JIT)
-def histogram(a):
-    """Byte histogram; four interleaved counters (repeated symbols, e.g. exponents,
-    would otherwise serialise on one memory location)."""
-    h = np.zeros((4, 256), np.int32)
+def histogram(a, nsym=256):
+    """Histogram of the symbols 0..nsym-1 (bytes; codec.wide: up to 4096); four
+    interleaved counters (repeated symbols, e.g. exponents, would otherwise serialise
+    on one memory location)."""
+    h = np.zeros((4, nsym), np.int32)
     n = a.shape[0]
     m = n - n % 4
     for i in range(0, m, 4):
@@ -544,8 +551,8 @@ def histogram(a):
         h[3, a[i + 3]] += 1
     for i in range(m, n):
         h[0, a[i]] += 1
-    out = np.zeros(256, np.int64)
-    for s in range(256):
+    out = np.zeros(nsym, np.int64)
+    for s in range(nsym):
         out[s] = np.int64(h[0, s]) + h[1, s] + h[2, s] + h[3, s]
     return out
 
@@ -725,7 +732,7 @@ def _decode_blocks(w, n, L, out):
                            out[k * bs:k * bs + m])
         else:
             bad = _decode4s(body, cw.astype(np.int64), m, build_table1(lens, codes, L), L,
-                            out[k * bs:k * bs + m])
+                            None, out[k * bs:k * bs + m])
         if bad:
             return 3
         pos += size
