@@ -245,6 +245,15 @@ def _head_v1(codec, dtype_id, raw_size, params, streams, content_hash, flags, bo
     return b"".join(parts)
 
 
+def codec_name(frame) -> str:
+    """The codec of a frame from its first six bytes (both versions keep the codec id
+    in byte 5), without parsing or checking the rest: for scans of many frames."""
+    mv = memoryview(frame).cast("B")
+    if mv.nbytes < 6 or bytes(mv[:4]) != MAGIC or mv[4] not in SUPPORTED_VERSIONS:
+        raise FrameError("not an elvesfs codec frame")
+    return CODEC_NAMES.get(mv[5] & 0x0F, f"#{mv[5] & 0x0F}")
+
+
 def parse(frame) -> Header:
     """Parse and verify the header (not the streams' contents)."""
     mv = memoryview(frame).cast("B")

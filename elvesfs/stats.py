@@ -12,15 +12,21 @@ import os
 import stat as statmod
 import sys
 
-from .accounting import stored_share
+from codec.frame import codec_name
+
+from .accounting import layout_of, stored_share
 from .chunkstore import ChunkStore
 from .db import Database
+from .layout import HOLE
 from .mounts import store_of
 from .namespace import Inode, Namespace, key
 
 
 def file_stats(db: Database, ino: int, name: str) -> dict:
-    """One file's numbers: sizes, ratio, savings by dedup/delta/codec, policy, max error."""
+    """One file's numbers: sizes, ratio, savings by dedup/delta/codec, policy, max error.
+    Codecs and deltas are how its chunks are stored now (re-coding after a deletion
+    turns deltas into chunks stored alone; ``seal`` keeps what its seal coded); dedup,
+    policy and error are its seal's."""
     chunks = ChunkStore(db)
     ns = Namespace(db)
     with db.read() as txn:
@@ -28,6 +34,7 @@ def file_stats(db: Database, ino: int, name: str) -> dict:
         share = stored_share(txn, db.t, chunks, ino)
         raw = txn.get(key(ino), db=db.t["fstats"])
         staged = txn.get(key(ino), db=db.t["staging"]) is not None
+        now = _breakdown(txn, chunks, set(layout_of(txn, db.t, ino).ids()) - {HOLE})
     seal = json.loads(raw) if raw else {}
     out = {
         "path": name, "inode": ino, "logical": node.size, "stored": int(share),
@@ -37,21 +44,40 @@ def file_stats(db: Database, ino: int, name: str) -> dict:
         "max_error": seal.get("max_error") if seal.get("lossy_bytes") else 0.0,
         "lossy_bytes": seal.get("lossy_bytes", 0),
         "dedup_saved": seal.get("dedup_bytes", 0),
-        "delta_raw": seal.get("delta_raw", 0),
-        "delta_saved": seal.get("delta_raw", 0) - seal.get("delta_stored", 0),
         "hole_bytes": seal.get("hole_bytes", 0),
         "tensors": seal.get("tensors", 0),
-        "codecs": {c: {"raw": r, "stored": s} for c, (r, s) in seal.get("codecs", {}).items()},
+        **now,
+        # what the seal did (its deltas may since have been re-coded alone)
+        "seal": {"delta_raw": seal.get("delta_raw", 0),
+                 "delta_saved": seal.get("delta_raw", 0) - seal.get("delta_stored", 0),
+                 "codecs": {c: {"raw": r, "stored": st}
+                            for c, (r, st) in seal.get("codecs", {}).items()}},
     }
     return out
+
+
+def _breakdown(txn, chunks: ChunkStore, cids) -> dict:
+    """Raw and stored bytes of the chunks ``cids`` per codec, and of those that are
+    deltas (each chunk once, whole)."""
+    codecs: dict[str, dict] = {}
+    delta_raw = delta_stored = 0
+    for cid in cids:
+        rec = chunks.record(txn, cid)
+        if rec is None or not rec.refcount:
+            continue
+        acc = codecs.setdefault(codec_name(chunks.frame(txn, cid)), {"raw": 0, "stored": 0})
+        acc["raw"] += rec.raw
+        acc["stored"] += rec.stored
+        if rec.is_delta:
+            delta_raw += rec.raw
+            delta_stored += rec.stored
+    return {"delta_raw": delta_raw, "delta_saved": delta_raw - delta_stored, "codecs": codecs}
 
 
 def store_stats(db: Database) -> dict:
     """Whole-store numbers: logical bytes of all files vs bytes the store really holds."""
     chunks = ChunkStore(db)
-    logical = files = 0
-    codecs: dict[str, list[int]] = {}
-    dedup = delta_raw = delta_saved = lossy = 0
+    logical = files = lossy = 0
     with db.read() as txn:
         for _, v in txn.cursor(db=db.t["inodes"]):
             node = Inode.unpack(0, v)
@@ -60,21 +86,12 @@ def store_stats(db: Database) -> dict:
                 files += 1
         n, raw, stored = chunks.totals(txn)
         for _, v in txn.cursor(db=db.t["fstats"]):
-            s = json.loads(v)
-            dedup += s.get("dedup_bytes", 0)
-            delta_raw += s.get("delta_raw", 0)
-            delta_saved += s.get("delta_raw", 0) - s.get("delta_stored", 0)
-            lossy += s.get("lossy_bytes", 0)
-            for c, (r, st) in s.get("codecs", {}).items():
-                acc = codecs.setdefault(c, [0, 0])
-                acc[0] += r
-                acc[1] += st
+            lossy += json.loads(v).get("lossy_bytes", 0)
+        now = _breakdown(txn, chunks, txn.cursor(db=db.t["refs"]).iternext(values=False))
     return {
         "files": files, "logical": logical, "chunks": n, "unique_raw": raw, "stored": stored,
         "ratio": round(logical / stored, 3) if stored else None,
-        "dedup_saved": max(0, logical - raw), "delta_raw": delta_raw, "delta_saved": delta_saved,
-        "lossy_bytes": lossy,
-        "codecs": {c: {"raw": r, "stored": s} for c, (r, s) in codecs.items()},
+        "dedup_saved": max(0, logical - raw), "lossy_bytes": lossy, **now,
         "db_bytes": db.used_bytes(),
     }
 

@@ -493,6 +493,12 @@ def test_rotated_checkpoints_do_not_keep_a_deleted_base_alive(make_mount, tmp_pa
     assert got[3][1] is None and got[2][1] == got[3][0], \
         "the most changed version (3) is not stored alone with 2 a delta of it"
     assert records <= 4, f"{records} chunk records: version 1 was not freed"
+    # `elvesfs stats` shows how they are stored now, not how they were sealed
+    s2, s3 = (file_stats(m.path / f"checkpoint-{k}" / "model.safetensors") for k in (2, 3))
+    assert s3["delta_raw"] == 0 and "xor" not in s3["codecs"], s3
+    assert s2["delta_raw"] > 0 and "xor" in s2["codecs"], s2
+    whole = stats(m.path)["store"]
+    assert whole["delta_raw"] == s2["delta_raw"] and whole["codecs"]["xor"] == s2["codecs"]["xor"]
     for k in (2, 3):
         assert sha(m.path / f"checkpoint-{k}" / "model.safetensors") == sha(src[k])
     m.umount()
