@@ -12,11 +12,13 @@ import os
 import stat as statmod
 import sys
 
+from codec.errors import FrameError
 from codec.frame import codec_name
 
 from .accounting import layout_of, stored_share
 from .chunkstore import ChunkStore
 from .db import Database
+from .errors import StoreCorruptError
 from .layout import HOLE
 from .mounts import store_of
 from .namespace import Inode, Namespace, key
@@ -65,7 +67,11 @@ def _breakdown(txn, chunks: ChunkStore, cids) -> dict:
         rec = chunks.record(txn, cid)
         if rec is None or not rec.refcount:
             continue
-        acc = codecs.setdefault(codec_name(chunks.frame(txn, cid)), {"raw": 0, "stored": 0})
+        try:
+            name = codec_name(chunks.frame(txn, cid))
+        except (StoreCorruptError, FrameError):  # stats still report; fsck says why
+            name = "unreadable"
+        acc = codecs.setdefault(name, {"raw": 0, "stored": 0})
         acc["raw"] += rec.raw
         acc["stored"] += rec.stored
         if rec.is_delta:

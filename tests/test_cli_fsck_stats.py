@@ -82,6 +82,14 @@ def test_fsck_clean_then_detects_and_repairs(mnt):
     env.close()
     r = cli("fsck", str(mnt.store), "--verify-data")
     assert r.returncode == 1 and "does not verify" in (r.stdout + r.stderr)
+    env, t = _open_env(mnt.store)
+    with env.begin(write=True) as txn:  # a frame without its header: stats still report
+        cid, frame = list(txn.cursor(db=t["chunks"]))[1]
+        txn.put(cid, b"junk" + bytes(frame)[4:], db=t["chunks"])
+    env.close()
+    r = cli("stats", "--json", "--store", str(mnt.store))
+    assert r.returncode == 0, r.stderr
+    assert "unreadable" in json.loads(r.stdout)["store"]["codecs"], r.stdout
 
     mnt.mount()  # a damaged chunk reads as EIO, never as wrong bytes
     errors = 0
