@@ -38,7 +38,8 @@ _JIT = dict(cache=True, nogil=True)
 
 @njit(**_JIT)
 def _size(h, lens):
-    """Stored bytes of a stream with these counts and code lengths."""
+    """Stored bytes of a stream with these counts and code lengths, at most 16 over (each
+    sub-stream's last word is counted whole, and as if each had one)."""
     bits = 0
     for s in range(h.shape[0]):
         bits += h[s] * lens[s]
@@ -46,7 +47,8 @@ def _size(h, lens):
 
 
 def plan(sym: np.ndarray, a: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """(stored size, code lengths, histogram) of ``sym`` (values < a)."""
+    """(stored size (_size: at most 16 bytes over), code lengths, histogram) of ``sym``
+    (values < a)."""
     h = histogram(sym, a)  # (huffman's, over a symbols)
     used = np.flatnonzero(h)
     a = int(used[-1]) + 1 if used.size else 1
