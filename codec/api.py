@@ -54,26 +54,18 @@ def encode(data, dtype=None, *, codec: str = "auto", bound=None, reference=None,
     F32/F16/F64, ignored elsewhere. reference: same-length chunk for "xor". protect:
     store a second copy of the sign+exponent streams of float data (frame.protect):
     decode survives damage to either copy."""
-    frame = _encode(data, dtype, codec, bound, reference, level)
+    # protected: ELF in byte planes, whose top plane (sign and high bits) is what a copy
+    # protects (its joint layout holds sign and magnitude in one stream)
+    frame = _encode(data, dtype, codec, bound, reference, level, joint=not protect)
     if protect:
         n = as_bytes_view(data).nbytes
         dt = _dt.lookup(dtype, n)
         if dt is not None and dt.is_float:
-            if _joint_elf(frame):  # one stream holds sign and magnitude: use the planes,
-                # whose top plane (sign and high bits) is what a copy protects
-                frame = get_codec("elf", dt.name, bound=bound, level=level,
-                                  joint=False).encode(as_bytes_view(data))
             return protect_frame(frame, n // dt.itemsize)
     return frame
 
 
-def _joint_elf(frame) -> bool:
-    """Whether ``frame`` is ELF in its joint layout (codec.elf)."""
-    h = parse(frame)
-    return h.codec == "elf" and any(s.name == "qsym" for s in h.streams)
-
-
-def _encode(data, dtype, codec: str, bound, reference, level: int) -> bytes:
+def _encode(data, dtype, codec: str, bound, reference, level: int, joint: bool) -> bytes:
     mv = as_bytes_view(data)
     dt = _dt.lookup(dtype, mv.nbytes)
     if bound is not None and bound != "native":
@@ -85,7 +77,7 @@ def _encode(data, dtype, codec: str, bound, reference, level: int) -> bytes:
     dname = dt.name if dt else None
     if codec == "auto":
         from .selector import select
-        return select(mv, dt, bound=bound, reference=reference, level=level)
+        return select(mv, dt, bound=bound, reference=reference, level=level, joint=joint)
     if codec == "elf":
         if bound is None:
             raise ValueError("codec='elf' is lossy: pass bound=<absolute error> or bound='native'")
@@ -96,7 +88,7 @@ def _encode(data, dtype, codec: str, bound, reference, level: int) -> bytes:
             raise ValueError("codec='xor' needs reference=<same chunk of a previous checkpoint>")
         return get_codec("xor", dname, reference=reference, level=level).encode(mv)
     if codec == "elf":
-        return get_codec("elf", dname, bound=bound, level=level).encode(mv)
+        return get_codec("elf", dname, bound=bound, level=level, joint=joint).encode(mv)
     if codec in ("zstd", "planes", "shuffle"):
         return get_codec(codec, dname, level=level).encode(mv)
     return get_codec(codec, dname).encode(mv)

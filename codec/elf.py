@@ -90,7 +90,7 @@ def _encode(mv, dt, bound, level, grid=None, joint: bool | str = True):
     nplanes = (1 + qbits + 7) // 8
     sbit = dt.itemsize * 8 - 1
     qs, sure = _joint_stream(t, u, sbit, outl, qbits, n) if joint else (None, False)
-    if not sure and joint != "always":
+    if qs is None or (not sure and joint != "always"):
         if qs is not None and t.dtype == np.uint16:
             np.right_shift(t, 1, out=t)  # _joint_stream made t the symbols q << 1 | sign
         pl = np.empty((nplanes, n), np.uint8)

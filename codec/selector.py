@@ -40,12 +40,13 @@ def candidates(dt, bound, reference) -> list[str]:
     return c
 
 
-def _make(name, dt, bound, reference, level, sample_of: int | None = None):
+def _make(name, dt, bound, reference, level, sample_of: int | None = None, joint: bool = True):
     kw = {"dtype": dt.name if dt else None}
     if name in ("zstd", "planes", "elf", "xor"):
         kw["level"] = level
     if name == "elf":
         kw["bound"] = bound
+        kw["joint"] = joint  # False: byte planes (a protected frame copies its top plane)
     if name == "xor":
         kw["reference"] = reference
         kw["sample_of"] = sample_of
@@ -69,7 +70,7 @@ def uses_zstd(frame: bytes) -> bool:
     return any(s.method == METHOD_ZSTD for s in parse(frame).streams)
 
 
-def _try_all(names, mv, dt, bound, reference, level) -> bytes:
+def _try_all(names, mv, dt, bound, reference, level, joint: bool = True) -> bytes:
     """The smallest frame of the candidates on the whole chunk; planes first, so zstd
     is skipped on float data without repeats."""
     if _xor_sure(names, np.frombuffer(mv, np.uint8), reference, dt):
@@ -78,7 +79,7 @@ def _try_all(names, mv, dt, bound, reference, level) -> bytes:
     for c in _planes_first(names):
         if c == "zstd" and _zstd_hopeless(dt, frames, names):
             continue
-        frames.append(_make(c, dt, bound, reference, level).encode(mv))
+        frames.append(_make(c, dt, bound, reference, level, joint=joint).encode(mv))
     return min(frames, key=len)
 
 
@@ -92,7 +93,8 @@ def _zstd_hopeless(dt, frames: list[bytes], names: list[str]) -> bool:
             and not uses_zstd(frames[0]))
 
 
-def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True) -> str:
+def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True,
+                   joint: bool = True) -> str:
     """The candidate whose frame of four spread slices (1/32 of the chunk) is smallest
     (``skip``: leave out zstd where planes' sample frame shows it cannot win); xor codes
     the sample with the transform the whole chunk would take (no transform trials)."""
@@ -114,7 +116,7 @@ def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True) ->
     for c in _planes_first(names):
         if skip and c == "zstd" and _zstd_hopeless(dt, frames, names):
             continue
-        f = _make(c, dt, bound, ref_sample, level, sample_of=n).encode(sample)
+        f = _make(c, dt, bound, ref_sample, level, sample_of=n, joint=joint).encode(sample)
         frames.append(f)
         if best is None or len(f) < best:
             best, win = len(f), c
@@ -189,7 +191,9 @@ def _repeats(mv, h8, level) -> bool:
     return zsize < 0.95 * mid.shape[0] * float(kernels.lane_bits(h8, 1)[0]) / 8
 
 
-def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
+def select(mv, dt, *, bound=None, reference=None, level=3, joint: bool = True) -> bytes:
+    """The smallest frame of the allowed codecs; ``joint``: whether ELF may use its joint
+    layout (codec.elf; False for frames whose top streams are to be protected)."""
     n = mv.nbytes
     raw = REGISTRY["raw"](dtype=dt.name if dt else None)
     if reference is not None and reference.nbytes != n:
@@ -204,12 +208,12 @@ def select(mv, dt, *, bound=None, reference=None, level=3) -> bytes:
     elif len(names) == 1:  # e.g. int8: nothing to choose, no sample pass
         best = _make(names[0], dt, bound, reference, level).encode(mv)
     elif n <= WHOLE_BELOW:  # small chunks: every candidate on the whole chunk
-        best = _try_all(names, mv, dt, bound, reference, level)
+        best = _try_all(names, mv, dt, bound, reference, level, joint)
     elif names == ["zstd", "planes"] and dt.is_float:
         best = _planes_then_zstd(mv, dt, level)
     else:
-        win = _sample_winner(names, mv, dt, bound, reference, level)
-        best = _make(win, dt, bound, reference, level).encode(mv)
+        win = _sample_winner(names, mv, dt, bound, reference, level, joint=joint)
+        best = _make(win, dt, bound, reference, level, joint=joint).encode(mv)
     if len(best) > n:  # coding barely paid: the smaller of it and the raw frame
         plain = raw.encode(mv)
         return plain if len(plain) <= len(best) else best

@@ -72,6 +72,18 @@ def test_joint_every_f16_bit_pattern():
     assert codec.decode(codec.ElfCodec(dtype="F16", joint=False).encode(x)) == y.tobytes()
 
 
+def test_joint_always_falls_back_where_it_does_not_apply():
+    """joint="always" on a chunk too small for the joint layout, or whose sign + q take
+    more than 12 bits: the planes, decodable."""
+    x = np.random.default_rng(6).normal(0, 0.05, 1000).astype(np.float16)
+    y = np.random.default_rng(6).normal(0, 0.05, N).astype(np.float32)
+    y[0] = 0.9  # q up to 4500: sign + q take 14 bits
+    for arr, dt, bound in ((x, "F16", "native"), (y, "F32", 1e-4)):
+        frame = codec.ElfCodec(dtype=dt, bound=bound, joint="always").encode(arr)
+        assert "qsym" not in _streams(frame)
+        _check_bound(arr, frame, dt)
+
+
 def test_joint_is_smaller_on_real_fp16_weights():
     """MiniLM's word embeddings in fp16: the planes' top plane (sign + two rare bits)
     takes 1.5 bits of Huffman code per value for ~1 bit of entropy; the joint symbol
