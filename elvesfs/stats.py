@@ -16,7 +16,7 @@ from codec.errors import FrameError
 from codec.frame import codec_name
 
 from .accounting import layout_of, stored_share
-from .chunkstore import ChunkStore
+from .chunkstore import ChunkRecord, ChunkStore
 from .db import Database
 from .errors import StoreCorruptError
 from .layout import HOLE
@@ -36,7 +36,8 @@ def file_stats(db: Database, ino: int, name: str) -> dict:
         share = stored_share(txn, db.t, chunks, ino)
         raw = txn.get(key(ino), db=db.t["fstats"])
         staged = txn.get(key(ino), db=db.t["staging"]) is not None
-        now = _breakdown(txn, chunks, set(layout_of(txn, db.t, ino).ids()) - {HOLE})
+        cids = set(layout_of(txn, db.t, ino).ids()) - {HOLE}
+        now, _ = _breakdown(txn, chunks, ((c, chunks.record(txn, c)) for c in cids))
     seal = json.loads(raw) if raw else {}
     out = {
         "path": name, "inode": ino, "logical": node.size, "stored": int(share),
@@ -58,15 +59,15 @@ def file_stats(db: Database, ino: int, name: str) -> dict:
     return out
 
 
-def _breakdown(txn, chunks: ChunkStore, cids) -> dict:
-    """Raw and stored bytes of the chunks ``cids`` per codec, and of those that are
-    deltas (each chunk once, whole)."""
+def _breakdown(txn, chunks: ChunkStore, records) -> tuple[dict, tuple[int, int, int]]:
+    """({raw and stored bytes per codec, and of the deltas}, (chunks, raw, stored)) of
+    the live chunks among ``records`` ((id, record or None) pairs; each chunk whole)."""
     codecs: dict[str, dict] = {}
-    delta_raw = delta_stored = 0
-    for cid in cids:
-        rec = chunks.record(txn, cid)
+    n = raw = stored = delta_raw = delta_stored = 0
+    for cid, rec in records:
         if rec is None or not rec.refcount:
             continue
+        n, raw, stored = n + 1, raw + rec.raw, stored + rec.stored
         try:
             name = codec_name(chunks.frame(txn, cid))
         except (StoreCorruptError, FrameError):  # stats still report; fsck says why
@@ -77,7 +78,8 @@ def _breakdown(txn, chunks: ChunkStore, cids) -> dict:
         if rec.is_delta:
             delta_raw += rec.raw
             delta_stored += rec.stored
-    return {"delta_raw": delta_raw, "delta_saved": delta_raw - delta_stored, "codecs": codecs}
+    return ({"delta_raw": delta_raw, "delta_saved": delta_raw - delta_stored, "codecs": codecs},
+            (n, raw, stored))
 
 
 def store_stats(db: Database) -> dict:
@@ -90,10 +92,10 @@ def store_stats(db: Database) -> dict:
             if statmod.S_ISREG(node.mode) and node.nlink:
                 logical += node.size
                 files += 1
-        n, raw, stored = chunks.totals(txn)
         for _, v in txn.cursor(db=db.t["fstats"]):
             lossy += json.loads(v).get("lossy_bytes", 0)
-        now = _breakdown(txn, chunks, txn.cursor(db=db.t["refs"]).iternext(values=False))
+        now, (n, raw, stored) = _breakdown(txn, chunks, (
+            (bytes(k), ChunkRecord.unpack(v)) for k, v in txn.cursor(db=db.t["refs"])))
     return {
         "files": files, "logical": logical, "chunks": n, "unique_raw": raw, "stored": stored,
         "ratio": round(logical / stored, 3) if stored else None,
