@@ -11,7 +11,6 @@ import time
 
 from .errors import CliError
 from .mounts import default_store, mounts, store_of
-from .policy import Policy, PolicyError
 
 log = logging.getLogger("elvesfs")
 
@@ -24,6 +23,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
         raise CliError(f"{mp} is already a mountpoint; unmount it first")
     store = os.path.abspath(a.store or default_store(mp))
     if a.lossy:
+        from .policy import Policy, PolicyError  # imports codec/ (numba): only here
         try:
             a.lossy = str(Policy.parse(a.lossy if a.lossy.startswith("elf")
                                        else f"elf={a.lossy}"))

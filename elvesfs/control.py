@@ -11,8 +11,6 @@ import logging
 import os
 import socket
 
-import trio
-
 log = logging.getLogger(__name__)
 
 SOCKET = "control.sock"
@@ -20,6 +18,8 @@ SOCKET = "control.sock"
 
 async def serve_control(root: str, ops) -> None:
     """Accept control connections until cancelled."""
+    import trio  # the daemon's side only: `elvesfs sync` (request) starts without it
+
     path = os.path.join(root, SOCKET)
     try:
         os.unlink(path)
@@ -39,7 +39,7 @@ async def serve_control(root: str, ops) -> None:
             pass
 
 
-async def _handle(stream: trio.SocketStream, ops) -> None:
+async def _handle(stream: "trio.SocketStream", ops) -> None:
     async with stream:
         data = b""
         while not data.endswith(b"\n") and len(data) < 256:
