@@ -266,3 +266,13 @@ def test_fsck_repairs_a_wrong_count_of_delta_users(make_mount):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "clean" in cli("fsck", str(m.store)).stdout
     assert _records(m.store) == recs | {base: ChunkRecord(**{**vars(rec), "deps": 1})}
+
+
+def test_sync_and_umount_start_without_the_codecs():
+    """`elvesfs sync` follows every cp in scripts and benchmarks: importing codec/ (numba)
+    or trio for it cost ~0.4 s per call. The CLI's common path must not load them."""
+    code = ("import sys, elvesfs.cli, elvesfs.control; "
+            "print(sorted(m for m in ('codec', 'numba', 'trio', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
