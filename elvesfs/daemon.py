@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -211,7 +212,36 @@ def fuse_options(extra: list[str], store_root: str) -> set[str]:
     opts |= {"default_permissions", f"fsname=elvesfs:{store_root}", "subtype=elvesfs"}
     for o in extra:
         opts |= {x for x in o.split(",") if x}
+    if any(o.startswith("max_read=") for o in opts):
+        # libfuse then ends the session at the kernel's INIT, after the mount succeeded
+        # ("init() and fuse_session_new() requested different maximum read size")
+        raise ElvesError("-o max_read is not supported (pyfuse3 cannot pass it on to "
+                         "libfuse's INIT); reads are sized by the kernel's readahead")
     return opts
+
+
+def _fuse_init(ops: Operations, mountpoint: str, options: set[str]) -> None:
+    """pyfuse3.init; when it fails, the error carries libfuse's own reason, which it
+    prints on stderr (e.g. "fuse: unknown option(s): `-o bogus'"), not pyfuse3's
+    "fuse_session_new() failed". The printed text still reaches stderr (the log)."""
+    with tempfile.TemporaryFile() as said:
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+            failure = None
+        except RuntimeError as exc:
+            failure = exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        text = said.read().decode(errors="replace").strip()
+    if text:
+        print(text, file=sys.stderr, flush=True)
+    if failure is not None:
+        reason = " / ".join(line for line in text.splitlines() if line) or str(failure)
+        raise ElvesError(f"cannot mount on {mountpoint}: {reason}") from None
 
 
 def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
@@ -242,10 +272,7 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         # The first read after mounting would otherwise wait ~0.4 s for the kernels to
         # load; a first-ever start compiles them, which takes longer: then go on.
         warm.join(WARMUP_WAIT)
-        try:
-            pyfuse3.init(ops, mountpoint, fuse_options(options, root))
-        except RuntimeError as exc:
-            raise ElvesError(f"cannot mount on {mountpoint}: {exc}") from None
+        _fuse_init(ops, mountpoint, fuse_options(options, root))
     except Exception as exc:
         ready(f"ERR {exc}")
         log.exception("startup failed")

@@ -33,6 +33,14 @@ def test_mount_errors_are_one_clear_line(mnt, tmp_path):
     assert r.returncode != 0 and "in use" in r.stderr
     r = cli("fsck", str(mnt.store))
     assert r.returncode != 0 and "in use" in r.stderr
+    # libfuse's own reason, not pyfuse3's "fuse_session_new() failed"
+    r = cli("mount", str(other), "--store", str(tmp_path / "s3"), "-o", "bogus_opt")
+    assert r.returncode != 0 and "unknown option" in r.stderr and "bogus_opt" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # would mount, then end at the kernel's INIT: refused up front
+    r = cli("mount", str(other), "--store", str(tmp_path / "s4"), "-o", "max_read=65536")
+    assert r.returncode != 0 and "max_read" in r.stderr
+    assert not os.path.ismount(other)
 
 
 def test_corrupt_store_is_refused(tmp_path):
