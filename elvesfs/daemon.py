@@ -240,7 +240,9 @@ def _fuse_init(ops: Operations, mountpoint: str, options: set[str]) -> None:
     if text:
         print(text, file=sys.stderr, flush=True)
     if failure is not None:
-        reason = " / ".join(line for line in text.splitlines() if line) or str(failure)
+        lines = [line for line in text.splitlines() if line]
+        # libfuse's lines; in --foreground our own log shares stderr
+        reason = " / ".join([x for x in lines if x.startswith("fuse")] or lines) or str(failure)
         raise ElvesError(f"cannot mount on {mountpoint}: {reason}") from None
 
 
