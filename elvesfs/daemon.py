@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -223,20 +222,25 @@ def fuse_options(extra: list[str], store_root: str) -> set[str]:
 def _fuse_init(ops: Operations, mountpoint: str, options: set[str]) -> None:
     """pyfuse3.init; when it fails, the error carries libfuse's own reason, which it
     prints on stderr (e.g. "fuse: unknown option(s): `-o bogus'"), not pyfuse3's
-    "fuse_session_new() failed". The printed text still reaches stderr (the log)."""
-    with tempfile.TemporaryFile() as said:
-        saved = os.dup(2)
-        os.dup2(said.fileno(), 2)
-        try:
-            pyfuse3.init(ops, mountpoint, options)
-            failure = None
-        except RuntimeError as exc:
-            failure = exc
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        said.seek(0)
-        text = said.read().decode(errors="replace").strip()
+    "fuse_session_new() failed". The printed text still reaches stderr (the log).
+    A pipe, not a file: no disk needed (libfuse prints a line or two, far below the
+    pipe's 64 KiB, so it never blocks). Read without waiting for EOF: a fusermount3
+    that libfuse starts (auto_unmount) inherits the write end and lives on."""
+    rfd, wfd = os.pipe()
+    os.set_blocking(rfd, False)
+    saved = os.dup(2)
+    os.dup2(wfd, 2)
+    os.close(wfd)
+    failure = None
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as exc:
+        failure = exc
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    with os.fdopen(rfd, "rb") as said:
+        text = (said.read() or b"").decode(errors="replace").strip()
     if text:
         print(text, file=sys.stderr, flush=True)
     if failure is not None:

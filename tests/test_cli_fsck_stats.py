@@ -137,6 +137,18 @@ def test_stats_agree_with_du_and_df(mnt):
     assert st.f_bavail > 0
 
 
+def test_mount_with_auto_unmount(make_mount):
+    """-o auto_unmount (libfuse then runs a fusermount3 beside the daemon, started while
+    the daemon's stderr is captured for libfuse's messages): the mount returns, works
+    and unmounts as usual."""
+    m = make_mount("-o", "auto_unmount")
+    (m.path / "f").write_bytes(b"x" * 100_000)
+    m.sync()
+    assert (m.path / "f").read_bytes() == b"x" * 100_000
+    m.umount()
+    assert not os.path.ismount(m.path)
+
+
 def test_mount_lossy_takes_a_bare_bound(make_mount):
     np = pytest.importorskip("numpy")
     st = pytest.importorskip("safetensors.numpy")
