@@ -124,8 +124,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    from codec.__main__ import main as codec_main
-    return codec_main(a.args)
+    from .compress import main as compress_main
+    return compress_main(a.args)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -296,3 +296,24 @@ def test_sync_and_umount_start_without_the_codecs():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_compress_reports_any_model_format(tmp_path):
+    """`elvesfs compress` parses the file as the filesystem does (here a torch.save zip
+    checkpoint, which `python -m codec` cannot read) and reports every codec; a file
+    that is no model format is one clear error."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    sd = {"w": torch.randn(512, 1024, generator=g) * 0.02, "b": torch.zeros(1024),
+          "step": torch.tensor(7)}
+    torch.save(sd, tmp_path / "ckpt.pt")
+    r = cli("compress", str(tmp_path / "ckpt.pt"), "--codecs", "zstd,auto")
+    assert r.returncode == 0, r.stderr
+    head, *lines = r.stdout.strip().splitlines()
+    assert "torch-zip, 3 tensors" in head
+    got = {ln.split()[0]: float(ln.split()[1].rstrip("x")) for ln in lines[1:]}
+    assert got["auto"] > got["zstd"] > 1.0
+    (tmp_path / "notes.txt").write_text("not a model\n" * 100)
+    r = cli("compress", str(tmp_path / "notes.txt"))
+    assert r.returncode == 1 and "not a model file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

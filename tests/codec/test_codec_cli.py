@@ -63,3 +63,10 @@ def test_report_bound_and_protect(model):
 def test_unknown_codec_is_one_clear_error(model):
     r = report(str(model), "--codecs", "nope")
     assert r.returncode == 2 and "nope: unknown codec" in r.stderr
+
+
+def test_a_file_that_is_not_safetensors_is_one_clear_error(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"PK\x03\x04" + bytes(100))
+    r = report(str(tmp_path / "x.bin"))
+    assert r.returncode == 2 and "not a safetensors file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

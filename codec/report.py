@@ -1,0 +1,97 @@
+"""The per-codec report on a file's tensors (``python -m codec``, ``elvesfs compress``):
+ratio, encode/decode MB/s on one thread, max error, which codec each chunk got.
+
+The caller reads the file and cuts its tensors into chunks (<= 4 MiB per tensor, as
+the filesystem does); this module only codes them, so it knows no file format."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Iterable, TextIO
+
+import numpy as np
+
+from . import available_codecs, decode, encode, inspect
+
+NPF = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+CODECS = "zstd,planes,elf,auto"
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The report's options (shared by both commands)."""
+    ap.add_argument("file")
+    ap.add_argument("--bound", default=None, help="absolute error bound for ELF, or 'native'")
+    ap.add_argument("--codecs", default=CODECS, help=f"comma list (default {CODECS})")
+    ap.add_argument("--chunk", type=float, default=4.0, help="chunk size in MiB")
+    ap.add_argument("--protect", action="store_true",
+                    help="store the sign+exponent streams twice (what the policy costs)")
+
+
+def chunked(tensors: Iterable[tuple[str | None, memoryview]], chunk_bytes: int,
+            itemsize: dict[str, int]) -> list[tuple[str | None, memoryview]]:
+    """(dtype, bytes) pieces of at most chunk_bytes, whole elements each."""
+    out = []
+    for dt, mv in tensors:
+        size = itemsize.get(dt or "", 1)
+        step = max(size, chunk_bytes - chunk_bytes % size)
+        out += [(dt, mv[o:o + step]) for o in range(0, max(mv.nbytes, 1), step)]
+    return out
+
+
+def report(chunks: list[tuple[str | None, memoryview]], codecs: str, bound, protect: bool,
+           out: TextIO = sys.stdout) -> int:
+    """Print one line per codec; the exit status (2: an unknown codec, 1: a lossless
+    round trip that differs)."""
+    names = codecs.split(",")
+    for name in names:
+        if name != "auto" and name not in available_codecs():
+            print(f"{name}: unknown codec (known: auto, {', '.join(available_codecs())})",
+                  file=sys.stderr)
+            return 2
+    bound = bound if bound in (None, "native") else float(bound)
+    print(f"{'codec':8s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'max error':>10s}  picks",
+          file=out)
+    for name in names:
+        b = "native" if name == "elf" and bound is None else bound
+        if (line := _one_codec(chunks, name, b, protect)) is None:
+            print(f"{name}: round trip mismatch!", file=sys.stderr)
+            return 1
+        print(line, file=out)
+    return 0
+
+
+def _one_codec(chunks, name: str, bound, protect: bool) -> str | None:
+    """The report line of one codec, or None when a lossless round trip differs."""
+    # untimed: the largest chunk of each dtype first, so the speeds do not include
+    # loading (or, the first time ever, compiling) the codec's numba kernels
+    largest: dict = {}
+    for dt, c in chunks:
+        if dt not in largest or c.nbytes > largest[dt].nbytes:
+            largest[dt] = c
+    for dt, c in largest.items():
+        decode(encode(c, dt, codec=name, bound=bound, protect=protect))
+    raw = stored = 0
+    te = td = err = 0.0
+    picks: dict[str, int] = {}
+    for dt, c in chunks:
+        t0 = time.perf_counter()
+        f = encode(c, dt, codec=name, bound=bound, protect=protect)
+        t1 = time.perf_counter()
+        dec = decode(f)
+        td += time.perf_counter() - t1
+        te += t1 - t0
+        raw += c.nbytes
+        stored += len(f)
+        info = inspect(f)
+        picks[info.codec] = picks.get(info.codec, 0) + 1
+        if info.lossy:
+            x = np.frombuffer(c, NPF[dt]).astype(np.float64)
+            y = np.frombuffer(dec, NPF[dt]).astype(np.float64)
+            ok = np.isfinite(x)
+            if ok.any():
+                err = max(err, float(np.abs(x[ok] - y[ok]).max()))
+        elif dec != c:
+            return None
+    return (f"{name:8s} {raw / max(stored, 1):6.3f}x {raw / max(te, 1e-9) / 1e6:9.0f} "
+            f"{raw / max(td, 1e-9) / 1e6:9.0f} {err:10.3g}  {picks}")
