@@ -281,7 +281,10 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         _fuse_init(ops, mountpoint, fuse_options(options, root))
     except Exception as exc:
         ready(f"ERR {exc}")
-        log.exception("startup failed")
+        if isinstance(exc, ElvesError):  # a user's error (an option, the mountpoint)
+            log.error("startup failed: %s", exc)
+        else:
+            log.exception("startup failed")
         store.close()
         return 1
     log.info("mounted %s on %s (policy %s)", root, mountpoint, default_policy)
