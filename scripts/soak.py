@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Long random soaks of a real mount, beyond what CI runs (minutes to hours).
+
+  fsx    the fsx-style exerciser of tests/test_fs_tools.py on new seeds, with larger
+         files and operations, a remount midway through each seed, the whole file
+         compared after every 250 operations and at the end
+  model  the hypothesis state machine of tests/test_fs_model_based.py (the mount against
+         a plain directory after every step) with many more examples and steps
+
+Then `elvesfs sync` and an independent check of the store (tests/conftest.check_store).
+Each soak mounts its own store under --workdir (a FUSE daemon in its own process) and
+always unmounts it. Exit status 0 only if every soak passed.
+
+    . .venv/bin/activate
+    python scripts/soak.py                          # fsx 6 seeds x 6000 ops, model 1000 x 80
+    python scripts/soak.py --fsx-seeds 2 --examples 0
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import Mount, check_store  # noqa: E402  (the tests' own mount fixture)
+
+
+def soak_fsx(work: Path, seeds: int, ops: int, first_seed: int) -> None:
+    from test_fs_tools import Fsx
+    m = Mount(work)
+    m.mount()
+    try:
+        for seed in range(first_seed, first_seed + seeds):
+            f = Fsx(m.path / f"fsx.{seed}", m, seed=seed, maxlen=8 << 20, maxop=512 << 10)
+            f.run(ops, remount_at=ops // 2)
+            m.sync()
+            if (m.path / f"fsx.{seed}").read_bytes() != bytes(f.model):
+                raise AssertionError(f"fsx seed {seed}: file differs after sync")
+            print(f"fsx seed {seed}: ok {dict(sorted(f.counts.items()))}", flush=True)
+        problems = check_store(m.store, mounted=True)
+        if problems:
+            raise AssertionError(f"store check: {problems}")
+    finally:
+        m.cleanup()
+
+
+def soak_model(work: Path, examples: int, steps: int) -> None:
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    import test_fs_model_based as t
+    m = Mount(work, ("-o", "allow_other"))
+    m.mount()
+    try:
+        t.FsMachine.mount = m
+        t.FsMachine.plain_root = work / "plain"
+        (m.path / "model").mkdir(exist_ok=True)
+        run_state_machine_as_test(t.FsMachine, settings=settings(
+            max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
+            print_blob=True, suppress_health_check=list(HealthCheck)))
+        m.sync()
+        problems = check_store(m.store, mounted=True)
+        if problems:
+            raise AssertionError(f"store check: {problems}")
+        print(f"model: ok, {t.Counters.steps} steps", flush=True)
+    finally:
+        m.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/var/tmp")
+    p.add_argument("--fsx-seeds", type=int, default=6)
+    p.add_argument("--fsx-ops", type=int, default=6000)
+    p.add_argument("--first-seed", type=int, default=100, help="CI's fsx uses seeds 1 and 2")
+    p.add_argument("--examples", type=int, default=1000, help="model-based examples (0: skip)")
+    p.add_argument("--steps", type=int, default=80, help="steps per model-based example")
+    a = p.parse_args(argv)
+    failed = []
+    for name, run in (("fsx", lambda w: soak_fsx(w, a.fsx_seeds, a.fsx_ops, a.first_seed)),
+                      ("model", lambda w: soak_model(w, a.examples, a.steps))):
+        if (name == "fsx" and a.fsx_seeds <= 0) or (name == "model" and a.examples <= 0):
+            continue
+        work = Path(tempfile.mkdtemp(prefix=f"elvesfs-soak-{name}-", dir=a.workdir))
+        try:
+            run(work)
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            print(f"{name}: kept {work} (store and its log)", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print("soak:", "FAILED " + ", ".join(failed) if failed else "all passed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
