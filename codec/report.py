@@ -21,11 +21,36 @@ CODECS = "zstd,planes,elf,auto"
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The report's options (shared by both commands)."""
     ap.add_argument("file")
-    ap.add_argument("--bound", default=None, help="absolute error bound for ELF, or 'native'")
+    ap.add_argument("--bound", default=None, type=_bound,
+                    help="absolute error bound for ELF (> 0), or 'native'")
     ap.add_argument("--codecs", default=CODECS, help=f"comma list (default {CODECS})")
-    ap.add_argument("--chunk", type=float, default=4.0, help="chunk size in MiB")
+    ap.add_argument("--chunk", type=_mib, default=4.0, help="chunk size in MiB (>= 1/64)")
     ap.add_argument("--protect", action="store_true",
                     help="store the sign+exponent streams twice (what the policy costs)")
+
+
+def _bound(text: str) -> str | float:
+    """--bound: 'native' or a positive number (argparse reports anything else)."""
+    if text == "native":
+        return text
+    try:
+        b = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'native': {text!r}") from None
+    if not b > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return b
+
+
+def _mib(text: str) -> float:
+    """--chunk: at least 16 KiB, so a typo cannot make millions of tiny chunks."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 1 / 64:
+        raise argparse.ArgumentTypeError(f"must be >= 1/64 (16 KiB): {text!r}")
+    return v
 
 
 def chunked(tensors: Iterable[tuple[str | None, memoryview]], chunk_bytes: int,
@@ -49,7 +74,6 @@ def report(chunks: list[tuple[str | None, memoryview]], codecs: str, bound, prot
             print(f"{name}: unknown codec (known: auto, {', '.join(available_codecs())})",
                   file=sys.stderr)
             return 2
-    bound = bound if bound in (None, "native") else float(bound)
     print(f"{'codec':8s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'max error':>10s}  picks",
           file=out)
     for name in names:

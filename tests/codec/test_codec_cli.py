@@ -70,3 +70,9 @@ def test_a_file_that_is_not_safetensors_is_one_clear_error(tmp_path):
     r = report(str(tmp_path / "x.bin"))
     assert r.returncode == 2 and "not a safetensors file" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [("--bound", "abc"), ("--bound", "-1"), ("--chunk", "0")])
+def test_bad_options_are_usage_errors(model, args):
+    r = report(str(model), *args)
+    assert r.returncode == 2 and f"argument {args[0]}" in r.stderr and "Traceback" not in r.stderr
