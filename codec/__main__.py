@@ -28,8 +28,7 @@ def main(argv=None) -> int:
         print(f"python -m codec: {a.file}: {exc} (`elvesfs compress` also reads PyTorch, "
               "TorchScript and GGUF files)", file=sys.stderr)
         return 2
-    chunks = chunked(found, int(a.chunk * (1 << 20)),
-                     {k: d.itemsize for k, d in BY_NAME.items()})
+    chunks = chunked(found, int(a.chunk * (1 << 20)))
     print(f"{a.file}: {len(chunks)} chunks, {sum(c.nbytes for _, c in chunks) / 1e6:.1f} MB")
     return report(chunks, a.codecs, a.bound, a.protect)
 

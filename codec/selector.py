@@ -26,8 +26,8 @@ SHUFFLE_MIN = 4096  # opaque chunks from this size are probed for fixed-width re
 #: checkpoint and the fine-tune (bench_codecs' two reference sets) every chunk estimated
 #: in [0.85, 0.95) was won by xor (34 of 34, its frame 0.84-0.99 of the best without the
 #: reference), so the trials would pick xor; in [0.95, 1.05) xor won 28 of 113 (0.92-1.05
-#: of it): those keep the trials.
-#: zstd on the plain bytes of floats never came within 8 % of planes there.
+#: of it): those keep the trials. (zstd on the plain bytes of floats never came within
+#: 8 % of planes there.)
 XOR_SURE = 0.95
 
 

@@ -33,8 +33,7 @@ def main(argv: list[str]) -> int:
     mv = memoryview(buf)
     found = [(s.dtype if s.dtype in BY_NAME else None, mv[s.offset:s.offset + s.length])
              for s in parsed.segments if s.kind == "tensor"]
-    sizes = {d: n for d in BY_NAME if (n := formats.dtype_itemsize(d))}
-    chunks = chunked(found, int(a.chunk * (1 << 20)), sizes)
+    chunks = chunked(found, int(a.chunk * (1 << 20)))
     print(f"{a.file}: {parsed.format}, {len(found)} tensors in {len(chunks)} chunks, "
           f"{sum(c.nbytes for _, c in chunks) / 1e6:.1f} MB of {size / 1e6:.1f} MB")
     return report(chunks, a.codecs, a.bound, a.protect)
