@@ -2,7 +2,7 @@
 
 Reports, per codec, the ratio, encode/decode MB/s (one thread) and max error over the
 file's tensors, chunked like the filesystem chunks them (<= 4 MiB per tensor);
-``--protect``: with the sign+exponent streams stored twice (the ``protect`` policy).
+``--protect``: with a parity of the sign+exponent streams (the ``protect`` policy).
 Reads safetensors files; `elvesfs compress` reads every model format elvesfs parses."""
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ class FrameInfo:
     needs_reference: bool
     streams: list = field(default_factory=list)  # [(name, stored size)]
     stream_methods: list = field(default_factory=list)  # [(name, "raw"|"zstd"|"const")]
-    protected: list = field(default_factory=list)  # names of streams stored twice
+    protected: list = field(default_factory=list)  # names of streams with a parity or copy
 
     @property
     def ratio(self) -> float:
@@ -52,10 +52,11 @@ def encode(data, dtype=None, *, codec: str = "auto", bound=None, reference=None,
     dtype name or None. codec: "auto" or one of available_codecs(). bound: None
     (lossless), a float > 0 (absolute error bound) or "native" -- only used for
     F32/F16/F64, ignored elsewhere. reference: same-length chunk for "xor". protect:
-    store a second copy of the sign+exponent streams of float data (frame.protect):
-    decode survives damage to either copy."""
-    # protected: ELF in byte planes, whose top plane (sign and high bits) is what a copy
-    # protects (its joint layout holds sign and magnitude in one stream)
+    give the sign+exponent streams of float data a parity (frame.protect): decode
+    survives damage within one stripe of each (1/8 of a stream, or all of a small one)."""
+    # protected: ELF in byte planes, whose top plane (sign and high bits) is what a parity
+    # protects (its joint layout holds sign and magnitude in one stream: its parity would
+    # cost 1/8 of everything, more than the joint layout saves over planes)
     frame = _encode(data, dtype, codec, bound, reference, level, joint=not protect)
     if protect:
         n = as_bytes_view(data).nbytes
@@ -114,4 +115,4 @@ def inspect(frame) -> FrameInfo:
                      needs_reference=h.needs_reference,
                      streams=[(s.name, s.stored_len) for s in h.streams],
                      stream_methods=[(s.name, METHOD_NAMES[s.method]) for s in h.streams],
-                     protected=[s.name for s in h.streams if s.backup is not None])
+                     protected=[s.name for s in h.streams if s.protected])

@@ -27,7 +27,7 @@ Two layouts of the quantized values (param ``nplanes``):
     half a bit per value there (fp16's top plane holds the sign and two rare bits: ~1
     bit of entropy, 1.5 bits of Huffman code); one symbol per value does not, and
     decodes with one table lookup per value. Always read whole (``fidelity`` ignored);
-    not written when streams are to be protected (frame.protect copies the leading
+    not written when streams are to be protected (frame.protect guards the leading
     streams: here that would be all of them), see api.encode.
 """
 from __future__ import annotations

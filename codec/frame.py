@@ -1,6 +1,7 @@
 """The frame format: a self-describing, versioned, checksummed container.
 
-Two layouts, told apart by the version byte after the magic; both decode, v2 is written.
+Two layouts, told apart by the version byte after the magic; both decode, v2 is written
+(as version 3 when the frame carries parity streams: see "Protected streams").
 
 **v2 (compact, written now)**: small chunks (a 768-byte LayerNorm bias) paid ~115
 header bytes in v1; v2 spends ~40 there. Varints are unsigned LEB128 (7 bits per byte,
@@ -50,13 +51,28 @@ low groups first, high bit = more follows, at most 10 bytes)::
 
 A frame must be exactly header + sum(stored lengths) bytes long (all little-endian).
 
-**Protected streams** (both versions' readers; written by ``protect``): a stream named
-``X~`` is a second copy of stream ``X`` (same method, lengths and checksum), stored after
-all the others. ``parse`` takes the copies out of the stream list and hangs each on its
-stream as ``backup``; ``stream_view`` falls back to it when ``X`` fails its checksum. So
-codecs never see them, and a frame without copies reads exactly as before. Copied are
-the most significant streams (sign and exponent): a flipped exponent bit wrecks a
-weight, a flipped low-mantissa bit barely moves it (noisy-storage coding).
+**Protected streams** (written by ``protect``): the most significant streams (sign and
+exponent) carry redundancy, stored after all the other streams: a flipped exponent bit
+wrecks a weight, a flipped low-mantissa bit barely moves it (noisy-storage coding).
+``parse`` takes the redundant streams out of the stream list and hangs each on its
+stream, so codecs never see them and a frame without them reads exactly as before;
+``stream_view`` falls back on them when a stream fails its checksum. Two kinds:
+
+- ``X^``, the **parity** of stream ``X`` (written now; such frames have version 3, the
+  v2 layout, so that readers that predate parity refuse them instead of misreading
+  them). Method raw; its stored bytes::
+
+      u8  k, the number of stripes X's stored bytes are cut into (see ``_stripes``)
+      k x u32  low 32 bits of the xxh3_64 of each stripe
+      m bytes  the XOR of the k stripes, m = ceil(len(X) / k) (short stripes padded
+               with zeros)
+
+  Stripe i is X[i*m : (i+1)*m]. When X fails its checksum and exactly one stripe fails
+  its own, that stripe is the parity XOR the others (then X's checksum must hold).
+  It costs ~1/k of X, not all of it, and survives damage within one stripe (bit rot,
+  a bad sector), not damage to two. Below two minimum stripes, k = 1: a copy.
+- ``X~``, a second **copy** of ``X`` (same method, lengths and checksum; what protected
+  frames carried before parity, v2): read when ``X`` is damaged, whatever the damage.
 """
 from __future__ import annotations
 
@@ -64,13 +80,15 @@ import math
 import struct
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import xxhash
 
 from .errors import FrameError
 
 MAGIC = b"ELVC"
 FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+PARITY_VERSION = 3  # the v2 layout with parity streams (older readers refuse it)
+SUPPORTED_VERSIONS = (1, 2, 3)
 FLAG_LOSSY = 1
 FLAG_NEEDS_REF = 2
 _V2_BOUND, _V2_MAXERR = 4, 8  # v2 flag bits (after the lossy / reference bits)
@@ -114,6 +132,11 @@ class Stream:
     offset: int = 0  # in the frame (set by parse)
     check_bits: int = 64  # width of ``checksum`` (v2 frames under WIDE_FROM: 32)
     backup: "Stream | None" = None  # a protected stream's copy (set by parse)
+    parity: "Stream | None" = None  # a protected stream's parity (set by parse)
+
+    @property
+    def protected(self) -> bool:
+        return self.backup is not None or self.parity is not None
 
 
 @dataclass
@@ -201,14 +224,14 @@ def pack(codec: str, dtype_id: int, raw_size: int, params: bytes, streams: list[
         head = _head_v1(codec, dtype_id, raw_size, params, streams, content_hash, flags,
                         bound, max_error)
         return b"".join([head, _U64.pack(hash64(head))] + [s.stored for s in streams])
-    if version != 2:
+    if version not in (2, PARITY_VERSION):
         raise ValueError(f"cannot write frame version {version}")
     c = 8 if raw_size >= WIDE_FROM else 4
     if bound is not None:
         flags |= _V2_BOUND
     if max_error is not None:
         flags |= _V2_MAXERR
-    parts = [MAGIC, bytes([2, CODEC_IDS[codec] | flags << 4, dtype_id]), varint(raw_size),
+    parts = [MAGIC, bytes([version, CODEC_IDS[codec] | flags << 4, dtype_id]), varint(raw_size),
              varint(len(params)), bytes(params)]
     if bound is not None:
         parts.append(_F64.pack(bound))
@@ -283,36 +306,98 @@ def parse(frame) -> Header:
         what = "truncated" if pos > n else "has trailing bytes"
         raise FrameError(f"frame {what}: header says {pos} bytes, got {n}; the stored chunk is "
                          "damaged")
-    _link_copies(h)
+    _link_guards(h)
     return h
 
 
-COPY = "~"  # suffix of a protected stream's copy
+COPY = "~"  # suffix of a protected stream's copy (frames written before parity)
+PARITY = "^"  # suffix of a protected stream's parity
+PARITY_STRIPES = 8  # at most this many stripes: parity costs ~1/8 of the stream
+PARITY_STRIPE_MIN = 4096  # and stripes of at least this many bytes (smaller: one, a copy)
 
 
-def _link_copies(h: Header) -> None:
-    """Take the ``X~`` copies out of ``h.streams`` and hang each on its stream ``X``."""
-    if not any(s.name.endswith(COPY) for s in h.streams):
+def _link_guards(h: Header) -> None:
+    """Take the ``X~`` copies and ``X^`` parities out of ``h.streams`` and hang each on
+    its stream ``X``."""
+    if not any(s.name[-1:] in (COPY, PARITY) for s in h.streams):
         return
-    by_name = {s.name: s for s in h.streams if not s.name.endswith(COPY)}
-    for c in h.streams:
-        if c.name.endswith(COPY):
-            s = by_name.get(c.name[:-1])
+    by_name = {s.name: s for s in h.streams if s.name[-1:] not in (COPY, PARITY)}
+    for g in h.streams:
+        s = by_name.get(g.name[:-1])
+        if g.name.endswith(COPY):
             if s is None or (s.method, s.raw_len, s.stored_len, s.checksum) != \
-                    (c.method, c.raw_len, c.stored_len, c.checksum):
-                raise FrameError(f"stream copy {c.name!r} matches no stream of the frame")
-            s.backup = c
+                    (g.method, g.raw_len, g.stored_len, g.checksum):
+                raise FrameError(f"stream copy {g.name!r} matches no stream of the frame")
+            s.backup = g
+        elif g.name.endswith(PARITY):
+            if s is None or g.method != METHOD_RAW or g.raw_len != g.stored_len:
+                raise FrameError(f"stream parity {g.name!r} matches no stream of the frame")
+            s.parity = g
     h.streams = list(by_name.values())
 
 
-def protect(frame, elements: int) -> bytes:
-    """``frame`` with a copy of its most significant streams: the leading streams (the
-    table is most significant first) up to the first that holds one byte per element
-    (the sign+exponent plane; ELF: the outliers and the top plane; a delta: the top byte
-    of every class). A frame without such a stream (opaque bytes) comes back as it is."""
+def _stripes(n: int) -> int:
+    """Stripes of a protected stream of n stored bytes: PARITY_STRIPES, fewer when they
+    would be shorter than PARITY_STRIPE_MIN, one (a copy) below two of those."""
+    return max(1, min(PARITY_STRIPES, n // PARITY_STRIPE_MIN))
+
+
+def _rows(data, k: int) -> np.ndarray:
+    """``data`` as k rows of m = ceil(len / k) bytes, the last padded with zeros."""
+    a = np.frombuffer(data, np.uint8)
+    m = -(-a.size // k)
+    rows = np.zeros((k, m), np.uint8)
+    rows.reshape(-1)[:a.size] = a
+    return rows
+
+
+def parity(data) -> bytes:
+    """The stored bytes of the parity stream of a stream whose stored bytes are ``data``."""
+    k = _stripes(memoryview(data).nbytes)
+    rows = _rows(data, k)
+    checks = [_trunc(hash64(r), 32) for r in _stripe_views(data, k)]
+    return bytes([k]) + struct.pack(f"<{k}I", *checks) + \
+        np.bitwise_xor.reduce(rows, axis=0).tobytes()
+
+
+def _stripe_views(data, k: int) -> list:
+    mv = memoryview(data).cast("B")
+    m = -(-mv.nbytes // k)
+    return [mv[i * m:(i + 1) * m] for i in range(k)]
+
+
+def _rebuild(mv: memoryview, s: Stream) -> bytes | None:
+    """Stream ``s``'s stored bytes rebuilt from its parity; None when the parity is
+    damaged, or not exactly one stripe of ``s`` is, or the result fails s's checksum."""
+    p = s.parity
+    if p is None or p.stored_len < 5 or not _intact(mv, p):
+        return None
+    pb = mv[p.offset:p.offset + p.stored_len]
+    k, n = pb[0], s.stored_len
+    m = -(-n // k) if k else 0
+    if k == 0 or p.stored_len != 1 + 4 * k + m:
+        return None
+    data = mv[s.offset:s.offset + n]
+    checks = struct.unpack_from(f"<{k}I", pb, 1)
+    bad = [i for i, v in enumerate(_stripe_views(data, k)) if _trunc(hash64(v), 32) != checks[i]]
+    if len(bad) != 1:
+        return None
+    rows = _rows(data, k)
+    rows[bad[0]] = np.frombuffer(pb, np.uint8, offset=1 + 4 * k)
+    rows[bad[0]] = np.bitwise_xor.reduce(rows, axis=0)  # the parity XOR the other stripes
+    out = rows.reshape(-1)[:n].tobytes()
+    return out if _trunc(hash64(out), s.check_bits) == s.checksum else None
+
+
+def protect(frame, elements: int, scheme: str = "parity") -> bytes:
+    """``frame`` with redundancy for its most significant streams: the leading streams
+    (the table is most significant first) up to the first that holds one byte per
+    element (the sign+exponent plane; ELF: the outliers and the top plane; a delta: the
+    top byte of every class). ``scheme``: "parity" (written now) or "copy" (what frames
+    carried before parity; kept to make such frames in tests). A frame without such a
+    stream (opaque bytes) comes back as it is."""
     h = parse(frame)
-    if elements <= 0 or any(s.backup is not None for s in h.streams) or \
-            h.version != FORMAT_VERSION:
+    if elements <= 0 or any(s.protected for s in h.streams) or h.version != FORMAT_VERSION:
         return bytes(frame)
     mv = memoryview(frame).cast("B")
     lead, covered = [], 0
@@ -324,10 +409,19 @@ def protect(frame, elements: int) -> bytes:
     if covered < elements or len(h.streams) + len(lead) > 255 or len(lead) == len(h.streams):
         return bytes(frame)
     streams = [replace(s, stored=mv[s.offset:s.offset + s.stored_len]) for s in h.streams]
-    streams += [replace(s, name=s.name + COPY) for s in streams[:len(lead)]]
+    if scheme == "copy":
+        streams += [replace(s, name=s.name + COPY) for s in streams[:len(lead)]]
+        version = FORMAT_VERSION
+    elif scheme == "parity":
+        for s in streams[:len(lead)]:
+            par = parity(s.stored)
+            streams.append(Stream(s.name + PARITY, METHOD_RAW, len(par), par))
+        version = PARITY_VERSION
+    else:
+        raise ValueError(f"unknown protection scheme {scheme!r}: 'parity' or 'copy'")
     return pack(h.codec, h.dtype_id, h.raw_size, h.params, streams, h.content_hash,
                 lossy=h.lossy, needs_reference=h.needs_reference, bound=h.bound,
-                max_error=h.max_error)
+                max_error=h.max_error, version=version)
 
 
 def _check_header(mv, pos: int, c: int) -> int:
@@ -370,7 +464,7 @@ def _parse_v2(mv) -> tuple[Header, int]:
         streams.append(Stream(name, method, raw_len, None, stored_len, ck, check_bits=8 * c))
     content, pos = int.from_bytes(mv[pos:pos + c], "little"), pos + c
     pos = _check_header(mv, pos, c)
-    h = Header(CODEC_NAMES.get(cid, cid), 2, dtype_id, flags & 3, raw_size, bound, max_error,
+    h = Header(CODEC_NAMES.get(cid, cid), mv[4], dtype_id, flags & 3, raw_size, bound, max_error,
                content, params, streams, pos, check_bits=8 * c)
     return h, pos
 
@@ -400,25 +494,42 @@ def _parse_v1(mv) -> tuple[Header, int]:
 
 
 def mend(frame) -> tuple[bytes, list[str]]:
-    """(``frame`` with every damaged copy of a protected stream rewritten from the intact
-    one, the names of the streams mended): what a scrub writes back, so the next damage
-    to the same stream is survivable again. Both copies damaged: left as they are."""
+    """(``frame`` with every damaged copy or parity of a protected stream rewritten from
+    the intact stream, or the damaged stream from its intact copy or parity; the names
+    of the streams mended): what a scrub writes back, so the next damage to the same
+    stream is survivable again. Damage beyond repair is left as it is."""
     h = parse(frame)
     mv = memoryview(frame).cast("B")
     out, names = None, []
     for s in h.streams:
-        c = s.backup
-        if c is None:
-            continue
-        ok_s, ok_c = _intact(mv, s), _intact(mv, c)
-        if ok_s == ok_c:
-            continue
-        good, bad = (s, c) if ok_s else (c, s)
-        if out is None:
-            out = bytearray(mv)
-        out[bad.offset:bad.offset + bad.stored_len] = mv[good.offset:good.offset + good.stored_len]
-        names.append(s.name)
+        fixes = _fixes(mv, s)
+        if fixes:
+            if out is None:
+                out = bytearray(mv)
+            for at, data in fixes:
+                out[at:at + len(data)] = data
+            names.append(s.name)
     return (bytes(out) if out is not None else bytes(mv)), names
+
+
+def _fixes(mv: memoryview, s: Stream) -> list[tuple[int, bytes]]:
+    """(offset, bytes) writes that mend stream ``s`` and its guards in frame ``mv``."""
+    ok = _intact(mv, s)
+    good = mv[s.offset:s.offset + s.stored_len] if ok else None
+    if good is None and s.backup is not None and _intact(mv, s.backup):
+        good = mv[s.backup.offset:s.backup.offset + s.backup.stored_len]
+    if good is None and s.parity is not None:
+        good = _rebuild(mv, s)
+    if good is None:
+        return []
+    fixes = [] if ok else [(s.offset, bytes(good))]
+    if s.backup is not None and not _intact(mv, s.backup):
+        fixes.append((s.backup.offset, bytes(good)))
+    if s.parity is not None and not _intact(mv, s.parity):
+        par = parity(good)
+        if len(par) == s.parity.stored_len:  # (a parity of other stripes: left alone)
+            fixes.append((s.parity.offset, par))
+    return fixes
 
 
 def _intact(mv: memoryview, s: Stream) -> bool:
@@ -428,10 +539,13 @@ def _intact(mv: memoryview, s: Stream) -> bool:
 
 def stream_view(frame, s: Stream) -> memoryview:
     """The stored bytes of stream ``s``, checksum verified (a protected stream that fails
-    its checksum: its copy's, if that one is intact)."""
+    its checksum: its copy's if that one is intact, or rebuilt from its parity)."""
     mv = memoryview(frame).cast("B")
     for x in (s, s.backup):
         if x is not None and _intact(mv, x):
             return mv[x.offset:x.offset + x.stored_len]
+    rebuilt = _rebuild(mv, s)
+    if rebuilt is not None:
+        return memoryview(rebuilt)
     raise FrameError(f"stream {s.name!r} checksum mismatch: its stored bytes are corrupt",
                      damaged=(s.name,))

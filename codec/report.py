@@ -27,7 +27,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--codecs", default=CODECS, help=f"comma list (default {CODECS})")
     ap.add_argument("--chunk", type=_mib, default=4.0, help="chunk size in MiB (>= 1/64)")
     ap.add_argument("--protect", action="store_true",
-                    help="store the sign+exponent streams twice (what the policy costs)")
+                    help="with a parity of the sign+exponent streams (what the policy costs)")
 
 
 def _bound(text: str) -> str | float:

@@ -48,7 +48,7 @@ def _make(name, dt, bound, reference, level, sample_of: int | None = None, joint
         kw["level"] = level
     if name == "elf":
         kw["bound"] = bound
-        kw["joint"] = joint  # False: byte planes (a protected frame copies its top plane)
+        kw["joint"] = joint  # False: byte planes (a protected frame guards its top plane)
     if name == "xor":
         kw["reference"] = reference
         kw["sample_of"] = sample_of

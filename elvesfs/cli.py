@@ -139,8 +139,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--lossy", metavar="elf[=BOUND]",
                    help="allow ELF on float weights (default: lossless)")
     m.add_argument("--protect", action="store_true",
-                   help="store float tensors' sign+exponent streams twice, so a damaged "
-                        "copy is read around (costs ~10%% on float32)")
+                   help="give float tensors' sign+exponent streams a parity, so damage "
+                        "within one stripe of them is repaired on read (costs 1-5%%)")
     m.add_argument("--cache-mb", type=int, default=256, help="decoded chunk cache size")
     m.add_argument("--no-preseal", action="store_true",
                    help="code files only once closed, never while they are being written "

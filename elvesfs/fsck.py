@@ -227,14 +227,14 @@ class Fsck:
                 bar.update(1)
 
     def _mend(self, cid: bytes, rec: ChunkRecord, frame: bytes) -> None:
-        """A protected chunk whose stream or its copy is damaged reads fine from the
-        other: report it, and with --repair write the intact copy back over the damaged."""
+        """A protected chunk with damage its parity (or copy) covers reads fine: report
+        it, and with --repair write the repaired stream, parity or copy back."""
         if not rec.flags & PROTECTED:
             return
         mended, names = codec_frame.mend(frame)
         if names:
-            self.problem(f"chunk {cid.hex()}: one copy of protected stream(s) "
-                         f"{', '.join(names)} is damaged (the other is intact)")
+            self.problem(f"chunk {cid.hex()}: protected stream(s) {', '.join(names)} "
+                         "damaged, repairable (a stripe of the stream, its parity or copy)")
             if self.repair:
                 with self.db.write() as txn:
                     txn.put(cid, mended, db=self.t["chunks"])

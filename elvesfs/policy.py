@@ -6,10 +6,11 @@ Written as text, in the mount option `--lossy` and the xattr `user.elvesfs.polic
     lossless          every byte read back equals the byte written
     elf               ELF at its native bound (2^-24 for float32 in [-1, 1])
     elf=1e-4          ELF keeping |error| <= 1e-4 on every weight value
-    protect           (alone or after a comma: ``elf=1e-4,protect``) a second copy of
-                      the sign+exponent streams of every float tensor chunk, so a
-                      damaged copy is read around (noisy-storage coding; costs ~10 %
-                      on float32, ~25 % on bfloat16, ~40 % on float16)
+    protect           (alone or after a comma: ``elf=1e-4,protect``) a parity of the
+                      sign+exponent streams of every float tensor chunk, so damage
+                      within one stripe (1/8) of them is repaired on read
+                      (noisy-storage coding; costs ~1.3 % on float32, ~3 % on
+                      bfloat16, ~5 % on float16)
 
 A lossy policy only ever applies to float32/float16/float64 model weights parsed
 from a known format; headers, integers, optimizer state and plain files stay exact.
@@ -37,7 +38,7 @@ class Policy:
     """How a file's chunks may be coded."""
 
     bound: float | str | None = None  # None: lossless; "native" or a float: ELF allowed
-    protect: bool = False  # float chunks carry a second copy of their sign+exponent streams
+    protect: bool = False  # float chunks carry a parity of their sign+exponent streams
 
     @property
     def lossy(self) -> bool:

@@ -164,10 +164,11 @@ def test_mount_lossy_takes_a_bare_bound(make_mount):
     assert np.abs(back - w).max() <= 1e-3
 
 
-@pytest.mark.parametrize("which", ["primary", "copy"])
-def test_fsck_mends_a_damaged_copy_of_a_protected_stream(make_mount, which):
-    """`fsck --verify-data` reports a protected stream whose copy (or primary) is damaged
-    and, with --repair, writes the intact one back: the frame is byte-identical again."""
+@pytest.mark.parametrize("which", ["primary", "parity"])
+def test_fsck_mends_a_damaged_protected_stream_or_its_parity(make_mount, which):
+    """`fsck --verify-data` reports a protected stream whose parity (or the stream
+    itself) is damaged and, with --repair, writes it back rebuilt: the frame is
+    byte-identical again."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -185,8 +186,8 @@ def test_fsck_mends_a_damaged_copy_of_a_protected_stream(make_mount, which):
                           if ChunkRecord.unpack(txn.get(k, db=t["refs"])).flags & PROTECTED),
                          key=lambda kv: len(kv[1]))
         s = fr.parse(frame).streams[0]
-        assert s.name == "exponent" and s.backup is not None
-        s = s if which == "primary" else s.backup
+        assert s.name == "exponent" and s.parity is not None
+        s = s if which == "primary" else s.parity
         bad = bytearray(frame)
         bad[s.offset + s.stored_len // 2] ^= 0xFF
         txn.put(cid, bytes(bad), db=t["chunks"])

@@ -366,9 +366,9 @@ def _weight_chunk(db, name: bytes):
 
 
 def test_protected_directory_reads_around_a_damaged_exponent_stream(make_mount, tmp_path):
-    """Under the `protect` policy a float tensor's sign+exponent stream is stored twice:
-    a flipped byte in it is read around (the unprotected twin gets EIO), and protected
-    chunks never share storage with unprotected ones."""
+    """Under the `protect` policy a float tensor's sign+exponent stream carries a parity:
+    a zeroed 4 KiB run in it (a bad sector) is repaired on read (the unprotected twin
+    gets EIO), and protected chunks never share storage with unprotected ones."""
     import codec
     from codec import frame as fr
     from elvesfs.chunkstore import PROTECTED
@@ -394,11 +394,16 @@ def test_protected_directory_reads_around_a_damaged_exponent_stream(make_mount, 
         assert codec.inspect(uframe).protected == []
         assert not pids & uids  # no chunk shared across the two policies
         with db.write() as txn:
-            for cid, frame in ((pcid, pframe), (ucid, uframe)):
-                s = fr.parse(frame).streams[0]  # the exponent plane
-                b = bytearray(frame)
-                b[s.offset + s.stored_len // 2] ^= 0x5A
-                txn.put(cid, bytes(b), db=db.t["chunks"])
+            s = fr.parse(pframe).streams[0]  # the exponent plane
+            at = s.offset + -(-s.stored_len // 8)  # the second of its 8 stripes
+            assert s.name == "exponent" and s.stored_len > 9 * 4096
+            b = bytearray(pframe)
+            b[at:at + 4096] = bytes(4096)
+            txn.put(pcid, bytes(b), db=db.t["chunks"])
+            s = fr.parse(uframe).streams[0]  # its most significant stream
+            b = bytearray(uframe)
+            b[s.offset + s.stored_len // 2] ^= 0x5A
+            txn.put(ucid, bytes(b), db=db.t["chunks"])
     finally:
         db.close()
     m.mount()
