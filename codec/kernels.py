@@ -529,6 +529,25 @@ def merge_u32(p0, p1, p2, p3, out):
 
 
 @njit(**_JIT)
+def merge_unsub_u32(p0, p1, p2, p3, ref, out):
+    """out[i] = ref[i] + unzigzag(the u32 whose bytes, high to low, are p0..p3[i]),
+    wrapping: the sub transform's decode in one pass over its planes (no merged array
+    and no numpy temporaries)."""
+    for i in range(out.shape[0]):
+        z = ((np.uint32(p0[i]) << 24) | (np.uint32(p1[i]) << 16) | (np.uint32(p2[i]) << 8)
+             | np.uint32(p3[i]))
+        out[i] = ref[i] + ((z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1))))
+
+
+@njit(**_JIT)
+def merge_unsub_u16(p0, p1, ref, out):
+    """merge_unsub_u32 for 2-byte elements."""
+    for i in range(out.shape[0]):
+        z = (np.uint16(p0[i]) << np.uint16(8)) | np.uint16(p1[i])
+        out[i] = ref[i] + ((z >> np.uint16(1)) ^ (np.uint16(0) - (z & np.uint16(1))))
+
+
+@njit(**_JIT)
 def elf_unplanes3(p0, p1, p2, qbits, step, out):
     """elf_unplanes for the common case of three complete planes (F32), straight from
     the decoded streams."""

@@ -136,15 +136,22 @@ def decode_planes(header, frame, dt, fidelity, streams=None):
     size = dt.itemsize if dt else 1
     n = header.raw_size // size
     k = planes_needed(dt, layout, len(streams), fidelity)
+    return merge(decoded_planes(frame, streams[:k], n), dt, layout, n)
+
+
+def decoded_planes(frame, streams, n: int) -> list:
+    """The decoded bytes of plane streams that must each hold n bytes, as read-only
+    uint8 arrays (one numba signature for the merge kernels: read-only views of
+    zstd/raw streams, arrays from Huffman)."""
     planes = []
-    for s in streams[:k]:
+    for s in streams:
         if s.raw_len != n:
             raise FrameError(f"stream {s.name!r} has {s.raw_len} bytes, expected {n}")
         p = np.frombuffer(decode_stream(frame, s), np.uint8)
-        if p.flags.writeable:  # one numba signature for the merge kernels (read-only
-            p.setflags(write=False)  # views of zstd/raw streams, arrays from Huffman)
+        if p.flags.writeable:
+            p.setflags(write=False)
         planes.append(p)
-    return merge(planes, dt, layout, n)
+    return planes
 
 
 @register
