@@ -7,6 +7,7 @@ Reads safetensors files; `elvesfs compress` reads every model format elvesfs par
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .dtypes import BY_NAME
@@ -29,8 +30,14 @@ def main(argv=None) -> int:
               "TorchScript and GGUF files)", file=sys.stderr)
         return 2
     chunks = chunked(found, int(a.chunk * (1 << 20)))
-    print(f"{a.file}: {len(chunks)} chunks, {sum(c.nbytes for _, c in chunks) / 1e6:.1f} MB")
-    return report(chunks, a.codecs, a.bound, a.protect)
+    try:
+        print(f"{a.file}: {len(chunks)} chunks, {sum(c.nbytes for _, c in chunks) / 1e6:.1f} MB")
+        rc = report(chunks, a.codecs, a.bound, a.protect)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:  # `python -m codec F | head`: the reader left; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -177,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="elvesfs: %(message)s")
     a = parser().parse_args(argv)
     try:
-        return a.fn(a) or 0
+        rc = a.fn(a) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:  # `elvesfs stats | head`: the reader left; say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a process killed by SIGPIPE
     except CliError as exc:
         print(f"elvesfs: error: {exc}", file=sys.stderr)
         return 1

@@ -318,3 +318,19 @@ def test_compress_reports_any_model_format(tmp_path):
     r = cli("compress", str(tmp_path / "notes.txt"))
     assert r.returncode == 1 and "not a model file" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_stats_piped_into_head_exits_quietly(mnt):
+    """`elvesfs stats --json | head` (the reader closes the pipe early): no error line,
+    no traceback, the exit status of a process stopped by SIGPIPE."""
+    d = mnt.path / "many"
+    d.mkdir()
+    for i in range(1500):  # ~200 KB of JSON: more than a pipe holds
+        (d / f"file-{i:04d}.txt").write_bytes(b"x")
+    mnt.sync()
+    r = subprocess.run(["bash", "-o", "pipefail", "-c",
+                        f"{sys.executable} -m elvesfs.cli stats --json {mnt.path} | head -c 100"],
+                       capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert r.stdout.startswith("{") and len(r.stdout) == 100
+    assert r.stderr == "", r.stderr
+    assert r.returncode == 141
