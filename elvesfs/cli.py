@@ -90,7 +90,12 @@ def cmd_umount(a: argparse.Namespace) -> int:
     pid = _daemon_pid(store)
     r = subprocess.run(["fusermount3", "-u", a.mountpoint], capture_output=True, text=True)
     if r.returncode:
-        raise CliError(r.stderr.strip() or f"fusermount3 -u {a.mountpoint} failed")
+        msg = r.stderr.strip() or f"fusermount3 -u {a.mountpoint} failed"
+        if "busy" in msg:
+            msg += (" (a process has a file open there, or its working directory; "
+                    f"`fuser -vm {a.mountpoint}` lists them; nothing was lost, the mount "
+                    "stays up)")
+        raise CliError(msg)
     if pid:  # the daemon seals what is still staged, then exits
         deadline = time.monotonic() + a.timeout
         while time.monotonic() < deadline:

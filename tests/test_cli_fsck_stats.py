@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -334,3 +335,26 @@ def test_stats_piped_into_head_exits_quietly(mnt):
     assert r.stdout.startswith("{") and len(r.stdout) == 100
     assert r.stderr == "", r.stderr
     assert r.returncode == 141
+
+
+def test_umount_of_a_busy_mount_says_why_and_keeps_it(make_mount):
+    """A process with a file open in the mount: `elvesfs umount` fails with one line that
+    says what to look for, and the mount stays up and whole; once the file is closed
+    the unmount goes through."""
+    m = make_mount()
+    (m.path / "a.bin").write_bytes(b"kept" * 1000)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys; f = open(sys.argv[1], 'rb'); sys.stdin.read()",
+                               str(m.path / "a.bin")], stdin=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        r = cli("umount", str(m.path))
+        assert r.returncode == 1, r.stdout + r.stderr
+        line = r.stderr.strip()
+        assert "\n" not in line and "busy" in line and f"fuser -vm {m.path}" in line, line
+        assert (m.path / "a.bin").read_bytes() == b"kept" * 1000
+    finally:
+        holder.communicate(b"", timeout=30)
+    m.umount()
+    m.mount()
+    assert (m.path / "a.bin").read_bytes() == b"kept" * 1000
