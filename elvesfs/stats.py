@@ -148,14 +148,20 @@ def main(a: argparse.Namespace) -> int:
               f"{'policy':>10} {'max err':>8}  path")
         for s in files:
             print(f"{_human(s['logical']):>10} {_human(s['stored']):>10} "
-                  f"{(s['ratio'] or 0):>6.2f} {_human(s['dedup_saved']):>10} "
+                  f"{_ratio(s['ratio']):>6} {_human(s['dedup_saved']):>10} "
                   f"{_human(s['delta_saved']):>10} {s['policy']:>10} "
                   f"{s['max_error'] or 0:>8.2g}  {s['path']}")
     w = whole
-    print(f"store: {w['files']} files, logical {_human(w['logical'])}, stored "
-          f"{_human(w['stored'])} in {w['chunks']} chunks (ratio {w['ratio'] or 0:.2f}x), "
+    files_ = f"{w['files']} file{'' if w['files'] == 1 else 's'}"
+    print(f"store: {files_}, logical {_human(w['logical'])}, stored "
+          f"{_human(w['stored'])} in {w['chunks']} chunks (ratio {_ratio(w['ratio'], 'x')}), "
           f"saved by dedup {_human(w['dedup_saved'])}, by delta {_human(w['delta_saved'])}; "
           f"LMDB file {_human(w['db_bytes'])}")
     for c, v in sorted(w["codecs"].items()):
         print(f"  codec {c:>8}: {_human(v['raw'])} -> {_human(v['stored'])}")
     return 0
+
+
+def _ratio(r: float | None, unit: str = "") -> str:
+    """A ratio for people: '-' where nothing is stored (an empty file or store)."""
+    return f"{r:.2f}{unit}" if r else "-"
