@@ -14,8 +14,6 @@ from .frame import METHOD_CONST, METHOD_HUF, METHOD_RAW, METHOD_ZSTD, Stream, ha
 
 _tls = threading.local()
 
-#: above this order-0 entropy (bits per byte) a stream is stored raw without trying zstd
-RAW_ENTROPY = 7.97
 #: below this order-0 entropy a stream is Huffman-coded unless zstd wins on a sample
 LOW_ENTROPY = 5.0
 PROBE = 1 << 14
