@@ -318,11 +318,18 @@ PARITY_STRIPE_MIN = 4096  # and stripes of at least this many bytes (smaller: on
 
 def _link_guards(h: Header) -> None:
     """Take the ``X~`` copies and ``X^`` parities out of ``h.streams`` and hang each on
-    its stream ``X``."""
+    its stream ``X``. The other streams keep their order, and streams that share a name
+    (the buckets of a split xor plane) all stay: ``protect`` only guards streams whose
+    name is unique in their frame."""
     if not any(s.name[-1:] in (COPY, PARITY) for s in h.streams):
         return
-    by_name = {s.name: s for s in h.streams if s.name[-1:] not in (COPY, PARITY)}
+    plain = [s for s in h.streams if s.name[-1:] not in (COPY, PARITY)]
+    by_name: dict[str, Stream] = {}
+    for s in plain:
+        by_name.setdefault(s.name, s)
     for g in h.streams:
+        if g.name[-1:] not in (COPY, PARITY):
+            continue
         s = by_name.get(g.name[:-1])
         if g.name.endswith(COPY):
             if s is None or (s.method, s.raw_len, s.stored_len, s.checksum) != \
@@ -333,7 +340,7 @@ def _link_guards(h: Header) -> None:
             if s is None or g.method != METHOD_RAW or g.raw_len != g.stored_len:
                 raise FrameError(f"stream parity {g.name!r} matches no stream of the frame")
             s.parity = g
-    h.streams = list(by_name.values())
+    h.streams = plain
 
 
 def _stripes(n: int) -> int:
@@ -406,7 +413,9 @@ def protect(frame, elements: int, scheme: str = "parity") -> bytes:
         covered += s.raw_len
         if covered >= elements:
             break
-    if covered < elements or len(h.streams) + len(lead) > 255 or len(lead) == len(h.streams):
+    names = [s.name for s in h.streams]
+    if covered < elements or len(h.streams) + len(lead) > 255 or \
+            len(lead) == len(h.streams) or any(names.count(s.name) > 1 for s in lead):
         return bytes(frame)
     streams = [replace(s, stored=mv[s.offset:s.offset + s.stored_len]) for s in h.streams]
     if scheme == "copy":

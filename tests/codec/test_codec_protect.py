@@ -209,3 +209,29 @@ def test_mend_rewrites_what_is_damaged_from_what_is_intact(scheme, which):
     else:
         assert (mended, names) == (prot, ["q0"])
     assert fr.mend(prot) == (prot, [])
+
+
+@pytest.mark.parametrize("scheme", ["parity", "copy"])
+def test_protected_delta_with_split_planes_keeps_every_bucket_stream(monkeypatch, scheme):
+    """A sub+ctx+hi delta whose lower planes are split in buckets has several streams
+    of one name; guarding its top planes must not drop any of them (parsing a guarded
+    frame once kept one stream per name: the frame then failed to decode)."""
+    from codec import xor as X
+    monkeypatch.setattr(X, "_pick_transform", lambda *a, **k: X.T_SUBCTX_HI)
+
+    def every_lower_plane(h):  # split matrix (plane, class): all but the top plane
+        split = np.ones(h.shape[:2], bool)
+        split[0] = False
+        return split
+    monkeypatch.setattr(X, "_splits", every_lower_plane)
+    adam = W - (1e-4 * np.sign(RNG.standard_normal(W.size))).astype(np.float32)
+    data, ref = adam.tobytes(), W.tobytes()
+    plain = codec.encode(data, "F32", reference=ref)
+    names = [s.name for s in fr.parse(plain).streams]
+    assert len(names) > len(set(names))  # bucket streams share their plane's name
+    prot = fr.protect(plain, W.size, scheme=scheme)
+    assert [s.name for s in fr.parse(prot).streams] == names
+    assert codec.decode(prot, reference=ref) == data
+    for s in fr.parse(prot).streams:
+        if s.protected and s.stored_len:
+            assert codec.decode(_flip(prot, s), reference=ref) == data, s.name
