@@ -149,16 +149,32 @@ def m_zipnn(fdtype):
     return enc, dec
 
 
-def m_codec(name, bound=None, use_ref=False):
+def m_codec(name, bound=None, use_ref=False, protect=False, damage=False):
+    """``protect``: the frames carry their parities; ``damage``: and one byte of each
+    frame's first guarded stream is flipped, so every decode rebuilds a stripe."""
     def enc(ch):
         ref = ch[3] if use_ref else None
         nm = "planes" if name == "xor" and ref is None else name  # tensor new in this file
-        return codec.encode(ch[2], ch[1], codec=nm, bound=bound, reference=ref)
+        blob = codec.encode(ch[2], ch[1], codec=nm, bound=bound, reference=ref,
+                            protect=protect)
+        return _damaged(blob) if damage else blob
 
     def dec(blob, ch):  # copy=False: the decoder's own buffer, as the filesystem reads
         # it (copy=True adds one copy of the output into a fresh bytes object)
         return codec.decode(blob, reference=ch[3] if use_ref else None, copy=False)
     return enc, dec
+
+
+def _damaged(frame: bytes) -> bytes:
+    """``frame`` with a byte flipped in the middle of its first non-empty guarded stream
+    (as it is when it has none)."""
+    from codec import frame as fr
+    for st in fr.parse(frame).streams:
+        if st.protected and st.stored_len:
+            b = bytearray(frame)
+            b[st.offset + st.stored_len // 2] ^= 0x5A
+            return bytes(b)
+    return frame
 
 
 def m_sz3(bound):
@@ -276,9 +292,15 @@ def methods_for(label, fdtype, quick):
           ("codec planes", m_codec("planes"), False), ("codec auto", m_codec("auto"), False)]
     if not quick:
         ms.insert(1, ("zstd -19", m_zstd(19), False))
+    ms.append(("codec auto, protect", m_codec("auto", protect=True), False))
+    if not quick:
+        ms.append(("codec auto, protect, damaged", m_codec("auto", protect=True, damage=True),
+                   False))
     if has_ref:
         ms += [("codec xor (ref)", m_codec("xor", use_ref=True), False),
-               ("codec auto (ref)", m_codec("auto", use_ref=True), False)]
+               ("codec auto (ref)", m_codec("auto", use_ref=True), False),
+               ("codec auto (ref), protect", m_codec("auto", use_ref=True, protect=True),
+                False)]
     if fdtype in ("float32", "float16") and not has_ref:
         ms.append(("codec elf native", m_codec("elf", bound="native"), True))
     if fdtype == "float32" and not has_ref:
