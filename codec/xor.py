@@ -33,6 +33,7 @@ instead of returning wrong bytes."""
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -86,6 +87,12 @@ def _unsub(z: np.ndarray, ref, ut: np.dtype) -> np.ndarray:
     z = z.view(ut)
     d = (z >> ut.type(1)) ^ (ut.type(0) - (z & ut.type(1)))
     return _u8(ref).view(ut) + d
+
+
+def _planes_view(header, layout: int) -> SimpleNamespace:
+    """The header as decode_planes reads a planes frame's: its layout as the params."""
+    return SimpleNamespace(params=bytes([layout]), raw_size=header.raw_size,
+                           streams=header.streams)
 
 
 def _unsub_planes(frame, header, ref, ut: np.dtype) -> np.ndarray:
@@ -470,16 +477,12 @@ class XorCodec(Codec):
         if ctx:
             return _decode_ctx(header, frame, dt, ref, t)
 
-        class _H:  # the planes view of this header
-            params = bytes([layout])
-            raw_size = header.raw_size
-            streams = header.streams
         if t == T_SUB:
             ut = _utype(dt)
             if ut.itemsize in (2, 4) and layout == L_BYTES and \
                     len(header.streams) == ut.itemsize:
                 return _unsub_planes(frame, header, ref, ut)
-            z = decode_planes(_H, frame, _bytes_dtype(ut), None)
+            z = decode_planes(_planes_view(header, layout), frame, _bytes_dtype(ut), None)
             return _unsub(np.ascontiguousarray(z).reshape(-1).view(np.uint8), ref, ut)
-        d = decode_planes(_H, frame, dt, None)
+        d = decode_planes(_planes_view(header, layout), frame, dt, None)
         return _xor(d, ref, dt)
