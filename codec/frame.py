@@ -63,7 +63,7 @@ stream, so codecs never see them and a frame without them reads exactly as befor
   them). Method raw; its stored bytes::
 
       u8  k, the number of stripes X's stored bytes are cut into (see ``_stripes``)
-      k x u32  low 32 bits of the xxh3_64 of each stripe
+      k x u32  low 32 bits of the xxh3_64 of each stripe (padded like the XOR's rows)
       m bytes  the XOR of the k stripes, m = ceil(len(X) / k) (short stripes padded
                with zeros)
 
@@ -358,19 +358,16 @@ def _rows(data, k: int) -> np.ndarray:
     return rows
 
 
+def _stripe_checks(rows: np.ndarray) -> list[int]:
+    return [_trunc(hash64(r), 32) for r in rows]
+
+
 def parity(data) -> bytes:
     """The stored bytes of the parity stream of a stream whose stored bytes are ``data``."""
     k = _stripes(memoryview(data).nbytes)
     rows = _rows(data, k)
-    checks = [_trunc(hash64(r), 32) for r in _stripe_views(data, k)]
-    return bytes([k]) + struct.pack(f"<{k}I", *checks) + \
+    return bytes([k]) + struct.pack(f"<{k}I", *_stripe_checks(rows)) + \
         np.bitwise_xor.reduce(rows, axis=0).tobytes()
-
-
-def _stripe_views(data, k: int) -> list:
-    mv = memoryview(data).cast("B")
-    m = -(-mv.nbytes // k)
-    return [mv[i * m:(i + 1) * m] for i in range(k)]
 
 
 def _rebuild(mv: memoryview, s: Stream) -> bytes | None:
@@ -384,25 +381,23 @@ def _rebuild(mv: memoryview, s: Stream) -> bytes | None:
     m = -(-n // k) if k else 0
     if k == 0 or p.stored_len != 1 + 4 * k + m:
         return None
-    data = mv[s.offset:s.offset + n]
+    rows = _rows(mv[s.offset:s.offset + n], k)
     checks = struct.unpack_from(f"<{k}I", pb, 1)
-    bad = [i for i, v in enumerate(_stripe_views(data, k)) if _trunc(hash64(v), 32) != checks[i]]
+    bad = [i for i, c in enumerate(_stripe_checks(rows)) if c != checks[i]]
     if len(bad) != 1:
         return None
-    rows = _rows(data, k)
     rows[bad[0]] = np.frombuffer(pb, np.uint8, offset=1 + 4 * k)
     rows[bad[0]] = np.bitwise_xor.reduce(rows, axis=0)  # the parity XOR the other stripes
     out = rows.reshape(-1)[:n].tobytes()
     return out if _trunc(hash64(out), s.check_bits) == s.checksum else None
 
 
-def protect(frame, elements: int, scheme: str = "parity") -> bytes:
-    """``frame`` with redundancy for its most significant streams: the leading streams
-    (the table is most significant first) up to the first that holds one byte per
-    element (the sign+exponent plane; ELF: the outliers and the top plane; a delta: the
-    top byte of every class). ``scheme``: "parity" (written now) or "copy" (what frames
-    carried before parity; kept to make such frames in tests). A frame without such a
-    stream (opaque bytes) comes back as it is."""
+def protect(frame, elements: int) -> bytes:
+    """``frame`` with a parity for each of its most significant streams: the leading
+    streams (the table is most significant first) up to the first that holds one byte
+    per element (the sign+exponent plane; ELF: the outliers and the top plane; a delta:
+    the top byte of every class). A frame without such a stream (opaque bytes) comes
+    back as it is."""
     h = parse(frame)
     if elements <= 0 or any(s.protected for s in h.streams) or h.version != FORMAT_VERSION:
         return bytes(frame)
@@ -418,19 +413,12 @@ def protect(frame, elements: int, scheme: str = "parity") -> bytes:
             len(lead) == len(h.streams) or any(names.count(s.name) > 1 for s in lead):
         return bytes(frame)
     streams = [replace(s, stored=mv[s.offset:s.offset + s.stored_len]) for s in h.streams]
-    if scheme == "copy":
-        streams += [replace(s, name=s.name + COPY) for s in streams[:len(lead)]]
-        version = FORMAT_VERSION
-    elif scheme == "parity":
-        for s in streams[:len(lead)]:
-            par = parity(s.stored)
-            streams.append(Stream(s.name + PARITY, METHOD_RAW, len(par), par))
-        version = PARITY_VERSION
-    else:
-        raise ValueError(f"unknown protection scheme {scheme!r}: 'parity' or 'copy'")
+    for s in streams[:len(lead)]:
+        par = parity(s.stored)
+        streams.append(Stream(s.name + PARITY, METHOD_RAW, len(par), par))
     return pack(h.codec, h.dtype_id, h.raw_size, h.params, streams, h.content_hash,
                 lossy=h.lossy, needs_reference=h.needs_reference, bound=h.bound,
-                max_error=h.max_error, version=version)
+                max_error=h.max_error, version=PARITY_VERSION)
 
 
 def _check_header(mv, pos: int, c: int) -> int:

@@ -3,6 +3,8 @@ damage they cover is read around, damage beyond them is an error, never wrong by
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -38,22 +40,39 @@ def _parity_k(frame: bytes, s: fr.Stream) -> int:
     return frame[s.parity.offset]
 
 
+def _with_copies(frame: bytes, elements: int) -> bytes:
+    """``frame`` (unguarded) as protect() wrote it before parity: a copy ``X~`` of each
+    stream it guards now, in a v2 frame. Such frames are in stores and must go on reading."""
+    guarded = {s.name for s in fr.parse(fr.protect(frame, elements)).streams if s.protected}
+    h = fr.parse(frame)
+    mv = memoryview(frame)
+    streams = [fr.Stream(x.name, x.method, x.raw_len, mv[x.offset:x.offset + x.stored_len])
+               for x in h.streams]
+    streams += [replace(x, name=x.name + fr.COPY) for x in streams if x.name in guarded]
+    return fr.pack(h.codec, h.dtype_id, h.raw_size, h.params, streams, h.content_hash,
+                   lossy=h.lossy, needs_reference=h.needs_reference, bound=h.bound,
+                   max_error=h.max_error)
+
+
+def _protect(frame: bytes, elements: int, scheme: str) -> bytes:
+    return fr.protect(frame, elements) if scheme == "parity" else _with_copies(frame, elements)
+
+
 def _encode(case, protect=True, scheme="parity"):
     dtype, data, kw, names = CASES[case]
-    plain = codec.encode(data.tobytes(), dtype, **kw)
     if not protect:
-        return plain
+        return codec.encode(data.tobytes(), dtype, **kw)
     if scheme == "parity":
         return codec.encode(data.tobytes(), dtype, protect=True, **kw)
-    # frames written before parity carried copies; they must go on reading
-    joint_free = codec.encode(data.tobytes(), dtype, protect=True, **kw)
-    h = fr.parse(joint_free)
-    mv = memoryview(joint_free)
+    # the frame protect=True codes (ELF in byte planes), without its parities
+    prot = codec.encode(data.tobytes(), dtype, protect=True, **kw)
+    h = fr.parse(prot)
+    mv = memoryview(prot)
     bare = fr.pack(h.codec, h.dtype_id, h.raw_size, h.params,
                    [fr.Stream(x.name, x.method, x.raw_len, mv[x.offset:x.offset + x.stored_len])
                     for x in h.streams], h.content_hash, lossy=h.lossy,
                    needs_reference=h.needs_reference, bound=h.bound, max_error=h.max_error)
-    return fr.protect(bare, data.size, scheme="copy")
+    return _with_copies(bare, data.size)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -194,7 +213,7 @@ def test_a_copy_or_parity_that_matches_no_stream_is_a_frame_error(guard):
 @pytest.mark.parametrize("scheme", ["parity", "copy"])
 @pytest.mark.parametrize("which", ["primary", "guard", "both"])
 def test_mend_rewrites_what_is_damaged_from_what_is_intact(scheme, which):
-    prot = fr.protect(codec.encode(W.tobytes(), "F32", bound="native"), W.size, scheme=scheme)
+    prot = _protect(codec.encode(W.tobytes(), "F32", bound="native"), W.size, scheme)
     s = fr.parse(prot).streams[2]  # q0, the top ELF plane
     assert s.name == "q0" and s.protected
     guard = s.parity if scheme == "parity" else s.backup
@@ -229,7 +248,7 @@ def test_protected_delta_with_split_planes_keeps_every_bucket_stream(monkeypatch
     plain = codec.encode(data, "F32", reference=ref)
     names = [s.name for s in fr.parse(plain).streams]
     assert len(names) > len(set(names))  # bucket streams share their plane's name
-    prot = fr.protect(plain, W.size, scheme=scheme)
+    prot = _protect(plain, W.size, scheme)
     assert [s.name for s in fr.parse(prot).streams] == names
     assert codec.decode(prot, reference=ref) == data
     for s in fr.parse(prot).streams:
