@@ -12,7 +12,8 @@ one). Table `chunks` maps id -> codec frame; table `refs` maps id -> CHUNK recor
                     verified by the frame's checksums, not against the id;
                     PROTECTED: written under the `protect` policy (its id seeded by
                     policy.PROTECT_SEED; the frame holds parities (or, written
-                    before those, copies) of its sign+exponent streams), so only protected chunks serve it as delta references
+                    before those, copies) of its sign+exponent streams), so only
+                    protected chunks serve it as delta references
     deps      u32   how many of the refcount's references are delta chunks (format
                     elvesfs-2; records of elvesfs-1 stores lack it and are rewritten by
                     upgrade_records when the store is first opened for writing)

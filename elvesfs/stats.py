@@ -152,8 +152,8 @@ def main(a: argparse.Namespace) -> int:
                   f"{_human(s['delta_saved']):>10} {s['policy']:>10} "
                   f"{s['max_error'] or 0:>8.2g}  {s['path']}")
     w = whole
-    files_ = f"{w['files']} file{'' if w['files'] == 1 else 's'}"
-    print(f"store: {files_}, logical {_human(w['logical'])}, stored "
+    count = f"{w['files']} file{'' if w['files'] == 1 else 's'}"
+    print(f"store: {count}, logical {_human(w['logical'])}, stored "
           f"{_human(w['stored'])} in {w['chunks']} chunks (ratio {_ratio(w['ratio'], 'x')}), "
           f"saved by dedup {_human(w['dedup_saved'])}, by delta {_human(w['delta_saved'])}; "
           f"LMDB file {_human(w['db_bytes'])}")

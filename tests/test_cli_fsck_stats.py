@@ -358,3 +358,15 @@ def test_umount_of_a_busy_mount_says_why_and_keeps_it(make_mount):
     m.umount()
     m.mount()
     assert (m.path / "a.bin").read_bytes() == b"kept" * 1000
+
+
+def test_stats_of_an_empty_file_shows_no_ratio(mnt):
+    """An empty file (nothing stored) has no ratio: '-' in the table, not 0.00; one file
+    is '1 file'."""
+    (mnt.path / "empty").write_bytes(b"")
+    mnt.sync()
+    r = cli("stats", str(mnt.path))
+    assert r.returncode == 0, r.stderr
+    (row,) = [x for x in r.stdout.splitlines() if x.endswith("/empty")]
+    assert row.split()[:5] == ["0", "B", "0", "B", "-"], row
+    assert "store: 1 file, logical 0 B" in r.stdout and "(ratio -)" in r.stdout, r.stdout
