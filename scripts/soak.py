@@ -6,14 +6,16 @@
          compared after every 250 operations and at the end
   model  the hypothesis state machine of tests/test_fs_model_based.py (the mount against
          a plain directory after every step) with many more examples and steps
+  files  the same with model files (tests/test_fs_model_files.py): safetensors and
+         torch.save versions coded as deltas, overwritten, renamed and unlinked
 
 Then `elvesfs sync` and an independent check of the store (tests/conftest.check_store).
 Each soak mounts its own store under --workdir (a FUSE daemon in its own process) and
 always unmounts it. Exit status 0 only if every soak passed.
 
     . .venv/bin/activate
-    python scripts/soak.py                          # fsx 6 seeds x 6000 ops, model 1000 x 80
-    python scripts/soak.py --fsx-seeds 2 --examples 0
+    python scripts/soak.py              # fsx 6 seeds x 6000 ops, model 1000 x 80, files 200 x 50
+    python scripts/soak.py --fsx-seeds 0 --examples 0 --files-examples 50
 """
 from __future__ import annotations
 
@@ -49,27 +51,40 @@ def soak_fsx(work: Path, seeds: int, ops: int, first_seed: int) -> None:
         m.cleanup()
 
 
-def soak_model(work: Path, examples: int, steps: int) -> None:
+def soak_machine(work: Path, machine, examples: int, steps: int) -> None:
+    """Run a state machine of the tests (the mount against a plain directory) at length."""
     from hypothesis import HealthCheck, settings
     from hypothesis.stateful import run_state_machine_as_test
 
-    import test_fs_model_based as t
     m = Mount(work, ("-o", "allow_other"))
     m.mount()
     try:
-        t.FsMachine.mount = m
-        t.FsMachine.plain_root = work / "plain"
-        (m.path / "model").mkdir(exist_ok=True)
-        run_state_machine_as_test(t.FsMachine, settings=settings(
+        machine.mount = m
+        machine.plain_root = work / "plain"
+        machine.max_remounts = max(4, examples // 10)  # remounts and kill -9s cost seconds
+        (m.path / machine.subdir).mkdir(exist_ok=True)
+        run_state_machine_as_test(machine, settings=settings(
             max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
             print_blob=True, suppress_health_check=list(HealthCheck)))
         m.sync()
         problems = check_store(m.store, mounted=True)
         if problems:
             raise AssertionError(f"store check: {problems}")
-        print(f"model: ok, {t.Counters.steps} steps", flush=True)
+        print(f"{machine.__name__}: ok, {machine.counters.steps} steps", flush=True)
     finally:
         m.cleanup()
+
+
+def soak_model(work: Path, examples: int, steps: int) -> None:
+    from test_fs_model_based import FsMachine
+    soak_machine(work, FsMachine, examples, steps)
+
+
+def soak_model_files(work: Path, examples: int, steps: int) -> None:
+    from test_fs_model_files import ModelFileMachine as M
+    soak_machine(work, M, examples, steps)
+    print(f"model files: parsed as {sorted(M.formats)}, {M.tensor_saves} checked saves with "
+          f"tensors, {M.deltas} stored as deltas", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,11 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=100, help="CI's fsx uses seeds 1 and 2")
     p.add_argument("--examples", type=int, default=1000, help="model-based examples (0: skip)")
     p.add_argument("--steps", type=int, default=80, help="steps per model-based example")
+    p.add_argument("--files-examples", type=int, default=200,
+                   help="model-based examples with model files (0: skip)")
+    p.add_argument("--files-steps", type=int, default=50, help="steps per such example")
     a = p.parse_args(argv)
     failed = []
-    for name, run in (("fsx", lambda w: soak_fsx(w, a.fsx_seeds, a.fsx_ops, a.first_seed)),
-                      ("model", lambda w: soak_model(w, a.examples, a.steps))):
-        if (name == "fsx" and a.fsx_seeds <= 0) or (name == "model" and a.examples <= 0):
+    soaks = (("fsx", a.fsx_seeds, lambda w: soak_fsx(w, a.fsx_seeds, a.fsx_ops, a.first_seed)),
+             ("model", a.examples, lambda w: soak_model(w, a.examples, a.steps)),
+             ("files", a.files_examples,
+              lambda w: soak_model_files(w, a.files_examples, a.files_steps)))
+    for name, count, run in soaks:
+        if count <= 0:
             continue
         work = Path(tempfile.mkdtemp(prefix=f"elvesfs-soak-{name}-", dir=a.workdir))
         try:

@@ -60,20 +60,24 @@ def picture(root: Path) -> dict:
 
 
 class Counters:
-    examples = 0
-    remounts = 0
-    steps = 0
+    """What one test's examples did (each machine class has its own)."""
+
+    def __init__(self) -> None:
+        self.examples = self.remounts = self.steps = 0
 
 
 class FsMachine(RuleBasedStateMachine):
     mount = None  # set by the test
     plain_root: Path = None
+    subdir = "model"  # the examples' directories on the mount are under this one
+    counters = Counters()
+    max_remounts = MAX_REMOUNTS  # per test run (a soak may allow more)
 
     def __init__(self) -> None:
         super().__init__()
-        Counters.examples += 1
-        n = Counters.examples
-        self.a = self.mount.path / "model" / f"ex{n}"
+        self.counters.examples += 1
+        n = self.counters.examples
+        self.a = self.mount.path / self.subdir / f"ex{n}"
         self.b = self.plain_root / f"ex{n}"
         self.a.mkdir(parents=True)
         self.b.mkdir(parents=True)
@@ -192,17 +196,17 @@ class FsMachine(RuleBasedStateMachine):
     def remount(self):
         self.close_all()
         self.remounted = True
-        if Counters.remounts >= MAX_REMOUNTS:  # rationed (not a precondition: those must
+        if self.counters.remounts >= self.max_remounts:  # rationed (not a precondition: those must
             self.sync()                        # depend on the example's own steps only)
             return
-        Counters.remounts += 1
+        self.counters.remounts += 1
         self.mount.remount()
         assert check_store(self.mount.store, mounted=True) == []
 
     # -- checks -----------------------------------------------------------------------------
     @invariant()
     def same_tree(self):
-        Counters.steps += 1
+        self.counters.steps += 1
         assert picture(self.a) == picture(self.b)
 
     @invariant()
@@ -231,7 +235,7 @@ def test_model_based(shared_mount, tmp_path):
         settings=settings(max_examples=20, stateful_step_count=40, deadline=None,
                           database=None, print_blob=True,
                           suppress_health_check=list(HealthCheck)))
-    assert Counters.steps > 100
+    assert FsMachine.counters.steps > 100
     # everything the examples left behind, sealed and checked once more
     shared_mount.sync()
     assert check_store(shared_mount.store, mounted=True) == []
