@@ -1,4 +1,4 @@
-"""The `elvesfs` command: mount, umount, sync, stats, fsck, compress."""
+"""The `elvesfs` command: mount, umount, sync, stats, fsck, salvage, compress."""
 
 from __future__ import annotations
 
@@ -128,6 +128,11 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     return fsck_main(a)
 
 
+def cmd_salvage(a: argparse.Namespace) -> int:
+    from .salvage import main as salvage_main
+    return salvage_main(a)
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     from .compress import main as compress_main
     return compress_main(a.args)
@@ -172,6 +177,14 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--repair", action="store_true")
     f.add_argument("--verify-data", action="store_true", help="decode and verify every chunk")
     f.set_defaults(fn=cmd_fsck)
+    sv = sub.add_parser("salvage", help="write out a damaged file: exact where it verifies, "
+                        "floats at reduced precision where only low mantissa bits are damaged")
+    sv.add_argument("path", help="the file, in a live mount (or, with --store, its path "
+                                 "inside the store's file system)")
+    sv.add_argument("output", help="where to write what can be recovered")
+    sv.add_argument("--store", help="read this (unmounted) store instead of PATH's mount")
+    sv.add_argument("--json", action="store_true", help="the damaged ranges as JSON")
+    sv.set_defaults(fn=cmd_salvage)
     c = sub.add_parser("compress", help="report what each codec does to a model file")
     c.add_argument("args", nargs=argparse.REMAINDER)
     c.set_defaults(fn=cmd_compress)
