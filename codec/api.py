@@ -95,14 +95,24 @@ def _encode(data, dtype, codec: str, bound, reference, level: int, joint: bool) 
     return get_codec(codec, dname).encode(mv)
 
 
-def decode(frame, reference=None, fidelity=None, copy: bool = True) -> bytes | memoryview:
+def decode(frame, reference=None, fidelity=None, copy: bool = True,
+           approximate_reference: bool = False) -> bytes | memoryview:
     """Decode a frame to its raw bytes (exact for lossless frames, within the recorded
     bound for ELF frames). ``fidelity``: None = everything; an int = number of mantissa
     (fraction) bits wanted -- only the most significant streams that hold them are read
     and verified; dropped bits read as the midpoint of their range. Ignored by codecs
     without planes (raw, zstd, xor: always exact). ``copy=False`` may return a
-    read-only memoryview instead of bytes, saving a copy of the output."""
-    return decode_frame(frame, reference=reference, fidelity=fidelity, copy=copy)
+    read-only memoryview instead of bytes, saving a copy of the output.
+
+    ``approximate_reference=True`` (salvage of damaged data): ``reference`` is a
+    reduced-fidelity decode of the exact reference (sign and exponent exact, low
+    mantissa bits not); a float delta is decoded against it without checking the
+    reference's checksum or the result's. Each value is then off by about as much as its
+    reference value is: xor deltas keep the error in the same low bits, sub deltas add
+    the reference's error to the value's bits. The delta's own streams are still
+    verified."""
+    return decode_frame(frame, reference=reference, fidelity=fidelity, copy=copy,
+                        approximate_reference=approximate_reference)
 
 
 def inspect(frame) -> FrameInfo:

@@ -101,7 +101,19 @@ class Codec:
         raise NotImplementedError
 
 
-def decode_frame(frame, reference=None, fidelity=None, copy: bool = True):
+class ApproxReference:
+    """A delta's reference known to be inexact in its low mantissa bits only (a reduced-
+    fidelity decode of a damaged chunk, see ``decode(approximate_reference=True)``):
+    the delta decoder skips its checksum, and decode_frame the result's."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf) -> None:
+        self.buf = buf
+
+
+def decode_frame(frame, reference=None, fidelity=None, copy: bool = True,
+                 approximate_reference: bool = False):
     """Decoded bytes of a frame; with ``copy=False`` a read-only memoryview of the
     decoder's own output when it has one (saves a copy of every decoded chunk)."""
     header = parse(frame)
@@ -114,11 +126,14 @@ def decode_frame(frame, reference=None, fidelity=None, copy: bool = True):
     if header.needs_reference and reference is None:
         raise FrameError(f"this {header.codec} frame is a delta: pass reference=<the same chunk of "
                          "the checkpoint it was encoded against> to decode it")
-    out = cls._decode(header, frame, dt, reference, fidelity)
+    approx = approximate_reference and header.needs_reference
+    out = cls._decode(header, frame, dt, ApproxReference(reference) if approx else reference,
+                      fidelity)
     out = _owned(out, frame, reference) if not copy else bytes(out) if not isinstance(out, bytes) else out
     if len(out) != header.raw_size:
         raise FrameError(f"decoded {len(out)} bytes but the frame says {header.raw_size}")
-    if fidelity is None and not header.stored_as_is() and not header.content_ok(out):
+    if fidelity is None and not approx and not header.stored_as_is() and \
+            not header.content_ok(out):
         raise FrameError(f"{header.codec} frame decoded to bytes whose checksum does not match "
                          "the one recorded at encode time" +
                          (" (wrong reference?)" if header.needs_reference else ""))

@@ -11,8 +11,10 @@ sector keeps everything that can be trusted:
   ones): decoded from its intact streams at the highest fidelity they allow, the dropped
   mantissa bits set to the middle of their range (so each value is off by less than
   2^-(kept bits + 1) of itself);
+- a delta (a checkpoint coded against an earlier one) whose reference came back so:
+  decoded against that reduced reference, its values off by as much as theirs;
 - anything else (a damaged frame header, sign/exponent stream or byte chunk, a missing
-  chunk, a delta whose reference is itself damaged): zeros.
+  chunk, a delta with damaged streams of its own or a lost reference): zeros.
 
 Every range that is not exact is reported, with the tensors it holds when the output
 parses as a model file. Nothing in the store is changed.
@@ -75,8 +77,10 @@ class Salvager:
             if hops >= MAX_HOPS:
                 return None, _lost(cid, "its chain of delta references loops")
             ref, dmg = self.chunk(rec.ref, hops + 1)
-            if dmg is not None:  # a delta decodes only against its exact reference
-                return None, _lost(cid, f"it is a delta of a damaged chunk ({dmg.reason})")
+            if ref is None:
+                return None, _lost(cid, f"it is a delta of a lost chunk ({dmg.reason})")
+            if dmg is not None:
+                return self._against_reduced(cid, frame, ref, dmg)
         try:
             return decode_chunk(cid, frame, rec.flags, ref), None
         except ChunkCorruptError as exc:
@@ -85,6 +89,18 @@ class Salvager:
             if not damaged:  # a bad header, or streams that verify but decode wrong
                 return None, _lost(cid, str(cause or exc))
             return self._reduced(cid, frame, ref, damaged)
+
+    def _against_reduced(self, cid: bytes, frame, ref, ref_damage: Damage
+                         ) -> tuple[bytes | None, Damage]:
+        """A delta of a chunk that came back at reduced fidelity, decoded against that
+        (its values are as far off as their reference values: the same mantissa bits)."""
+        why = f"its reference chunk {ref_damage.chunk[:16]} has {ref_damage.reason}"
+        try:
+            out = codec.decode(frame, reference=ref, approximate_reference=True)
+        except codec.FrameError as exc:
+            return None, _lost(cid, f"{why}; and {exc}")
+        return out, Damage(0, 0, cid.hex(), "reduced", why,
+                           mantissa_bits=ref_damage.mantissa_bits)
 
     def _reduced(self, cid: bytes, frame, ref, damaged) -> tuple[bytes | None, Damage]:
         """The chunk at the highest fidelity whose streams all verify."""

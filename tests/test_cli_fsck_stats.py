@@ -395,7 +395,8 @@ def test_salvage_keeps_what_a_damaged_file_still_holds(make_mount, tmp_path):
     """A file with a damaged chunk reads as EIO through the mount; `elvesfs salvage`
     writes it out anyway: intact chunks exact, a float chunk whose low mantissa stream is
     damaged at the precision its other streams give, one whose exponent stream is
-    damaged as zeros, each named with its tensor; the same from the unmounted store."""
+    damaged as zeros, each named with its tensor; the next version's deltas of them at
+    that precision or as zeros; the same from the unmounted store."""
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
@@ -410,6 +411,11 @@ def test_salvage_keeps_what_a_damaged_file_still_holds(make_mount, tmp_path):
     (m.path / "d").mkdir()
     (m.path / "d" / "w.safetensors").write_bytes(src.read_bytes())
     (m.path / "intact.bin").write_bytes(src.read_bytes()[::-1])
+    m.sync()
+    nxt = {k: v + np.float32(1e-4) * rng.standard_normal(v.shape).astype(np.float32)
+           if v.dtype == np.float32 else v for k, v in tensors.items()}
+    save_file(nxt, str(tmp_path / "w2.safetensors"))  # the next version: coded as deltas
+    (m.path / "d" / "w2.safetensors").write_bytes((tmp_path / "w2.safetensors").read_bytes())
     m.sync()
     m.umount()
     with open(src, "rb") as f:  # where each tensor's bytes start in the file
@@ -440,6 +446,21 @@ def test_salvage_keeps_what_a_damaged_file_still_holds(make_mount, tmp_path):
     assert 0 < err.max() <= 2.0 ** -16
     assert not got["b"].any()
     assert out.read_bytes()[:start["a"]] == src.read_bytes()[:start["a"]]  # the header
+
+    # the next version's tensors are deltas of the damaged ones: "a" against a's 15-bit
+    # reconstruction, off by as much; "b" has no reference left
+    r = cli("salvage", str(m.path / "d" / "w2.safetensors"), str(tmp_path / "w2.out"), "--json")
+    assert r.returncode == 2, r.stderr
+    damage = {d["tensors"][0]: d for d in json.loads(r.stdout)["damage"]}
+    assert set(damage) == {"a", "b"}
+    assert damage["a"]["outcome"] == "reduced" and damage["a"]["mantissa_bits"] == 15
+    assert "reference chunk" in damage["a"]["reason"] and "mant_lo" in damage["a"]["reason"]
+    assert damage["b"]["outcome"] == "lost" and "delta of a lost chunk" in damage["b"]["reason"]
+    got = load_file(str(tmp_path / "w2.out"))
+    assert np.array_equal(got["c"], nxt["c"])
+    err = np.abs(got["a"] - nxt["a"]) / np.abs(nxt["a"])
+    assert 0 < err.max() <= 2.0 ** -15
+    assert not got["b"].any()
 
     r = cli("salvage", str(m.path / "intact.bin"), str(tmp_path / "intact.out"))
     assert r.returncode == 0 and "every byte exact" in r.stderr, r.stderr

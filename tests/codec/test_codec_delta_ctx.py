@@ -220,3 +220,29 @@ def test_sub_frame_with_a_damaged_plane_raises():
             bad[s.offset + s.stored_len // 2] ^= 0x10
             with pytest.raises(codec.FrameError):
                 codec.decode(bytes(bad), reference=ref)
+
+
+@pytest.mark.parametrize("t", [X.T_XOR, X.T_SUB, X.T_SUBCTX, X.T_SUBCTX_HI])
+def test_delta_against_an_approximate_reference(t):
+    """Salvage decodes a delta against its reference's reduced-fidelity copy (sign and
+    exponent exact, the low 8 of 23 mantissa bits at their midpoint): each value is then
+    within 2^-15 of itself, as the reference's values are. Without the flag that
+    reference is refused as the wrong one, and the delta's own damaged streams are
+    still caught."""
+    data, ref = _pair("F32", 50_000, 7, False)
+    frame = _encode_with(t, data, "F32", ref, split=True if t == X.T_SUBCTX_HI else None)
+    r = np.frombuffer(ref, np.uint32)
+    approx = ((r & ~np.uint32(0xFF)) | np.uint32(0x80)).tobytes()
+    with pytest.raises(codec.FrameError, match="wrong reference"):
+        codec.decode(frame, reference=approx)
+    got = np.frombuffer(codec.decode(frame, reference=approx, approximate_reference=True),
+                        np.float32)
+    want = np.frombuffer(data, np.float32)
+    err = np.abs(got.astype(np.float64) - want) / np.abs(want)
+    assert 0 < err.max() <= 2.0 ** -15
+    assert codec.decode(frame, reference=ref, approximate_reference=True) == data
+    s = parse(frame).streams[-1]
+    bad = bytearray(frame)
+    bad[s.offset + s.stored_len // 2] ^= 0xFF
+    with pytest.raises(codec.FrameError):
+        codec.decode(bytes(bad), reference=approx, approximate_reference=True)
