@@ -47,10 +47,11 @@ class Fsck:
         self.t = self.db.t
         self.problems: list[str] = []
         self.damaged: list[int] = []
+        self.bad_chunks: set[bytes] = set()  # chunks that do not decode and verify
 
-    def problem(self, msg: str) -> None:
+    def problem(self, msg: str, repairable: bool = True) -> None:
         self.problems.append(msg)
-        log.warning("%s%s", msg, " (repaired)" if self.repair else "")
+        log.warning("%s%s", msg, " (repaired)" if self.repair and repairable else "")
 
     def _bar(self, total: int, desc: str):
         from tqdm import tqdm
@@ -63,6 +64,7 @@ class Fsck:
         self.check_layouts_and_refs()
         if self.verify:
             self.verify_chunks()
+            self.report_damaged_files()
         if self.repair:
             with self.db.write() as txn:
                 self.chunks.collect(txn, limit=1 << 62)
@@ -223,8 +225,28 @@ class Fsck:
                     self._mend(cid, *loaded)
                     self._decode(cid, loaded=loaded)
                 except Exception as exc:
-                    self.problem(f"chunk {cid.hex()} does not verify: {exc}")
+                    self.problem(f"chunk {cid.hex()} does not verify: {exc}", repairable=False)
+                    self.bad_chunks.add(cid)
                 bar.update(1)
+
+    def report_damaged_files(self) -> None:
+        """Name the files whose reads hit a chunk that does not verify (a delta of such
+        a chunk fails too, so it is among them), and what recovers their data."""
+        if not self.bad_chunks:
+            return
+        with self.db.read() as txn:
+            hit = {}
+            for k, v in txn.cursor(db=self.t["layouts"]):
+                n = sum(c in self.bad_chunks for c in Layout.from_bytes(v).ids())
+                if n:
+                    hit[U64.unpack(k)[0]] = n
+            paths = _paths(self.ns, txn, set(hit))
+        for ino, n in sorted(hit.items()):
+            path = paths.get(ino, f"<inode {ino}>")
+            self.damaged.append(ino)
+            self.problem(f"file {path}: {n} chunk(s) do not verify, reads of them fail with "
+                         f"EIO; `elvesfs salvage --store {self.root} {path} OUT` writes out "
+                         "what it still holds", repairable=False)
 
     def _mend(self, cid: bytes, rec: ChunkRecord, frame: bytes) -> None:
         """A protected chunk with damage its parity (or copy) covers reads fine: report
@@ -259,6 +281,23 @@ class Fsck:
         return decode_chunk(cid, frame, rec.flags, ref)
 
 
+def _paths(ns: Namespace, txn, inodes: set[int]) -> dict[int, str]:
+    """A path of each of ``inodes`` (one of its names, for a hard-linked file)."""
+    parent_of: dict[int, tuple[int, bytes]] = {}
+    for parent, name, ino in ns.all_dentries(txn):
+        parent_of.setdefault(ino, (parent, name))
+    out = {}
+    for ino in inodes:
+        parts, cur, seen = [], ino, set()
+        while cur != ROOT_INO and cur in parent_of and cur not in seen:
+            seen.add(cur)
+            cur, name = parent_of[cur]
+            parts.append(os.fsdecode(name))
+        if cur == ROOT_INO:
+            out[ino] = "/" + "/".join(reversed(parts))
+    return out
+
+
 def resolve_store(target: str) -> str:
     """A store directory, or the default store of an unmounted mountpoint."""
     if os.path.exists(os.path.join(target, "data.mdb")):
@@ -282,7 +321,11 @@ def main(a: argparse.Namespace) -> int:
     if n == 0:
         print(f"elvesfs fsck: {root}: clean")
         return 0
-    verb = "repaired" if a.repair else "found (run with --repair to fix)"
+    if not a.repair:
+        verb = "found (run with --repair to fix)"
+    else:
+        verb = "found, the others repaired" if f.damaged else "repaired"
     print(f"elvesfs fsck: {root}: {n} problems {verb}"
-          + (f"; damaged inodes: {f.damaged}" if f.damaged else ""))
+          + (f"; {len(set(f.damaged))} file(s) damaged beyond repair (named above)"
+             if f.damaged else ""))
     return 0 if a.repair and not f.damaged else 1

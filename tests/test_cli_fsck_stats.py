@@ -466,6 +466,13 @@ def test_salvage_keeps_what_a_damaged_file_still_holds(make_mount, tmp_path):
     assert r.returncode == 0 and "every byte exact" in r.stderr, r.stderr
     assert (tmp_path / "intact.out").read_bytes() == src.read_bytes()[::-1]
     m.umount()
+    r = cli("fsck", str(m.store), "--verify-data")  # names the files and the way out
+    out_err = r.stdout + r.stderr
+    assert r.returncode == 1 and "damaged beyond repair" in r.stdout, out_err
+    for name in ("/d/w.safetensors", "/d/w2.safetensors"):
+        assert f"file {name}: 2 chunk(s) do not verify" in out_err, out_err
+        assert f"elvesfs salvage --store {m.store} {name} OUT" in out_err, out_err
+    assert "intact.bin" not in out_err
     r = cli("salvage", "/d/w.safetensors", str(tmp_path / "again"), "--store", str(m.store))
     assert r.returncode == 2 and "15 mantissa bits kept" in r.stdout, r.stdout + r.stderr
     assert (tmp_path / "again").read_bytes() == out.read_bytes()
