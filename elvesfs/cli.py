@@ -1,4 +1,4 @@
-"""The `elvesfs` command: mount, umount, sync, stats, fsck, salvage, compress."""
+"""The `elvesfs` command: mount, umount, sync, stats, fsck, scrub, salvage, compress."""
 
 from __future__ import annotations
 
@@ -128,6 +128,11 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     return fsck_main(a)
 
 
+def cmd_scrub(a: argparse.Namespace) -> int:
+    from .scrub import main as scrub_main
+    return scrub_main(a)
+
+
 def cmd_salvage(a: argparse.Namespace) -> int:
     from .salvage import main as salvage_main
     return salvage_main(a)
@@ -177,6 +182,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--repair", action="store_true")
     f.add_argument("--verify-data", action="store_true", help="decode and verify every chunk")
     f.set_defaults(fn=cmd_fsck)
+    sc = sub.add_parser("scrub", help="verify every stored chunk while mounted")
+    sc.add_argument("mountpoint")
+    sc.add_argument("--repair", action="store_true",
+                    help="write back protected chunks repaired from their parity")
+    sc.set_defaults(fn=cmd_scrub)
     sv = sub.add_parser("salvage", help="write out a damaged file: exact where it verifies, "
                         "floats at reduced precision where only low mantissa bits are damaged")
     sv.add_argument("path", help="the file, in a live mount (or, with --store, its path "

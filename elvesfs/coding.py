@@ -8,7 +8,7 @@ import xxhash
 
 import codec
 
-from .chunkstore import LOSSY, PROTECTED
+from .chunkstore import LOSSY, PROTECTED, ChunkRecord
 from .errors import ChunkCorruptError
 from .policy import PROTECT_SEED, Policy
 
@@ -76,3 +76,19 @@ def decode_chunk(cid: bytes, frame: bytes, flags: int,
     if not flags & LOSSY and chunk_id(data, PROTECT_SEED if flags & PROTECTED else 0) != cid:
         raise ChunkCorruptError(f"chunk {cid.hex()} failed its content checksum")
     return data
+
+
+def mend_chunk(db, cid: bytes) -> tuple[str, ...]:
+    """Write back a protected chunk with its damaged streams rebuilt from their parity
+    (a scrub: the next damage to them is survivable again). Returns the streams mended;
+    () when there was nothing to mend, or the chunk is gone or not protected."""
+    from codec.frame import mend
+    with db.write() as txn:
+        raw = txn.get(cid, db=db.t["refs"])
+        frame = txn.get(cid, db=db.t["chunks"])
+        if raw is None or frame is None or not ChunkRecord.unpack(raw).flags & PROTECTED:
+            return ()
+        mended, names = mend(frame)
+        if names:
+            txn.put(cid, mended, db=db.t["chunks"])
+    return tuple(names)

@@ -3,6 +3,8 @@
 Protocol: the client sends one line, the daemon answers one line.
     sync\n   -> "ok\n" once every closed file is sealed and LMDB is flushed
     ping\n   -> "pong <pid>\n"
+    mend <chunk id, hex>\n -> "ok <streams mended, comma-separated, or ->\n" (online scrub:
+                 a protected chunk's damaged streams rebuilt from their parity, written back)
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ async def _handle(stream: "trio.SocketStream", ops) -> None:
         if cmd == "sync":
             await ops.wait_idle()
             await stream.send_all(b"ok\n")
+        elif cmd.startswith("mend "):
+            try:
+                cid = bytes.fromhex(cmd[5:])
+            except ValueError:
+                cid = b""
+            if len(cid) != 16:
+                await stream.send_all(b"error mend takes a 32-digit hex chunk id\n")
+                return
+            names = await ops.mend(cid)
+            await stream.send_all(f"ok {','.join(names) or '-'}\n".encode())
         elif cmd == "ping":
             await stream.send_all(f"pong {os.getpid()}\n".encode())
         else:

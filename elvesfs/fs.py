@@ -25,6 +25,7 @@ import trio
 
 from .accounting import stored_share
 from .chunkstore import ChunkStore
+from .coding import mend_chunk
 from .db import Database
 from .errors import ElvesError, StoreCorruptError, StoreFullError
 from .ingest import Sealer
@@ -942,6 +943,11 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_inode(ino, attr_only=not data)
         except Exception as exc:  # not mounted (tests) or inode unknown to the kernel
             log.debug("invalidate_inode(%d): %s", ino, exc)
+
+    async def mend(self, cid: bytes) -> tuple[str, ...]:
+        """Rebuild a protected chunk's damaged streams from their parity and write it
+        back (`elvesfs scrub --repair`), in a worker thread."""
+        return await trio.to_thread.run_sync(mend_chunk, self.db, cid)
 
     async def wait_idle(self) -> None:
         """Return once no seal is pending or running (for `elvesfs sync` and unmount).

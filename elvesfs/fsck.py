@@ -20,12 +20,12 @@ import os
 import stat
 import sys
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from codec import frame as codec_frame
 
 from .chunkstore import MAX_DELTA_DEPTH, PROTECTED, ChunkRecord, ChunkStore
-from .coding import decode_chunk
+from .coding import decode_chunk, mend_chunk
 from .daemon import lock_store
 from .db import Database
 from .errors import CliError, StoreCorruptError
@@ -220,65 +220,84 @@ class Fsck:
             ids = [k for k, _ in txn.cursor(db=self.t["refs"])]
         with self._bar(len(ids), "verifying chunks") as bar:
             for cid in ids:
-                try:
-                    loaded = self._load(cid)
-                    self._mend(cid, *loaded)
-                    self._decode(cid, loaded=loaded)
-                except Exception as exc:
-                    self.problem(f"chunk {cid.hex()} does not verify: {exc}", repairable=False)
+                c = check_chunk(self.db, self.chunks, cid)
+                if c.mendable:
+                    self.problem(f"chunk {cid.hex()}: protected stream(s) "
+                                 f"{', '.join(c.mendable)} damaged, repairable (a stripe of the "
+                                 "stream, its parity or copy)")
+                    if self.repair:
+                        mend_chunk(self.db, cid)
+                if c.error:
+                    self.problem(f"chunk {cid.hex()} does not verify: {c.error}",
+                                 repairable=False)
                     self.bad_chunks.add(cid)
                 bar.update(1)
 
     def report_damaged_files(self) -> None:
         """Name the files whose reads hit a chunk that does not verify (a delta of such
         a chunk fails too, so it is among them), and what recovers their data."""
-        if not self.bad_chunks:
-            return
-        with self.db.read() as txn:
-            hit = {}
-            for k, v in txn.cursor(db=self.t["layouts"]):
-                n = sum(c in self.bad_chunks for c in Layout.from_bytes(v).ids())
-                if n:
-                    hit[U64.unpack(k)[0]] = n
-            paths = _paths(self.ns, txn, set(hit))
-        for ino, n in sorted(hit.items()):
-            path = paths.get(ino, f"<inode {ino}>")
+        for ino, path, n in damaged_files(self.db, self.ns, self.bad_chunks):
             self.damaged.append(ino)
             self.problem(f"file {path}: {n} chunk(s) do not verify, reads of them fail with "
                          f"EIO; `elvesfs salvage --store {self.root} {path} OUT` writes out "
                          "what it still holds", repairable=False)
 
-    def _mend(self, cid: bytes, rec: ChunkRecord, frame: bytes) -> None:
-        """A protected chunk with damage its parity (or copy) covers reads fine: report
-        it, and with --repair write the repaired stream, parity or copy back."""
-        if not rec.flags & PROTECTED:
-            return
-        mended, names = codec_frame.mend(frame)
-        if names:
-            self.problem(f"chunk {cid.hex()}: protected stream(s) {', '.join(names)} "
-                         "damaged, repairable (a stripe of the stream, its parity or copy)")
-            if self.repair:
-                with self.db.write() as txn:
-                    txn.put(cid, mended, db=self.t["chunks"])
 
-    def _load(self, cid: bytes) -> tuple[ChunkRecord, bytes]:
-        """The record and frame of a chunk (StoreCorruptError if either is missing)."""
-        with self.db.read() as txn:
-            rec = self.chunks.record(txn, cid)
-            frame = txn.get(cid, db=self.t["chunks"])
+@dataclass
+class ChunkCheck:
+    """What verifying one chunk found."""
+
+    mendable: tuple[str, ...] = ()  # protected streams with damage their parity repairs
+    error: str | None = None  # why the chunk does not decode and verify
+
+
+def check_chunk(db: Database, chunks: ChunkStore, cid: bytes) -> ChunkCheck:
+    """Decode and verify a chunk (and the chain of references it is a delta against) from
+    one snapshot of the store, so a daemon that re-codes chunks meanwhile (online scrub)
+    cannot make a sound chunk look damaged. A chunk freed meanwhile checks clean."""
+    with db.read() as txn:
+        rec = chunks.record(txn, cid)
+        frame = txn.get(cid, db=db.t["chunks"])
+        if rec is None and frame is None:
+            return ChunkCheck()
         if rec is None or frame is None:
-            raise StoreCorruptError(f"chunk {cid.hex()} is missing")
-        return rec, frame
+            return ChunkCheck(error=f"chunk {cid.hex()} has {'no data' if rec else 'no record'}")
+        out = ChunkCheck()
+        if rec.flags & PROTECTED:
+            out.mendable = tuple(codec_frame.mend(frame)[1])
+        try:
+            _decode_in(txn, chunks, db, cid, rec, frame)
+        except Exception as exc:
+            out.error = str(exc)
+        return out
 
-    def _decode(self, cid: bytes, hops: int = 0,
-                loaded: tuple[ChunkRecord, bytes] | None = None) -> bytes:
-        """Decode a chunk (`loaded`: its record and frame, already read) and, first, the
-        chain of references it is a delta against."""
-        rec, frame = loaded or self._load(cid)
-        if hops > 4 * MAX_DELTA_DEPTH:  # the sealer never builds such a chain: a loop
-            raise StoreCorruptError(f"delta chain through {cid.hex()} is too long")
-        ref = self._decode(rec.ref, hops + 1) if rec.is_delta else None
-        return decode_chunk(cid, frame, rec.flags, ref)
+
+def _decode_in(txn, chunks: ChunkStore, db: Database, cid: bytes, rec: ChunkRecord,
+               frame, hops: int = 0) -> bytes:
+    """Decode a chunk within ``txn``, first the chain of references it is a delta of."""
+    if hops > 4 * MAX_DELTA_DEPTH:  # the sealer never builds such a chain: a loop
+        raise StoreCorruptError(f"delta chain through {cid.hex()} is too long")
+    ref = None
+    if rec.is_delta:
+        rrec = chunks.record(txn, rec.ref)
+        if rrec is None:
+            raise StoreCorruptError(f"its reference chunk {rec.ref.hex()} is missing")
+        ref = _decode_in(txn, chunks, db, rec.ref, rrec, chunks.frame(txn, rec.ref), hops + 1)
+    return decode_chunk(cid, frame, rec.flags, ref)
+
+
+def damaged_files(db: Database, ns: Namespace, bad: set[bytes]) -> list[tuple[int, str, int]]:
+    """(inode, path, how many of its chunks are bad) of every file holding a bad chunk."""
+    if not bad:
+        return []
+    with db.read() as txn:
+        hit = {}
+        for k, v in txn.cursor(db=db.t["layouts"]):
+            n = sum(c in bad for c in Layout.from_bytes(v).ids())
+            if n:
+                hit[U64.unpack(k)[0]] = n
+        paths = _paths(ns, txn, set(hit))
+    return [(ino, paths.get(ino, f"<inode {ino}>"), n) for ino, n in sorted(hit.items())]
 
 
 def _paths(ns: Namespace, txn, inodes: set[int]) -> dict[int, str]:
