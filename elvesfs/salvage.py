@@ -64,19 +64,23 @@ class Salvager:
         self.db = db
         self.chunks = ChunkStore(db)
 
-    def chunk(self, cid: bytes, hops: int = 0) -> tuple[bytes | memoryview | None, Damage | None]:
+    def chunk(self, cid: bytes) -> tuple[bytes | memoryview | None, Damage | None]:
         """(bytes, None) for an exact chunk; (bytes, damage) at reduced fidelity; (None,
-        damage) when nothing of it can be trusted."""
+        damage) when nothing of it can be trusted. The chunk and its chain of references
+        come from one snapshot: a daemon may re-code chunks meanwhile."""
         with self.db.read() as txn:
-            rec = self.chunks.record(txn, cid)
-            frame = txn.get(cid, db=self.db.t["chunks"])
+            return self._chunk(txn, cid, 0)
+
+    def _chunk(self, txn, cid: bytes, hops: int):
+        rec = self.chunks.record(txn, cid)
+        frame = txn.get(cid, db=self.db.t["chunks"])
         if rec is None or frame is None:
             return None, _lost(cid, "the chunk is missing from the store")
         ref = None
         if rec.is_delta:  # decoded again for each of its deltas: memory stays bounded
             if hops >= MAX_HOPS:
                 return None, _lost(cid, "its chain of delta references loops")
-            ref, dmg = self.chunk(rec.ref, hops + 1)
+            ref, dmg = self._chunk(txn, rec.ref, hops + 1)
             if ref is None:
                 return None, _lost(cid, f"it is a delta of a lost chunk ({dmg.reason})")
             if dmg is not None:
