@@ -216,10 +216,8 @@ class Fsck:
 
     # -- 5. data ------------------------------------------------------------------------
     def verify_chunks(self) -> None:
-        with self.db.read() as txn:
-            ids = [k for k, _ in txn.cursor(db=self.t["refs"])]
-        with self._bar(len(ids), "verifying chunks") as bar:
-            for cid in ids:
+        with self._bar(chunk_count(self.db), "verifying chunks") as bar:
+            for cid in chunk_ids(self.db):
                 c = check_chunk(self.db, self.chunks, cid)
                 if c.mendable:
                     self.problem(f"chunk {cid.hex()}: protected stream(s) "
@@ -241,6 +239,33 @@ class Fsck:
             self.problem(f"file {path}: {n} chunk(s) do not verify, reads of them fail with "
                          f"EIO; `elvesfs salvage --store {self.root} {path} OUT` writes out "
                          "what it still holds", repairable=False)
+
+
+def chunk_count(db: Database) -> int:
+    with db.read() as txn:
+        return txn.stat(db.t["refs"])["entries"]
+
+
+def chunk_ids(db: Database, batch: int = 4096):
+    """Every chunk id, read a batch per snapshot: memory stays bounded on a store of
+    millions of chunks, and no read transaction stays open while they are checked."""
+    last = b""
+    while True:
+        with db.read() as txn:
+            cur = txn.cursor(db=db.t["refs"])
+            if not cur.set_range(last):
+                return
+            ids = []
+            for k in cur.iternext(values=False):
+                if k == last:
+                    continue
+                ids.append(bytes(k))
+                if len(ids) == batch:
+                    break
+        if not ids:
+            return
+        yield from ids
+        last = ids[-1]
 
 
 @dataclass

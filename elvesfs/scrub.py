@@ -26,7 +26,7 @@ from .chunkstore import ChunkStore
 from .control import request
 from .db import Database
 from .errors import CliError
-from .fsck import check_chunk, damaged_files
+from .fsck import check_chunk, chunk_count, chunk_ids, damaged_files
 from .mounts import mount_of
 from .namespace import Namespace
 
@@ -45,11 +45,10 @@ def main(a: argparse.Namespace) -> int:
     db = Database(store, readonly=True)
     try:
         chunks = ChunkStore(db)
-        with db.read() as txn:
-            ids = [bytes(k) for k, _ in txn.cursor(db=db.t["refs"])]
-        mendable, bad = [], set()
-        with _bar(len(ids), sys.stderr.isatty()) as bar:
-            for cid in ids:
+        mendable, bad, n = [], set(), 0
+        with _bar(chunk_count(db), sys.stderr.isatty()) as bar:
+            for cid in chunk_ids(db):
+                n += 1
                 c = check_chunk(db, chunks, cid)
                 if c.mendable:
                     mendable.append(cid)
@@ -73,7 +72,7 @@ def main(a: argparse.Namespace) -> int:
             if not ans.startswith("ok"):
                 raise CliError(f"the daemon could not mend chunk {cid.hex()}: {ans}")
             mended += ans != "ok -"
-    print(f"elvesfs scrub: {mp}: {len(ids)} chunks, {len(bad)} do not verify, "
+    print(f"elvesfs scrub: {mp}: {n} chunks, {len(bad)} do not verify, "
           f"{len(mendable)} protected with repairable damage"
           + (f" ({mended} mended)" if a.repair else
              " (run with --repair to write them back)" if mendable else ""))

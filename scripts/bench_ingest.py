@@ -12,6 +12,10 @@ dropping the page cache, beside a cold read of the same file in a plain director
   gguf       MiniLM and its fine-tune as F16 GGUF files (written by llama.cpp's `gguf`
              package), the fine-tune after its base
 
+Then, each on a fresh mount with the page cache dropped, `elvesfs scrub` (every stored
+chunk verified online) is timed beside `cat` of every file through the mount, both
+as logical MB/s.
+
 Baselines run in the same process on the same files: zstd -3 of each file alone,
 and zipnn (PyPI) of each file alone with the file's float dtype. The stored size of
 elvesfs is the bytes of its chunks (`elvesfs stats`); the LMDB file size (what `df`
@@ -100,16 +104,33 @@ def zipnn_size(p: Path) -> int | None:
     return len(z.compress(p.read_bytes()))
 
 
-def cold_read_MBps(path: Path) -> float:
-    """`cat` of a file with the page cache dropped first (root only; else it is warm)."""
+def drop_caches() -> None:
     subprocess.run(["sync"], check=True)
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError:
         print("warning: cannot drop caches; reads may be warm", file=sys.stderr)
+
+
+def cold_read_MBps(path: Path) -> float:
+    """`cat` of a file with the page cache dropped first (root only; else it is warm)."""
+    drop_caches()
     t0 = time.monotonic()
     subprocess.run(["cat", str(path)], check=True, stdout=subprocess.DEVNULL)
     return path.stat().st_size / (time.monotonic() - t0) / 1e6
+
+
+def cold_seconds(mnt: Path, mount_args: list[str], argv: list[str]) -> float:
+    """Seconds ``argv`` takes on a fresh mount (no decoded chunk cached) with the page
+    cache dropped; `elvesfs scrub` exits 1 on damage, which this raises on."""
+    cli("mount", *mount_args)
+    try:
+        drop_caches()
+        t0 = time.monotonic()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, cwd=str(ROOT))
+        return time.monotonic() - t0
+    finally:
+        cli("umount", str(mnt))
 
 
 def run_scenario(name: str, files: list[Path], work: Path) -> dict:
@@ -136,6 +157,10 @@ def run_scenario(name: str, files: list[Path], work: Path) -> dict:
         read_fs = cold_read_MBps(mnt / dest_name(newest))
     finally:
         cli("umount", str(mnt))
+    # verifying every stored chunk online vs reading every file through the mount
+    margs = [str(mnt), "--store", str(store), *extra]
+    t_scrub = cold_seconds(mnt, margs, [sys.executable, "-m", "elvesfs.cli", "scrub", str(mnt)])
+    t_cat = cold_seconds(mnt, margs, ["cat", *[str(mnt / dest_name(f)) for f in files]])
     logical = sum(f.stat().st_size for f in files)
     z3 = sum(zstd3(f) for f in files)
     zn = [zipnn_size(f) for f in files]
@@ -152,6 +177,7 @@ def run_scenario(name: str, files: list[Path], work: Path) -> dict:
         "dedup_saved": st["store"]["dedup_saved"], "delta_saved": st["store"]["delta_saved"],
         "cp_MBps": logical / t_cp / 1e6, "cp_sync_MBps": logical / t_all / 1e6,
         "max_error": max_err, "read_MBps": read_fs, "read_plain_MBps": read_plain,
+        "scrub_MBps": logical / t_scrub / 1e6, "cat_all_MBps": logical / t_cat / 1e6,
         "per_file": {k: round(v["ratio"] or 0, 3) for k, v in per_file.items()},
     }
 
@@ -169,8 +195,8 @@ def main() -> int:
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print("| scenario | files | logical MiB | elvesfs stored MiB (LMDB file) | elvesfs | zstd -3 | zipnn | elvesfs vs zipnn | dedup saved MiB | delta saved MiB | cp MB/s | cp+seal MB/s | cold read of the newest file MB/s (plain dir) | max err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scenario | files | logical MiB | elvesfs stored MiB (LMDB file) | elvesfs | zstd -3 | zipnn | elvesfs vs zipnn | dedup saved MiB | delta saved MiB | cp MB/s | cp+seal MB/s | cold read of the newest file MB/s (plain dir) | scrub MB/s (cat of every file) | max err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         zr = f"{r['zipnn_ratio']:.2f}x" if r["zipnn_ratio"] else "-"
         vz = f"{r['vs_zipnn']:.3f}x" if r["vs_zipnn"] else "-"
@@ -178,7 +204,8 @@ def main() -> int:
               f"{r['stored'] / 2**20:.1f} ({r['db_bytes'] / 2**20:.1f}) | {r['ratio']:.2f}x | "
               f"{r['zstd3_ratio']:.2f}x | {zr} | {vz} | {r['dedup_saved'] / 2**20:.1f} | "
               f"{r['delta_saved'] / 2**20:.1f} | {r['cp_MBps']:.0f} | {r['cp_sync_MBps']:.0f} | "
-              f"{r['read_MBps']:.0f} ({r['read_plain_MBps']:.0f}) | {r['max_error']:.3g} |")
+              f"{r['read_MBps']:.0f} ({r['read_plain_MBps']:.0f}) | "
+              f"{r['scrub_MBps']:.0f} ({r['cat_all_MBps']:.0f}) | {r['max_error']:.3g} |")
     for r in rows:
         print(f"\n{r['scenario']}: per-file ratios {r['per_file']}")
     return 0
