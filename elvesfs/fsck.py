@@ -19,7 +19,8 @@ import logging
 import os
 import stat
 import sys
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from codec import frame as codec_frame
@@ -217,8 +218,7 @@ class Fsck:
     # -- 5. data ------------------------------------------------------------------------
     def verify_chunks(self) -> None:
         with self._bar(chunk_count(self.db), "verifying chunks") as bar:
-            for cid in chunk_ids(self.db):
-                c = check_chunk(self.db, self.chunks, cid)
+            for cid, c in check_chunks(self.db, self.chunks):
                 if c.mendable:
                     self.problem(f"chunk {cid.hex()}: protected stream(s) "
                                  f"{', '.join(c.mendable)} damaged, repairable (a stripe of the "
@@ -266,6 +266,22 @@ def chunk_ids(db: Database, batch: int = 4096):
             return
         yield from ids
         last = ids[-1]
+
+
+def check_chunks(db: Database, chunks: ChunkStore, workers: int | None = None):
+    """(chunk id, ChunkCheck) of every chunk, checked in worker threads (the decoders
+    and checksums release the GIL) with a bounded window of chunks in flight."""
+    workers = workers or os.cpu_count() or 1
+    window: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="elvesfs-check") as pool:
+        for cid in chunk_ids(db):
+            window.append((cid, pool.submit(check_chunk, db, chunks, cid)))
+            if len(window) >= 4 * workers:
+                done, fut = window.popleft()
+                yield done, fut.result()
+        while window:
+            done, fut = window.popleft()
+            yield done, fut.result()
 
 
 @dataclass

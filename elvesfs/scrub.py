@@ -26,7 +26,7 @@ from .chunkstore import ChunkStore
 from .control import request
 from .db import Database
 from .errors import CliError
-from .fsck import check_chunk, chunk_count, chunk_ids, damaged_files
+from .fsck import check_chunks, chunk_count, damaged_files
 from .mounts import mount_of
 from .namespace import Namespace
 
@@ -47,9 +47,8 @@ def main(a: argparse.Namespace) -> int:
         chunks = ChunkStore(db)
         mendable, bad, n = [], set(), 0
         with _bar(chunk_count(db), sys.stderr.isatty()) as bar:
-            for cid in chunk_ids(db):
+            for cid, c in check_chunks(db, chunks):
                 n += 1
-                c = check_chunk(db, chunks, cid)
                 if c.mendable:
                     mendable.append(cid)
                     log.warning("chunk %s: protected stream(s) %s damaged, repairable",
@@ -61,9 +60,9 @@ def main(a: argparse.Namespace) -> int:
         files = damaged_files(db, Namespace(db), bad)
     finally:
         db.close()
-    for _, path, n in files:
+    for _, path, hit in files:
         where = os.path.join(mp, path.lstrip("/"))
-        print(f"damaged: {where}: {n} chunk(s) do not verify, reads of them fail with EIO; "
+        print(f"damaged: {where}: {hit} chunk(s) do not verify, reads of them fail with EIO; "
               f"`elvesfs salvage {where} OUT` writes out what it still holds")
     mended = 0
     if a.repair:
