@@ -26,7 +26,7 @@ from .chunkstore import ChunkStore
 from .control import request
 from .db import Database
 from .errors import CliError
-from .fsck import check_chunks, chunk_count, damaged_files
+from .verify import check_chunks, chunk_count, damaged_files
 from .mounts import mount_of
 from .namespace import Namespace
 
