@@ -27,6 +27,41 @@ def _weights(seed: int, base: np.ndarray | None = None) -> bytes:
     return (w if base is None else base + w * 1e-3).astype(np.float32).tobytes()
 
 
+def _recoded_on_lookup(db, chunks, direction: str) -> tuple[bytes, bytes, list]:
+    """A store with a base chunk and a user chunk coded alone or as a delta of it, whose
+    ``chunks.record`` re-codes the user the other way (as rebase does after a deletion)
+    right after its first lookup (after the list it returns is cleared, the next one
+    re-codes it back). Returns (user id, user bytes, [True] once swapped)."""
+    base_bytes = _weights(0)
+    user_bytes = _weights(1, np.frombuffer(base_bytes, np.float32))
+    base, user = chunk_id(base_bytes), chunk_id(user_bytes)
+    alone = codec.encode(user_bytes, "F32")
+    delta = codec.encode(user_bytes, "F32", reference=base_bytes)
+    assert codec.inspect(delta).needs_reference and not codec.inspect(alone).needs_reference
+    codings = [(alone, bytes(16)), (delta, base)]
+    if direction == "delta_to_alone":
+        codings.reverse()
+    with db.write() as txn:
+        chunks.add(txn, base, codec.encode(base_bytes, "F32"), len(base_bytes))
+        chunks.incref(txn, base)
+        chunks.add(txn, user, codings[0][0], len(user_bytes), ref=codings[0][1])
+        chunks.incref(txn, user)
+    real_record = chunks.record
+    swapped: list = []
+
+    def record_then_recode(txn, cid):
+        rec = real_record(txn, cid)
+        if cid == user and not swapped:  # the sealer commits right after the lookup
+            swapped.append(True)
+            codings.reverse()  # to the other coding (and back, the next time)
+            with db.write() as w:
+                chunks.recode(w, user, *codings[0])
+        return rec
+
+    chunks.record = record_then_recode
+    return user, user_bytes, swapped
+
+
 @pytest.mark.parametrize("direction", ["alone_to_delta", "delta_to_alone"])
 def test_a_chunk_recoded_while_it_is_read_reads_back_exact(store, direction):
     """Re-coding (rebase after a deletion) swaps a chunk's frame and record in one
@@ -34,34 +69,25 @@ def test_a_chunk_recoded_while_it_is_read_reads_back_exact(store, direction):
     the frame after it decoded a delta frame without its reference (EIO) or the
     reverse. Record and frame must come from one snapshot."""
     db, chunks = store
-    base_bytes = _weights(0)
-    user_bytes = _weights(1, np.frombuffer(base_bytes, np.float32))
-    base, user = chunk_id(base_bytes), chunk_id(user_bytes)
-    alone = codec.encode(user_bytes, "F32")
-    delta = codec.encode(user_bytes, "F32", reference=base_bytes)
-    assert codec.inspect(delta).needs_reference and not codec.inspect(alone).needs_reference
-    first, then = ((alone, None), (delta, base)) if direction == "alone_to_delta" \
-        else ((delta, base), (alone, None))
-    with db.write() as txn:
-        chunks.add(txn, base, codec.encode(base_bytes, "F32"), len(base_bytes))
-        chunks.incref(txn, base)
-        chunks.add(txn, user, first[0], len(user_bytes), ref=first[1] or bytes(16))
-        chunks.incref(txn, user)
-
+    user, user_bytes, swapped = _recoded_on_lookup(db, chunks, direction)
     reader = ChunkReader(db, chunks, ChunkCache(64 << 20))
-    real_record = chunks.record
-    swapped = []
-
-    def record_then_recode(txn, cid):
-        rec = real_record(txn, cid)
-        if cid == user and not swapped:  # the sealer commits right after the lookup
-            swapped.append(True)
-            with db.write() as w:
-                chunks.recode(w, user, then[0], then[1] or bytes(16))
-        return rec
-
-    chunks.record = record_then_recode
     assert bytes(reader.get(user)) == user_bytes
     assert swapped
     reader.cache = ChunkCache(64 << 20)  # and read again from the new coding
     assert bytes(reader.get(user)) == user_bytes
+
+
+@pytest.mark.parametrize("direction", ["alone_to_delta", "delta_to_alone"])
+def test_a_chunk_recoded_while_it_is_scrubbed_checks_clean(store, direction):
+    """`elvesfs scrub` and `salvage` run beside the daemon: a chunk re-coded under them
+    must not look damaged (record, frame and reference from one snapshot)."""
+    from elvesfs.salvage import Salvager
+    from elvesfs.verify import check_chunk
+    db, chunks = store
+    user, user_bytes, swapped = _recoded_on_lookup(db, chunks, direction)
+    assert check_chunk(db, chunks, user).error is None and swapped
+    swapped.clear()  # re-code it back, under the salvager this time
+    s = Salvager(db)
+    s.chunks = chunks
+    data, damage = s.chunk(user)
+    assert swapped and damage is None and bytes(data) == user_bytes
