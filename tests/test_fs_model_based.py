@@ -63,7 +63,7 @@ class Counters:
     """What one test's examples did (each machine class has its own)."""
 
     def __init__(self) -> None:
-        self.examples = self.remounts = self.steps = 0
+        self.examples = self.remounts = self.steps = self.kills = 0
 
 
 class FsMachine(RuleBasedStateMachine):

@@ -172,6 +172,7 @@ class ModelFileMachine(FsMachine):
         if self.counters.remounts >= self.max_remounts:  # rationed, as remount is
             return
         self.counters.remounts += 1
+        self.counters.kills += 1
         self.mount.kill9()
         self.mount.mount()
         assert check_store(self.mount.store, mounted=True) == []
@@ -198,7 +199,7 @@ def test_model_files_model_based(shared_mount, tmp_path):
         M, settings=settings(max_examples=12, stateful_step_count=30, deadline=None,
                              database=None, print_blob=True, derandomize=True,
                              suppress_health_check=list(HealthCheck)))
-    print(f"{M.counters.steps} steps; checked saves: {M.tensor_saves} with tensors, "
+    print(f"{M.counters.steps} steps, {M.counters.remounts} remounts, {M.counters.kills} of them kill -9s; checked saves: {M.tensor_saves} with tensors, "
           f"{M.deltas} stored as deltas, formats {sorted(M.formats)}")
     # the model paths really ran: tensors parsed from both formats, and deltas coded
     assert {"safetensors", "torch-zip"} <= M.formats, M.formats
