@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from codec import frame as codec_frame
 
+from .cache import ChunkCache
 from .chunkstore import MAX_DELTA_DEPTH, PROTECTED, ChunkRecord, ChunkStore
 from .coding import decode_chunk
 from .db import Database
@@ -51,14 +52,20 @@ def chunk_ids(db: Database, batch: int = 4096):
         last = ids[-1]
 
 
+REFERENCE_CACHE = 256 << 20  # decoded references kept for the deltas checked later
+
+
 def check_chunks(db: Database, chunks: ChunkStore, workers: int | None = None):
     """(chunk id, ChunkCheck) of every chunk, checked in worker threads (the decoders
-    and checksums release the GIL) with a bounded window of chunks in flight."""
+    and checksums release the GIL) with a bounded window of chunks in flight. Chunks
+    that deltas are coded against are kept decoded in a bounded LRU once verified: a
+    checkpoint series' base is then decoded once, not once per delta of it."""
     workers = workers or os.cpu_count() or 1
+    refs = ChunkCache(REFERENCE_CACHE)
     window: deque = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="elvesfs-check") as pool:
         for cid in chunk_ids(db):
-            window.append((cid, pool.submit(check_chunk, db, chunks, cid)))
+            window.append((cid, pool.submit(check_chunk, db, chunks, cid, refs)))
             if len(window) >= 4 * workers:
                 done, fut = window.popleft()
                 yield done, fut.result()
@@ -75,10 +82,12 @@ class ChunkCheck:
     error: str | None = None  # why the chunk does not decode and verify
 
 
-def check_chunk(db: Database, chunks: ChunkStore, cid: bytes) -> ChunkCheck:
+def check_chunk(db: Database, chunks: ChunkStore, cid: bytes,
+                refs: ChunkCache | None = None) -> ChunkCheck:
     """Decode and verify a chunk (and the chain of references it is a delta against) from
     one snapshot of the store, so a daemon that re-codes chunks meanwhile (online scrub)
-    cannot make a sound chunk look damaged. A chunk freed meanwhile checks clean."""
+    cannot make a sound chunk look damaged. A chunk freed meanwhile checks clean.
+    ``refs``: references verified earlier (chunk contents never change under their id)."""
     with db.read() as txn:
         rec = chunks.record(txn, cid)
         frame = txn.get(cid, db=db.t["chunks"])
@@ -90,24 +99,31 @@ def check_chunk(db: Database, chunks: ChunkStore, cid: bytes) -> ChunkCheck:
         if rec.flags & PROTECTED:
             out.mendable = tuple(codec_frame.mend(frame)[1])
         try:
-            _decode_in(txn, chunks, db, cid, rec, frame)
+            _decode_in(txn, chunks, db, cid, rec, frame, refs)
         except Exception as exc:
             out.error = str(exc)
         return out
 
 
 def _decode_in(txn, chunks: ChunkStore, db: Database, cid: bytes, rec: ChunkRecord,
-               frame, hops: int = 0) -> bytes:
-    """Decode a chunk within ``txn``, first the chain of references it is a delta of."""
+               frame, refs: ChunkCache | None, hops: int = 0) -> bytes | memoryview:
+    """Decode a chunk within ``txn``, first the chain of references it is a delta of
+    (from ``refs`` where one was verified already; the chunk itself is always decoded)."""
     if hops > 4 * MAX_DELTA_DEPTH:  # the sealer never builds such a chain: a loop
         raise StoreCorruptError(f"delta chain through {cid.hex()} is too long")
     ref = None
     if rec.is_delta:
-        rrec = chunks.record(txn, rec.ref)
-        if rrec is None:
-            raise StoreCorruptError(f"its reference chunk {rec.ref.hex()} is missing")
-        ref = _decode_in(txn, chunks, db, rec.ref, rrec, chunks.frame(txn, rec.ref), hops + 1)
-    return decode_chunk(cid, frame, rec.flags, ref)
+        ref = refs.get(rec.ref) if refs is not None else None
+        if ref is None:
+            rrec = chunks.record(txn, rec.ref)
+            if rrec is None:
+                raise StoreCorruptError(f"its reference chunk {rec.ref.hex()} is missing")
+            ref = _decode_in(txn, chunks, db, rec.ref, rrec, chunks.frame(txn, rec.ref), refs,
+                             hops + 1)
+    data = decode_chunk(cid, frame, rec.flags, ref)
+    if refs is not None and rec.deps:
+        refs.put(cid, data)
+    return data
 
 
 def damaged_files(db: Database, ns: Namespace, bad: set[bytes]) -> list[tuple[int, str, int]]:
