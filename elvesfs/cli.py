@@ -144,7 +144,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
     p = argparse.ArgumentParser(prog="elvesfs", description=__doc__)
+    p.add_argument("--version", action="version", version=f"elvesfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mount", help="mount a store (created if new) on MOUNTPOINT")
     m.add_argument("mountpoint")

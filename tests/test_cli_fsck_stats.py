@@ -528,3 +528,9 @@ def test_scrub_checks_a_live_mount_and_mends_protected_chunks(make_mount, tmp_pa
     assert (m.path / "safe" / "p.safetensors").read_bytes() == src.read_bytes()
     r = cli("scrub", str(tmp_path))
     assert r.returncode == 1 and "not an elvesfs mount" in r.stderr
+
+
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"elvesfs {version('elvesfs')}", r.stdout
