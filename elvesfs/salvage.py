@@ -93,6 +93,8 @@ class Salvager:
             if not damaged:  # a bad header, or streams that verify but decode wrong
                 return None, _lost(cid, str(cause or exc))
             return self._reduced(cid, frame, ref, damaged)
+        except Exception as exc:  # damaged data must not stop the salvage of the rest
+            return None, _lost(cid, f"decoding it failed: {exc!r}")
 
     def _against_reduced(self, cid: bytes, frame, ref, ref_damage: Damage
                          ) -> tuple[bytes | None, Damage]:
@@ -101,7 +103,7 @@ class Salvager:
         why = f"its reference chunk {ref_damage.chunk[:16]} has {ref_damage.reason}"
         try:
             out = codec.decode(frame, reference=ref, approximate_reference=True)
-        except codec.FrameError as exc:
+        except Exception as exc:  # FrameError, or anything a damaged frame provokes
             return None, _lost(cid, f"{why}; and {exc}")
         return out, Damage(0, 0, cid.hex(), "reduced", why,
                            mantissa_bits=ref_damage.mantissa_bits)
@@ -119,7 +121,7 @@ class Salvager:
         for bits in range(dt.mbits - 1, -1, -1):
             try:
                 out = codec.decode(frame, reference=ref, fidelity=bits)
-            except codec.FrameError:
+            except Exception:  # FrameError, or anything a damaged frame provokes
                 continue
             return out, Damage(0, 0, cid.hex(), "reduced", what, mantissa_bits=bits)
         return None, _lost(cid, f"{what}, which every precision needs")
@@ -219,7 +221,8 @@ def resolve(path: str, store: str | None) -> tuple[str, int]:
 
 def main(a) -> int:
     """`elvesfs salvage`: 0 when every byte came back exact, 2 when the output was
-    written with reduced or lost ranges (listed), 1 on an error (nothing written)."""
+    written with reduced or lost ranges (listed), 1 on an error (a bad path, or the
+    output could not be written)."""
     store, ino = resolve(a.path, a.store)
     if os.path.abspath(a.output) == os.path.abspath(a.path):
         raise CliError("the output must not be the damaged file itself")

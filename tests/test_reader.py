@@ -91,3 +91,21 @@ def test_a_chunk_recoded_while_it_is_scrubbed_checks_clean(store, direction):
     s.chunks = chunks
     data, damage = s.chunk(user)
     assert swapped and damage is None and bytes(data) == user_bytes
+
+
+def test_salvage_survives_a_decoder_failure(store, monkeypatch):
+    """Damaged data may make a decoder fail in ways other than FrameError: salvage marks
+    that chunk lost and goes on with the rest of the file."""
+    import elvesfs.salvage as sv
+    db, chunks = store
+    data = _weights(3)
+    cid = chunk_id(data)
+    with db.write() as txn:
+        chunks.add(txn, cid, codec.encode(data, "F32"), len(data))
+        chunks.incref(txn, cid)
+
+    def broken(*a, **k):
+        raise IndexError("index 7 is out of bounds")
+    monkeypatch.setattr(sv, "decode_chunk", broken)
+    got, damage = sv.Salvager(db).chunk(cid)
+    assert got is None and damage.outcome == "lost" and "IndexError" in damage.reason
