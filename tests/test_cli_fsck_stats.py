@@ -465,6 +465,17 @@ def test_salvage_keeps_what_a_damaged_file_still_holds(make_mount, tmp_path):
     r = cli("salvage", str(m.path / "intact.bin"), str(tmp_path / "intact.out"))
     assert r.returncode == 0 and "every byte exact" in r.stderr, r.stderr
     assert (tmp_path / "intact.out").read_bytes() == src.read_bytes()[::-1]
+    # a file still open for writing is not sealed: its bytes come from its staging file
+    fd = os.open(m.path / "open.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        staged = os.urandom(300_000)
+        os.write(fd, staged)
+        os.fsync(fd)  # in the daemon's staging file (fsync does not seal)
+        r = cli("salvage", str(m.path / "open.bin"), str(tmp_path / "open.out"))
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "open.out").read_bytes() == staged
+    finally:
+        os.close(fd)
     m.umount()
     r = cli("fsck", str(m.store), "--verify-data")  # names the files and the way out
     out_err = r.stdout + r.stderr
@@ -473,6 +484,12 @@ def test_salvage_keeps_what_a_damaged_file_still_holds(make_mount, tmp_path):
         assert f"file {name}: 2 chunk(s) do not verify" in out_err, out_err
         assert f"elvesfs salvage --store {m.store} {name} OUT" in out_err, out_err
     assert "intact.bin" not in out_err
+    r = cli("fsck", str(m.store), "--verify-data", "--repair")  # nothing repairs them
+    out_err = r.stdout + r.stderr
+    assert r.returncode == 1 and "found, the others repaired" in r.stdout, out_err
+    assert "damaged beyond repair" in r.stdout, out_err
+    assert not [line for line in out_err.splitlines()
+                if "do not verify" in line and "(repaired)" in line], out_err
     r = cli("salvage", "/d/w.safetensors", str(tmp_path / "again"), "--store", str(m.store))
     assert r.returncode == 2 and "15 mantissa bits kept" in r.stdout, r.stdout + r.stderr
     assert (tmp_path / "again").read_bytes() == out.read_bytes()
