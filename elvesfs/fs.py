@@ -87,6 +87,7 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = False
+    direct_writes = True  # sole write-only handles bypass the page cache (_open_handle)
 
     def __init__(self, db: Database, ns: Namespace, chunks: ChunkStore, staging: Staging,
                  reader: ChunkReader, sealer: Sealer, default_policy: Policy,
@@ -605,14 +606,29 @@ class Operations(pyfuse3.Operations):
 
     # -- open, read, write ----------------------------------------------------------
     def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        """A new handle. A write-only open of a file nobody else has open is direct_io:
+        `cp`, `torch.save` and `save_file` then write straight to the daemon without the
+        kernel page cache (a copy, and a page allocated per 4 KiB, less per byte
+        written; without writeback caching the kernel drops such pages anyway once it
+        sees the new mtime). Its open drops pages cached earlier (keep_cache off). A
+        page-cache handle opened while it is open makes it `mixed`: then each of its
+        writes drops the kernel's pages before (dirty mappings are written back first:
+        they are older) and after (a read racing the write may have cached old bytes).
+        Linux >= 6.6 does the first itself; older kernels need both."""
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        fh = self._fh()
-        self.handles[fh] = Handle(ino, writable, flags)
         st = self._st(ino)
+        direct = self.direct_writes and (flags & os.O_ACCMODE) == os.O_WRONLY \
+            and not st.handles
+        fh = self._fh()
+        self.handles[fh] = Handle(ino, writable, flags, direct=direct)
         st.handles += 1
         if writable:
             st.writers += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        if direct:
+            st.direct_writers += 1
+        elif st.direct_writers:
+            st.mixed = True
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
 
     @handler
     async def open(self, inode: int, flags: int, ctx) -> pyfuse3.FileInfo:
@@ -745,9 +761,13 @@ class Operations(pyfuse3.Operations):
                 await self._stop_seal(st)
                 if not st.staged:
                     await self._stage(st, self._get(h.ino), copy=True)
+        if h.direct and st.mixed:  # write back what mmaps dirtied first: it is older
+            await self._drop_kernel_pages(h.ino)
         n = os.pwrite(st.fd, buf, off)
         while n < len(buf):
             n += os.pwrite(st.fd, memoryview(buf)[n:], off + n)
+        if h.direct and st.mixed:  # the page-cache handles' pages are stale now
+            await self._drop_kernel_pages(h.ino)
         if off + n > st.size:
             st.size = off + n
         st.mtime_ns = st.ctime_ns = time.time_ns()
@@ -863,6 +883,9 @@ class Operations(pyfuse3.Operations):
         if h.writable:
             st.writers -= 1
             self._persist_attrs(st)
+        if h.direct:
+            st.direct_writers -= 1
+            st.mixed = st.mixed and st.direct_writers > 0
         if st.staged and not st.writers:
             with self.db.read() as txn:
                 node = self.ns.find(txn, h.ino)
@@ -936,6 +959,12 @@ class Operations(pyfuse3.Operations):
             st.sealing = False
             st.seal_done.set()
             self._release_state(ino)
+
+    async def _drop_kernel_pages(self, ino: int) -> None:
+        """Have the kernel write back and drop its cached pages of `ino`, from a worker
+        thread: the kernel waits for pages locked by reads (or written back by it) that
+        this loop has to serve meanwhile."""
+        await trio.to_thread.run_sync(self._invalidate, ino, True)
 
     def _invalidate(self, ino: int, data: bool) -> None:
         """Drop kernel-cached attributes (st_blocks changed) and, after lossy coding, data."""

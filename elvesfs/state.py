@@ -61,6 +61,8 @@ class InodeState:
     ctime_ns: int | None = None
     handles: int = 0
     writers: int = 0
+    direct_writers: int = 0  # open handles whose writes bypass the kernel page cache
+    mixed: bool = False  # a page-cache handle was opened while a direct writer was open
     sealing: bool = False
     abort: threading.Event = field(default_factory=threading.Event)
     seal_done: trio.Event | None = None
@@ -87,6 +89,7 @@ class Handle:
     writable: bool
     flags: int
     flushed: bool = False  # closed by the application, RELEASE not yet received
+    direct: bool = False  # opened with direct_io: its writes bypass the kernel page cache
 
 
 @dataclass
