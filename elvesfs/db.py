@@ -2,7 +2,9 @@
 
 On-disk layout of a store directory::
 
-    STORE/data.mdb, lock.mdb   LMDB environment (tables below)
+    STORE/data.mdb, lock.mdb   LMDB environment (tables below); while mounted data.mdb
+                               runs up to GROW_AHEAD past LMDB's last page (allocated
+                               zeros, cut off again at close; see prepare_growth)
     STORE/staging/<ino>        staging files of inodes being written (plain sparse files)
     STORE/daemon.lock          fcntl lock held by the one daemon serving the store
     STORE/reserve              RESERVE allocated bytes given back on a full disk, so that
@@ -54,6 +56,8 @@ TABLES = ("meta", "inodes", "dentries", "symlinks", "xattrs", "layouts", "stagin
 MIN_MAP = 1 << 30
 RESERVE = 8 << 20
 FULL_BELOW = 1 << 20  # free bytes under which a failed commit is taken for a full disk
+GROW_AHEAD = 128 << 20  # data.mdb is allocated, and cached, this far past LMDB's last page
+GROW_STEP = 16 << 20  # ... topped up once this much of it has been used
 
 
 def _map_size(path: str) -> int:
@@ -83,6 +87,7 @@ class Database:
             if not readonly else self._open_readonly()
         self._reserve = os.path.join(path, "reserve")
         self._reserve_ok = False  # allocated; set back to False when given back
+        self._grown = 0  # data.mdb is allocated and cached up to this offset
         if not readonly:
             self._check_format()
             self.refill_reserve()
@@ -200,13 +205,53 @@ class Database:
         """Flush committed transactions to disk (fsync): the durability point."""
         self.env.sync(True)
 
+    def prepare_growth(self) -> None:
+        """Allocate data.mdb up to GROW_AHEAD past LMDB's last page and bring that range
+        into the page cache as zeros: run beside the commits of a seal (a helper thread).
+
+        LMDB appends a seal's frames to data.mdb in one writer thread, the critical path
+        of a large write. Appending to a file allocates each page in the write path
+        (and grows the file page by page); writing into pages already cached and
+        allocated is a plain copy. Measured on `cp` + `elvesfs sync` of 1 GiB: 0.76x
+        the time, the committer's kernel copy from ~18 % to ~1.4 % of all samples (see
+        README). LMDB ignores the file's length past its last page (no MDB_WRITEMAP)
+        and a crash leaves only zeros there; close() cuts them off. Best effort: a
+        nearly full disk, or any error, only skips it."""
+        end = self.used_bytes()
+        start = max(self._grown, end)
+        target = end + GROW_AHEAD
+        if target - start < GROW_STEP:
+            return
+        try:
+            if shutil.disk_usage(self.path).free < 4 * GROW_AHEAD:
+                return
+            fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.posix_fallocate(fd, start, target - start)
+                # readahead of allocated, unwritten blocks fills the cache with zeros, no
+                # I/O; the kernel caps each call at the device's readahead (>= 128 KiB)
+                for off in range(start, target, 128 << 10):
+                    os.posix_fadvise(fd, off, 128 << 10, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+            self._grown = target
+        except OSError as exc:
+            log.debug("cannot allocate data.mdb ahead: %s", exc)
+
     def used_bytes(self) -> int:
         """Bytes the environment occupies on disk (allocated pages, not the sparse map)."""
         info = self.env.info()
         return (info["last_pgno"] + 1) * self.env.stat()["psize"]
 
     def close(self) -> None:
-        """Sync and close the environment."""
+        """Sync and close the environment; cut data.mdb back to LMDB's last page."""
+        used = 0 if self.readonly else self.used_bytes()
         if not self.readonly:
             self.env.sync(True)
         self.env.close()
+        data = os.path.join(self.path, "data.mdb")
+        try:  # the zeros past LMDB's last page (this run's or a crashed one's)
+            if used and os.path.getsize(data) > used:
+                os.truncate(data, used)
+        except OSError as exc:
+            log.warning("cannot trim %s to %d bytes: %s", data, used, exc)

@@ -291,6 +291,8 @@ class Sealer:
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
                                        thread_name_prefix="elvesfs-code")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-commit")
+        self.grower = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-grow")
+        self._growing: Future | None = None  # a Database.prepare_growth running
         self.planner = Planner()
         self.delta = delta
         self._pins: dict[int, set[bytes]] = {}  # inode -> pre-sealed chunks not yet referenced
@@ -299,6 +301,7 @@ class Sealer:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.committer.shutdown(wait=True)
+        self.grower.shutdown(wait=True)
 
     # -- piece coding (pool threads) -------------------------------------------
     def _reference(self, p: Piece, protect: bool = False) -> tuple[bytes, bytes | None]:
@@ -413,6 +416,8 @@ class Sealer:
             nonlocal batch, batch_bytes
             if batch:
                 commits.append(self.committer.submit(self._commit_batch, batch, stats))
+                if self._growing is None or self._growing.done():  # keep the store's
+                    self._growing = self.grower.submit(self.db.prepare_growth)  # file ahead
             batch, batch_bytes = [], 0
             while len(commits) > 2:  # bound the frames waiting to be committed
                 commits.pop(0).result()
