@@ -212,9 +212,9 @@ class Database:
         LMDB appends a seal's frames to data.mdb in one writer thread, the critical path
         of a large write. Appending to a file allocates each page in the write path
         (and grows the file page by page); writing into pages already cached and
-        allocated is a plain copy. Measured on `cp` + `elvesfs sync` of 1 GiB: 0.76x
-        the time, the committer's kernel copy from ~18 % to ~1.4 % of all samples (see
-        README). LMDB ignores the file's length past its last page (no MDB_WRITEMAP)
+        allocated is a plain copy. Measured on `cp` + `elvesfs sync` of 1 GiB: 0.80x
+        the time into fresh stores, 0.92x in bench_fs.py; the committer's kernel copy
+        from ~18 % to ~1.4 % of all samples (see README). LMDB ignores the file's length past its last page (no MDB_WRITEMAP)
         and a crash leaves only zeros there; close() cuts them off. Best effort: a
         nearly full disk, or any error, only skips it."""
         end = self.used_bytes()

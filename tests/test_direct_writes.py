@@ -8,26 +8,37 @@ pass even without the daemon's own dropping, which older kernels need.)
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
+from typing import Iterator
 
 PAGE = 4096
 OLD, NEW, MAPPED = b"o" * (4 * PAGE), b"N" * PAGE, b"m" * PAGE
 
 
-def _make(path: Path) -> None:
+@contextlib.contextmanager
+def writer_and(path: Path, second: int) -> Iterator[tuple[int, int]]:
+    """A write-only handle of a fresh 4-page file (sole: direct on elvesfs), then a
+    second handle opened beside it with flags `second` (a page-cache handle)."""
     path.write_bytes(OLD)
+    w = os.open(path, os.O_WRONLY)
+    try:
+        other = os.open(path, second)
+        try:
+            yield w, other
+        finally:
+            os.close(other)
+    finally:
+        os.close(w)
 
 
 def reader_open_while_writing(d: Path) -> list[bytes]:
     """A reader opened after the (direct) writer caches pages, then the writer rewrites
     them: the reader's next read and its shared mapping must show the new bytes."""
     p = d / "f"
-    _make(p)
-    w = os.open(p, os.O_WRONLY)  # sole handle: direct on elvesfs
-    r = os.open(p, os.O_RDONLY)  # page-cache handle opened meanwhile
-    try:
+    with writer_and(p, os.O_RDONLY) as (w, r):
         seen = [os.pread(r, 4 * PAGE, 0)]  # now cached
         m = mmap.mmap(r, 4 * PAGE, prot=mmap.PROT_READ)
         seen.append(m[PAGE:2 * PAGE])
@@ -37,9 +48,6 @@ def reader_open_while_writing(d: Path) -> list[bytes]:
         os.pwrite(w, NEW, 3 * PAGE)
         seen.append(m[:])
         m.close()
-    finally:
-        os.close(r)
-        os.close(w)
     seen.append(p.read_bytes())
     return seen
 
@@ -48,7 +56,7 @@ def cached_before_writer(d: Path) -> list[bytes]:
     """Pages cached by a reader that has since closed (kept across opens) must not be
     served after a write-only handle, opened without O_TRUNC, rewrote them."""
     p = d / "f"
-    _make(p)
+    p.write_bytes(OLD)
     with open(p, "rb") as f:
         first = f.read()
     w = os.open(p, os.O_WRONLY)
@@ -64,10 +72,7 @@ def mapped_write_then_direct_write(d: Path) -> list[bytes]:
     the later write() wins, as on any filesystem (the mapping's dirty page is written
     back before the direct write, not after it)."""
     p = d / "f"
-    _make(p)
-    w = os.open(p, os.O_WRONLY)
-    rw = os.open(p, os.O_RDWR)
-    try:
+    with writer_and(p, os.O_RDWR) as (w, rw):
         m = mmap.mmap(rw, 4 * PAGE)
         m[PAGE:2 * PAGE] = MAPPED       # dirty, not yet written back
         m[2 * PAGE:3 * PAGE] = MAPPED   # a page the writer leaves alone
@@ -75,9 +80,6 @@ def mapped_write_then_direct_write(d: Path) -> list[bytes]:
         seen = [m[:]]
         m.flush()
         m.close()
-    finally:
-        os.close(rw)
-        os.close(w)
     seen.append(p.read_bytes())
     return seen
 
