@@ -36,6 +36,7 @@ Tables (all keys big-endian so cursors iterate in numeric order):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -58,6 +59,22 @@ RESERVE = 8 << 20
 FULL_BELOW = 1 << 20  # free bytes under which a failed commit is taken for a full disk
 GROW_AHEAD = 128 << 20  # data.mdb is allocated, and cached, this far past LMDB's last page
 GROW_STEP = 16 << 20  # ... topped up once this much of it has been used
+WRITE_BACK_STEP = 16 << 20  # committed bytes not yet sent to disk that start a write-back
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (the os module lacks it); None where libc has none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def _map_size(path: str) -> int:
@@ -88,6 +105,7 @@ class Database:
         self._reserve = os.path.join(path, "reserve")
         self._reserve_ok = False  # allocated; set back to False when given back
         self._grown = 0  # data.mdb is allocated and cached up to this offset
+        self._sent = 0  # data.mdb's committed pages before this offset are on their way to disk
         if not readonly:
             self._check_format()
             self.refill_reserve()
@@ -237,6 +255,32 @@ class Database:
             self._grown = target
         except OSError as exc:
             log.debug("cannot allocate data.mdb ahead: %s", exc)
+
+    def start_write_back(self) -> None:
+        """Start writing data.mdb's newly committed pages to disk, without waiting: run
+        beside the commits of a seal (a helper thread), so that the seal's final sync()
+        finds little left to write.
+
+        Commits do not sync (sync=False): without this, a seal's ~1 GiB of frames stays
+        dirty in the page cache (under the kernel's background threshold) and the final
+        fsync writes all of it while the CPUs idle. Measured on `cp` + `elvesfs sync` of
+        1 GiB: that fsync 0.47-0.68 s -> 0.02 s, 0.87x the time (see README). Best
+        effort: where it fails, sync() still writes everything."""
+        end = self.used_bytes()
+        if _sync_file_range is None or end - self._sent < WRITE_BACK_STEP:
+            return
+        try:
+            fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            log.debug("cannot open data.mdb to write it back: %s", exc)
+            return
+        try:
+            if _sync_file_range(fd, self._sent, end - self._sent, SYNC_FILE_RANGE_WRITE):
+                log.debug("sync_file_range of data.mdb: %s", os.strerror(ctypes.get_errno()))
+                return
+        finally:
+            os.close(fd)
+        self._sent = end
 
     def used_bytes(self) -> int:
         """Bytes the environment occupies on disk (allocated pages, not the sparse map)."""

@@ -291,8 +291,9 @@ class Sealer:
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
                                        thread_name_prefix="elvesfs-code")
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-commit")
-        self.grower = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-grow")
-        self._growing: Future | None = None  # a Database.prepare_growth running
+        # the store file's upkeep beside the commits: written back early, allocated ahead
+        self.upkeep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-upkeep")
+        self._upkeeping: Future | None = None
         self.planner = Planner()
         self.delta = delta
         self._pins: dict[int, set[bytes]] = {}  # inode -> pre-sealed chunks not yet referenced
@@ -301,7 +302,7 @@ class Sealer:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.committer.shutdown(wait=True)
-        self.grower.shutdown(wait=True)
+        self.upkeep.shutdown(wait=True)
 
     # -- piece coding (pool threads) -------------------------------------------
     def _reference(self, p: Piece, protect: bool = False) -> tuple[bytes, bytes | None]:
@@ -416,8 +417,8 @@ class Sealer:
             nonlocal batch, batch_bytes
             if batch:
                 commits.append(self.committer.submit(self._commit_batch, batch, stats))
-                if self._growing is None or self._growing.done():  # keep the store's
-                    self._growing = self.grower.submit(self.db.prepare_growth)  # file ahead
+                if self._upkeeping is None or self._upkeeping.done():
+                    self._upkeeping = self.upkeep.submit(self._store_upkeep)
             batch, batch_bytes = [], 0
             while len(commits) > 2:  # bound the frames waiting to be committed
                 commits.pop(0).result()
@@ -487,6 +488,12 @@ class Sealer:
         stats.chunks = len(extents)
         self._tindex = tindex
         return extents
+
+    def _store_upkeep(self) -> None:
+        """Send what the commits wrote to disk early and keep the store file allocated
+        ahead of them (see Database): both take work off the seal's critical path."""
+        self.db.start_write_back()
+        self.db.prepare_growth()
 
     def _commit_batch(self, batch: list[_Result], stats: SealStats) -> None:
         """Store new chunks with refcount 0 (committer thread; one batch at a time)."""
