@@ -345,6 +345,8 @@ class Sealer:
                 cids.append(p.pre.cid)
                 continue
             data = p.data if p.data is not None else os.pread(fd, p.length, p.offset)
+            p.data = None  # pieces outlive their coding (a pre-seal's results): their
+            # views would keep each 8 MiB CDC window alive until the step ends
             if len(data) != p.length:
                 raise OSError(f"staging file shrank while sealing at {p.offset}")
             datas.append(data)
