@@ -40,6 +40,7 @@ import ctypes
 import logging
 import os
 import shutil
+import threading
 from typing import Callable, Iterator, TypeVar
 
 import lmdb
@@ -59,6 +60,7 @@ RESERVE = 8 << 20
 FULL_BELOW = 1 << 20  # free bytes under which a failed commit is taken for a full disk
 GROW_AHEAD = 128 << 20  # data.mdb is allocated, and cached, this far past LMDB's last page
 GROW_STEP = 16 << 20  # ... topped up once this much of it has been used
+WRITE_BACK_STEP = 16 << 20  # new committed bytes that start a write-back of them
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing dirty pages, do not wait
 
 
@@ -104,6 +106,10 @@ class Database:
         self._reserve = os.path.join(path, "reserve")
         self._reserve_ok = False  # allocated; set back to False when given back
         self._grown = 0  # data.mdb is allocated and cached up to this offset
+        # Early write-back (start_write_back) only ever sends pages past `_durable_end`
+        # (LMDB's end at the last sync) that are not yet sent (`_sent`); see there.
+        self._wb_lock = threading.Lock()
+        self._durable_end = self._sent = 0 if readonly else self.used_bytes()
         if not readonly:
             self._check_format()
             self.refill_reserve()
@@ -219,7 +225,10 @@ class Database:
 
     def sync(self) -> None:
         """Flush committed transactions to disk (fsync): the durability point."""
-        self.env.sync(True)
+        with self._wb_lock:
+            end = self.used_bytes()
+            self.env.sync(True)
+            self._durable_end = max(self._durable_end, end)
 
     def prepare_growth(self) -> None:
         """Allocate data.mdb up to GROW_AHEAD past LMDB's last page and bring that range
@@ -255,29 +264,39 @@ class Database:
             log.debug("cannot allocate data.mdb ahead: %s", exc)
 
     def start_write_back(self) -> None:
-        """Start writing data.mdb's dirty pages to disk, without waiting: run beside the
-        commits of a seal (a helper thread, after each batch), so that the seal's final
-        sync() finds little left to write.
+        """Start writing the pages that commits appended to data.mdb since the last sync,
+        without waiting: run beside the commits of a seal (a helper thread, after each
+        batch), so that the seal's final sync() finds little left to write.
 
         Commits do not sync (sync=False): without this, a seal's ~1 GiB of frames stays
         dirty in the page cache (under the kernel's background threshold) and the final
         fsync writes all of it while the CPUs idle. Measured on `cp` + `elvesfs sync` of
-        1 GiB: that fsync 0.47-0.68 s -> 0.02 s, 0.87x the time (see README). The whole
-        file, not just its new end: commits also reuse pages that deletions freed,
-        anywhere in it, and the kernel visits only the dirty ones. Best effort: where it
-        fails, sync() still writes everything."""
+        1 GiB: that fsync 0.47-0.68 s -> 0.02 s, 0.87x the time (see README).
+
+        Only pages past LMDB's end at the last sync, never the meta pages or pages below
+        it: the tree that the last synced meta page describes lies there, and commits
+        since then may have reused its freed pages. Sending those early would put pages
+        of a newer tree under the durable one (a power loss before the next sync could
+        then leave a meta page pointing at overwritten pages); pages past that end are
+        free space to the durable tree. Best effort: sync() still writes everything."""
         if _sync_file_range is None:
             return
-        try:
-            fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            log.debug("cannot open data.mdb to write it back: %s", exc)
-            return
-        try:  # offset 0, length 0: the whole file
-            if _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE):
-                log.debug("sync_file_range of data.mdb: %s", os.strerror(ctypes.get_errno()))
-        finally:
-            os.close(fd)
+        with self._wb_lock:
+            start, end = max(self._sent, self._durable_end), self.used_bytes()
+            if end - start < WRITE_BACK_STEP:
+                return
+            try:
+                fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                log.debug("cannot open data.mdb to write it back: %s", exc)
+                return
+            try:
+                if _sync_file_range(fd, start, end - start, SYNC_FILE_RANGE_WRITE):
+                    log.debug("sync_file_range of data.mdb: %s", os.strerror(ctypes.get_errno()))
+                    return
+            finally:
+                os.close(fd)
+            self._sent = end
 
     def used_bytes(self) -> int:
         """Bytes the environment occupies on disk (allocated pages, not the sparse map)."""

@@ -92,21 +92,21 @@ def test_no_growth_on_a_nearly_full_disk(tmp_path: Path, monkeypatch: pytest.Mon
 KPF_DIRTY, KPF_WRITEBACK = 1 << 4, 1 << 8  # flags of /proc/kpageflags (Documentation/admin-guide/mm)
 
 
-def _dirty_pages(path: Path, n: int) -> int:
-    """How many pages of the first n bytes of `path` are dirty or under write-back in
+def _dirty_pages(path: Path, start: int, end: int) -> int:
+    """How many pages of bytes [start, end) of `path` are dirty or under write-back in
     the page cache: their frames from /proc/self/pagemap (the file mapped and each page
     touched), their flags from /proc/kpageflags (both need root)."""
     page = mmap.PAGESIZE
     fd = os.open(path, os.O_RDONLY)
     try:
-        m = mmap.mmap(fd, n, mmap.MAP_SHARED, mmap.PROT_READ)
+        m = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ)
     finally:
         os.close(fd)
     a = np.frombuffer(m, np.uint8)
     dirty = 0
     try:
         with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
-            for off in range(0, n, page):
+            for off in range(start - start % page, end, page):
                 int(a[off])  # map the page
                 pm.seek((a.ctypes.data + off) // page * 8)
                 entry = struct.unpack("<Q", pm.read(8))[0]
@@ -122,37 +122,63 @@ def _dirty_pages(path: Path, n: int) -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="page flags (/proc/kpageflags) need root")
-def test_write_back_sends_committed_pages_to_disk(tmp_path: Path):
-    """Committed pages are written soon after start_write_back, without any fsync: left
-    alone, the kernel keeps dirty pages for 30 s (dirty_expire_centisecs) unless the
-    machine has more dirty data than its background threshold."""
+def test_write_back_sends_appended_pages_to_disk(tmp_path: Path):
+    """Pages that commits appended are written soon after start_write_back, without any
+    fsync: left alone, the kernel keeps dirty pages for 30 s (dirty_expire_centisecs)
+    unless the machine has more dirty data than its background threshold."""
     d = Database(str(tmp_path))
+    start = d.used_bytes()
     _fill(d, 128)  # 32 MiB in 128 commits, none synced
-    used = d.used_bytes()
+    end = d.used_bytes()
     d.start_write_back()
     deadline = time.monotonic() + 10
-    while (left := _dirty_pages(tmp_path / "data.mdb", used)) and time.monotonic() < deadline:
+    while (left := _dirty_pages(tmp_path / "data.mdb", start, end)) and \
+            time.monotonic() < deadline:
         time.sleep(0.05)
     assert left == 0
     d.close()
 
 
-def test_write_back_covers_the_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Every call hands the kernel the whole of data.mdb (commits also reuse pages that
-    deletions freed, anywhere in it); a failing call only logs."""
+def test_write_back_never_sends_the_durable_tree(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    """Early write-back sends only what commits appended past LMDB's end at the last
+    sync, each page once, in steps of at least WRITE_BACK_STEP: never the meta pages or
+    pages of the synced tree that later commits reused (a power loss before the next
+    sync could leave the durable meta page pointing at overwritten pages)."""
     assert dbmod._sync_file_range is not None  # Linux libc: the real call is there
     real = dbmod._sync_file_range
-    calls: list[tuple[int, int, int, int]] = []
+    sent: list[tuple[int, int]] = []
+    fail = [False]
 
     def recorder(fd: int, off: int, n: int, flags: int) -> int:
-        calls.append((os.fstat(fd).st_ino, off, n, flags))
-        return real(fd, off, n, flags) if len(calls) == 1 else -1
+        assert flags == dbmod.SYNC_FILE_RANGE_WRITE
+        if fail[0]:
+            return -1
+        sent.append((off, off + n))
+        return real(fd, off, n, flags)
     monkeypatch.setattr(dbmod, "_sync_file_range", recorder)
     d = Database(str(tmp_path))
-    vals = _fill(d, 8)
+    d.sync()
+    opened = d.used_bytes()
+    vals = _fill(d, 4)  # 1 MiB: under the step, nothing sent yet
     d.start_write_back()
-    d.start_write_back()  # fails: logged at debug level, nothing raised
-    ino = os.stat(tmp_path / "data.mdb").st_ino
-    assert calls == [(ino, 0, 0, dbmod.SYNC_FILE_RANGE_WRITE)] * 2
+    assert sent == []
+    vals.update(_fill(d, 80, seed=1))
+    d.start_write_back()
+    assert sent == [(opened, d.used_bytes())]
+    d.sync()
+    synced = d.used_bytes()
+    with d.write() as txn:  # free a third of the synced tree's pages, then reuse them
+        for k in list(vals)[::3]:
+            txn.delete(k, db=d.t["chunks"])
+            del vals[k]
+    vals.update(_fill(d, 40, seed=2))
+    fail[0] = True
+    d.start_write_back()  # fails: nothing recorded as sent, tried again next time
+    fail[0] = False
+    vals.update(_fill(d, 80, seed=3))
+    d.start_write_back()
+    assert len(sent) == 2 and sent[1] == (synced, d.used_bytes())
+    assert d.used_bytes() - synced < 120 * (256 << 10)  # freed pages were reused
     d.close()
     assert _read_all(tmp_path) == vals
