@@ -539,6 +539,7 @@ class Operations(pyfuse3.Operations):
         staging file, then free its chunks (and delete the inode row once `forgotten`).
         True when the chunks went to a background task, which calls _dropped."""
         pinned = st is not None and st.preseal is not None  # its chunks wait for collect
+        staged = False
         if st is not None:
             st.abort.set()
             if st.seal_done is not None and not st.seal_done.is_set():
@@ -547,6 +548,7 @@ class Operations(pyfuse3.Operations):
                 await st.preseal.done.wait()
             self._reset_preseal(st, fresh=False)
             if st.fd is not None:
+                staged = True
                 os.close(st.fd)
                 st.fd = None
             st.mtime_ns = st.ctime_ns = None
@@ -554,9 +556,14 @@ class Operations(pyfuse3.Operations):
         self.layouts.pop(ino, None)
         self.blocks.pop(ino, None)
         # the staged bytes go now; the staging record goes with the chunks' transaction
-        # (a crash in between leaves an orphan, which recovery drops). Off the loop:
-        # removing the last link frees the file's pages and blocks (~50-70 ms per GiB)
-        await trio.to_thread.run_sync(self.staging.remove_file, ino)
+        # (a crash in between leaves an orphan, which recovery drops). A staged file's
+        # last link frees its pages and blocks (~50-70 ms per GiB): off the loop; with
+        # nothing staged there is at most a stray file, and no thread hop (`rm` of 10k
+        # sealed files: a hop each cost 0.79x of the passthrough's unlink rate)
+        if staged:
+            await trio.to_thread.run_sync(self.staging.remove_file, ino)
+        else:
+            self.staging.remove_file(ino)
         with self.db.read() as txn:
             data = self._holds_data(txn, ino)
         if not data and not pinned:
