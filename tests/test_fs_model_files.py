@@ -129,6 +129,7 @@ class ModelFileMachine(FsMachine):
     subdir = "model-files"
     counters = Counters()
     formats: set = set()  # what `elvesfs stats` said the checked saves were parsed as
+    # (None for an empty file that was never sealed: it has no seal record)
     deltas = 0  # checked saves stored (in part) as deltas of an earlier version
     tensor_saves = 0  # checked saves whose tensors were parsed
 
@@ -200,7 +201,7 @@ def test_model_files_model_based(shared_mount, tmp_path):
                              database=None, print_blob=True, derandomize=True,
                              suppress_health_check=list(HealthCheck)))
     print(f"{M.counters.steps} steps, {M.counters.remounts} remounts, {M.counters.kills} of them kill -9s; checked saves: {M.tensor_saves} with tensors, "
-          f"{M.deltas} stored as deltas, formats {sorted(M.formats)}")
+          f"{M.deltas} stored as deltas, formats {sorted(M.formats, key=str)}")
     # the model paths really ran: tensors parsed from both formats, and deltas coded
     assert {"safetensors", "torch-zip"} <= M.formats, M.formats
     assert M.tensor_saves > 0 and M.deltas > 0, (M.tensor_saves, M.deltas)
