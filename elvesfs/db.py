@@ -105,11 +105,12 @@ class Database:
             if not readonly else self._open_readonly()
         self._reserve = os.path.join(path, "reserve")
         self._reserve_ok = False  # allocated; set back to False when given back
+        self._data = os.path.join(path, "data.mdb")
         self._grown = 0  # data.mdb is allocated and cached up to this offset
-        # Early write-back (start_write_back) only ever sends pages past `_durable_end`
-        # (LMDB's end at the last sync) that are not yet sent (`_sent`); see there.
+        # data.mdb before this offset is durable (LMDB's end at the last sync) or already
+        # sent to disk early; start_write_back begins here (see there)
+        self._sent = 0 if readonly else self.used_bytes()
         self._wb_lock = threading.Lock()
-        self._durable_end = self._sent = 0 if readonly else self.used_bytes()
         if not readonly:
             self._check_format()
             self.refill_reserve()
@@ -228,7 +229,7 @@ class Database:
         with self._wb_lock:
             end = self.used_bytes()
             self.env.sync(True)
-            self._durable_end = max(self._durable_end, end)
+            self._sent = max(self._sent, end)
 
     def prepare_growth(self) -> None:
         """Allocate data.mdb up to GROW_AHEAD past LMDB's last page and bring that range
@@ -239,9 +240,10 @@ class Database:
         (and grows the file page by page); writing into pages already cached and
         allocated is a plain copy. Measured on `cp` + `elvesfs sync` of 1 GiB: 0.80x
         the time into fresh stores, 0.92x in bench_fs.py; the committer's kernel copy
-        from ~18 % to ~1.4 % of all samples (see README). LMDB ignores the file's length past its last page (no MDB_WRITEMAP)
-        and a crash leaves only zeros there; close() cuts them off. Best effort: a
-        nearly full disk, or any error, only skips it."""
+        from ~18 % to ~1.4 % of all samples (see README). LMDB ignores the file's
+        length past its last page (no MDB_WRITEMAP) and a crash leaves only zeros
+        there; close() cuts them off. Best effort: a nearly full disk, or any error,
+        only skips it."""
         end = self.used_bytes()
         start = max(self._grown, end)
         target = end + GROW_AHEAD
@@ -250,7 +252,7 @@ class Database:
         try:
             if shutil.disk_usage(self.path).free < 4 * GROW_AHEAD:
                 return
-            fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self._data, os.O_RDWR | os.O_CLOEXEC)
             try:
                 os.posix_fallocate(fd, start, target - start)
                 # readahead of allocated, unwritten blocks fills the cache with zeros, no
@@ -282,11 +284,11 @@ class Database:
         if _sync_file_range is None:
             return
         with self._wb_lock:
-            start, end = max(self._sent, self._durable_end), self.used_bytes()
+            start, end = self._sent, self.used_bytes()
             if end - start < WRITE_BACK_STEP:
                 return
             try:
-                fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(self._data, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 log.debug("cannot open data.mdb to write it back: %s", exc)
                 return
@@ -309,9 +311,8 @@ class Database:
         if not self.readonly:
             self.env.sync(True)
         self.env.close()
-        data = os.path.join(self.path, "data.mdb")
         try:  # the zeros past LMDB's last page (this run's or a crashed one's)
-            if used and os.path.getsize(data) > used:
-                os.truncate(data, used)
+            if used and os.path.getsize(self._data) > used:
+                os.truncate(self._data, used)
         except OSError as exc:
-            log.warning("cannot trim %s to %d bytes: %s", data, used, exc)
+            log.warning("cannot trim %s to %d bytes: %s", self._data, used, exc)

@@ -83,8 +83,8 @@ def soak_model(work: Path, examples: int, steps: int) -> None:
 def soak_model_files(work: Path, examples: int, steps: int) -> None:
     from test_fs_model_files import ModelFileMachine as M
     soak_machine(work, M, examples, steps)
-    print(f"model files: parsed as {sorted(M.formats, key=str)}, {M.tensor_saves} checked saves with "
-          f"tensors, {M.deltas} stored as deltas", flush=True)
+    print(f"model files: parsed as {sorted(M.formats, key=str)}, {M.tensor_saves} checked "
+          f"saves with tensors, {M.deltas} stored as deltas", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

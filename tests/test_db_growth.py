@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import random
 import struct
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from elvesfs.db import Database
 
 def _fill(d: Database, n: int, size: int = 256 << 10, seed: int = 0) -> dict[bytes, bytes]:
     """n random values in the chunks table, one transaction each."""
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)
     vals = {}
     for i in range(n):
         k, v = rng.randbytes(16), rng.randbytes(size)
@@ -89,7 +90,7 @@ def test_no_growth_on_a_nearly_full_disk(tmp_path: Path, monkeypatch: pytest.Mon
     d.close()
 
 
-KPF_DIRTY, KPF_WRITEBACK = 1 << 4, 1 << 8  # flags of /proc/kpageflags (Documentation/admin-guide/mm)
+KPF_DIRTY, KPF_WRITEBACK = 1 << 4, 1 << 8  # /proc/kpageflags (admin-guide/mm/pagemap)
 
 
 def _dirty_pages(path: Path, start: int, end: int) -> int:
