@@ -151,4 +151,16 @@ def _owned(out, frame, reference) -> bytes | memoryview:
         out = out.reshape(-1).view(np.uint8)
         out.flags.writeable = False
         return out.data
-    return bytes(out)
+    return _copy(out)
+
+
+def _copy(buf) -> memoryview:
+    """A read-only copy of ``buf``: numpy copies without the GIL (``bytes(buf)`` holds it:
+    a reader thread copying a raw chunk out of the store's map would stall every other
+    thread, the FUSE loop's replies included)."""
+    src = buf.reshape(-1).view(np.uint8) if isinstance(buf, np.ndarray) \
+        else np.frombuffer(buf, np.uint8)
+    out = np.empty(src.shape[0], np.uint8)
+    np.copyto(out, src)
+    out.flags.writeable = False
+    return out.data
