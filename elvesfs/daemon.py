@@ -117,7 +117,7 @@ def recover(store: Store, default_policy: Policy) -> None:
         log.info("recovery: sealing staged inode %d", ino)
         store.sealer.seal(ino, policy, threading.Event())
     store.sealer.collect()
-    store.db.sync()
+    store.db.sync(mark=True)
 
 
 async def _serve(ops: Operations, store: Store) -> None:
@@ -144,7 +144,7 @@ async def _periodic_sync(db: Database) -> None:
     trim = _malloc_trim()
     while True:
         await trio.sleep(5)
-        await trio.to_thread.run_sync(db.sync)
+        await trio.to_thread.run_sync(db.sync, True)
         if trim is not None:
             await trio.to_thread.run_sync(trim, 0)
 

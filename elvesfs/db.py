@@ -11,11 +11,14 @@ On-disk layout of a store directory::
                                the transactions which free space (unlink, rename over a
                                file) can still commit; allocated again once space is back
     STORE/elvesfs.log          daemon log
+    STORE/syncpoint            the meta page of the last sync (see syncpoint.py): what a
+                               store goes back to after a power cut
 
 Tables (all keys big-endian so cursors iterate in numeric order):
 
     meta       b"format" -> b"elvesfs-2" (an elvesfs-1 store is upgraded when first
-               opened for writing);  b"next_ino" -> u64
+               opened for writing);  b"next_ino" -> u64;  b"synced" -> u64, the count
+               of sync marks (see Database._mark)
     inodes     ino u64 -> packed attributes (see namespace.INODE)
     dentries   parent u64 + name -> child ino u64
     symlinks   ino -> target bytes
@@ -46,6 +49,7 @@ from typing import Callable, Iterator, TypeVar
 import lmdb
 
 from .errors import StoreCorruptError, StoreFullError
+from .syncpoint import SyncPoints, meta_txnid, read_meta, recover
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,7 +64,6 @@ RESERVE = 8 << 20
 FULL_BELOW = 1 << 20  # free bytes under which a failed commit is taken for a full disk
 GROW_AHEAD = 128 << 20  # data.mdb is allocated, and cached, this far past LMDB's last page
 GROW_STEP = 16 << 20  # ... topped up once this much of it has been used
-WRITE_BACK_STEP = 16 << 20  # new committed bytes that start a write-back of them
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writing dirty pages, do not wait
 
 
@@ -94,6 +97,10 @@ class Database:
     def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
+        self._pin: lmdb.Transaction | None = None  # the snapshot of the last sync
+        self._synced = 0  # its transaction id
+        self.syncpoints = SyncPoints(path)
+        self.rolled_back = None if readonly else recover(path)
         try:
             self.env = lmdb.open(path, map_size=_map_size(path), max_dbs=len(TABLES) + 1,
                                  subdir=True, readonly=readonly, sync=False, metasync=False,
@@ -107,13 +114,15 @@ class Database:
         self._reserve_ok = False  # allocated; set back to False when given back
         self._data = os.path.join(path, "data.mdb")
         self._grown = 0  # data.mdb is allocated and cached up to this offset
-        # data.mdb before this offset is durable (LMDB's end at the last sync) or already
-        # sent to disk early; start_write_back begins here (see there)
-        self._sent = 0 if readonly else self.used_bytes()
         self._wb_lock = threading.Lock()
         if not readonly:
+            # the state found is this run's first sync point, pinned before any commit:
+            # until it is saved, a power cut goes back to the last run's sync point,
+            # whose tree no snapshot pins any more
+            self.sync(mark=False)
             self._check_format()
             self.refill_reserve()
+            self.sync(mark=True)  # what the last run's last commit freed is reusable
 
     def _open_readonly(self) -> dict:
         """The tables; a store of an earlier format lacks the newer ones (a read-only
@@ -224,12 +233,59 @@ class Database:
         except OSError:
             return False
 
-    def sync(self) -> None:
-        """Flush committed transactions to disk (fsync): the durability point."""
+    def sync(self, mark: bool = False) -> None:
+        """Flush committed transactions to disk (fsync): the durability point.
+
+        Also the store's new sync point (see syncpoint.py): the snapshot synced stays
+        pinned by a read transaction until the next sync, so that no later commit
+        reuses its pages, and its meta page is saved, so that after a power cut the
+        store goes back to it whole. `mark`: commit a sync mark first (see _mark), for
+        the syncs after which freed space should be reusable (not every fsync's)."""
         with self._wb_lock:
-            end = self.used_bytes()
+            if mark:
+                self._mark()
+            pin, meta = self._snapshot()
             self.env.sync(True)
-            self._sent = max(self._sent, end)
+            if pin is None:
+                return
+            if meta is not None and pin.id() != self._synced:
+                self.syncpoints.save(pin.id(), meta, clean=False)
+            old, self._pin, self._synced = self._pin, pin, pin.id()
+            if old is not None:
+                old.abort()
+
+    def _mark(self) -> None:
+        """Commit a sync mark when anything was committed since the last sync: LMDB keeps
+        the pages a commit frees from reuse while a snapshot of that very commit lives,
+        so pinning the mark instead lets the next commits reuse what the last one freed
+        (deleted files' space). Best effort: on a full disk the pin takes the last commit."""
+        if self.readonly or self.env.info()["last_txnid"] == self._synced:
+            return
+        try:
+            with self.write() as txn:
+                n = txn.get(b"synced", db=self.t["meta"])
+                n = int.from_bytes(n, "big") + 1 if n else 1
+                txn.put(b"synced", n.to_bytes(8, "big"), db=self.t["meta"])
+        except StoreFullError as exc:
+            log.debug("no sync mark: %s", exc)
+
+    def _snapshot(self) -> tuple[lmdb.Transaction | None, bytes | None]:
+        """(a read transaction on the newest commit, that commit's meta page), taken
+        under the writer lock so that no commit slips in between."""
+        if self.readonly:
+            return None, None
+        writer = self.env.begin(write=True)
+        try:
+            pin = self.env.begin(write=False)
+            psize = self.env.stat()["psize"]
+            meta = next((m for m in read_meta(self._data, psize) if meta_txnid(m) == pin.id()),
+                        None)
+        finally:
+            writer.abort()
+        if meta is None:
+            log.warning("store %s: no meta page of transaction %d in data.mdb; the sync "
+                        "point stays at %d", self.path, pin.id(), self._synced)
+        return pin, meta
 
     def prepare_growth(self) -> None:
         """Allocate data.mdb up to GROW_AHEAD past LMDB's last page and bring that range
@@ -266,39 +322,47 @@ class Database:
             log.debug("cannot allocate data.mdb ahead: %s", exc)
 
     def start_write_back(self) -> None:
-        """Start writing the pages that commits appended to data.mdb since the last sync,
-        without waiting: run beside the commits of a seal (a helper thread, after each
-        batch), so that the seal's final sync() finds little left to write.
+        """Start writing data.mdb's dirty pages, without waiting: run beside the commits
+        of a seal (a helper thread, after each batch), so that the seal's final sync()
+        finds little left to write.
 
         Commits do not sync (sync=False): without this, a seal's ~1 GiB of frames stays
         dirty in the page cache (under the kernel's background threshold) and the final
-        fsync writes all of it while the CPUs idle. Measured on `cp` + `elvesfs sync` of
-        1 GiB: that fsync 0.47-0.68 s -> 0.02 s, 0.87x the time (see README).
-
-        Only pages past LMDB's end at the last sync, never the meta pages or pages below
-        it: the tree that the last synced meta page describes lies there, and commits
-        since then may have reused its freed pages. Sending those early would put pages
-        of a newer tree under the durable one (a power loss before the next sync could
-        then leave a meta page pointing at overwritten pages); pages past that end are
-        free space to the durable tree. Best effort: sync() still writes everything."""
+        fsync writes all of it while the CPUs idle (that fsync took 0.47-0.68 s of a
+        2.9 s `cp` + `elvesfs sync` of 1 GiB, 0.02 s with this; docs/MEASUREMENTS.md).
+        Any dirty page may go early, pages that commits reused and the meta pages too: no
+        commit rewrites a page of the synced tree (sync() pins it), and a meta page on
+        disk before its tree is undone after a power cut by the sync point (see
+        syncpoint.py). Best effort: sync() still writes everything."""
         if _sync_file_range is None:
             return
         with self._wb_lock:
-            start, end = self._sent, self.used_bytes()
-            if end - start < WRITE_BACK_STEP:
-                return
+            end = self.used_bytes()
             try:
                 fd = os.open(self._data, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 log.debug("cannot open data.mdb to write it back: %s", exc)
                 return
             try:
-                if _sync_file_range(fd, start, end - start, SYNC_FILE_RANGE_WRITE):
+                if _sync_file_range(fd, 0, end, SYNC_FILE_RANGE_WRITE):
                     log.debug("sync_file_range of data.mdb: %s", os.strerror(ctypes.get_errno()))
-                    return
             finally:
                 os.close(fd)
-            self._sent = end
+
+    def live_bytes(self) -> int:
+        """Bytes of the pages that hold the tables now: used_bytes() less the pages LMDB
+        has free for the next commits (deleted data, pages a pinned snapshot holds)."""
+        with self.env.begin() as txn:
+            stats = [txn.stat(db) for db in self.t.values()] + [self.env.stat()]
+        pages = sum(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"] for st in stats)
+        return (pages + 2) * self.env.stat()["psize"]  # + the two meta pages
+
+    def allocated_bytes(self) -> int:
+        """Bytes data.mdb takes on disk (LMDB's pages and the tail allocated ahead)."""
+        try:
+            return os.stat(self._data).st_blocks * 512
+        except OSError:
+            return 0
 
     def used_bytes(self) -> int:
         """Bytes the environment occupies on disk (allocated pages, not the sparse map)."""
@@ -309,7 +373,15 @@ class Database:
         """Sync and close the environment; cut data.mdb back to LMDB's last page."""
         used = 0 if self.readonly else self.used_bytes()
         if not self.readonly:
-            self.env.sync(True)
+            with self._wb_lock:
+                pin, meta = self._snapshot()
+                self.env.sync(True)
+                if meta is not None:  # nothing can be committed after it: clean
+                    self.syncpoints.save(pin.id(), meta, clean=True)
+                pin.abort()
+                if self._pin is not None:
+                    self._pin.abort()
+                    self._pin = None
         self.env.close()
         try:  # the zeros past LMDB's last page (this run's or a crashed one's)
             if used and os.path.getsize(self._data) > used:

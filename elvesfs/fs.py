@@ -584,6 +584,10 @@ class Operations(pyfuse3.Operations):
             await trio.to_thread.run_sync(self._drop_and_collect, ino, not forgotten,
                                           limiter=self.seal_limiter)
             self.generation += 1
+            if background and len(self.dropping) == 1:
+                # the last of a burst of removals: a sync point now lets the next writes
+                # reuse the freed pages (a pinned snapshot holds them until then)
+                await trio.to_thread.run_sync(self.db.sync, True)
         except Exception:
             if not background:
                 raise
@@ -1005,7 +1009,7 @@ class Operations(pyfuse3.Operations):
                 await self.idle.wait()
         while self.dropping:  # removed files whose chunks are being released
             await next(iter(self.dropping.values())).wait()
-        await trio.to_thread.run_sync(self.db.sync)
+        await trio.to_thread.run_sync(self.db.sync, True)
 
     # -- directories --------------------------------------------------------------
     @handler
@@ -1104,11 +1108,15 @@ class Operations(pyfuse3.Operations):
     # -- filesystem -----------------------------------------------------------------
     @handler
     async def statfs(self, ctx) -> pyfuse3.StatvfsData:
-        """Capacity = what the store uses + what the disk has free, so `df` shows real use."""
+        """Capacity = what the store's data takes + what it can still write, so `df`
+        shows real use: free is the disk's free space plus the store file's pages that
+        hold no data (LMDB's free pages: deleted data, taken by the next writes; and the
+        file's allocated tail past LMDB's last page)."""
         disk = os.statvfs(self.db.path)
         bs = 4096
-        used = self.db.used_bytes() + self._staging_bytes()
-        free = disk.f_bavail * disk.f_frsize
+        live = self.db.live_bytes()
+        used = live + self._staging_bytes()
+        free = disk.f_bavail * disk.f_frsize + max(0, self.db.allocated_bytes() - live)
         s = pyfuse3.StatvfsData()
         s.f_bsize = BLKSIZE
         s.f_frsize = bs
