@@ -245,14 +245,21 @@ class Database:
             if mark:
                 self._mark()
             pin, meta = self._snapshot()
-            self.env.sync(True)
-            if pin is None:
-                return
-            if meta is not None and pin.id() != self._synced:
-                self.syncpoints.save(pin.id(), meta, clean=False)
-            old, self._pin, self._synced = self._pin, pin, pin.id()
-            if old is not None:
-                old.abort()
+            try:
+                self.env.sync(True)
+                # Only a saved point moves the pin: until then the old pin keeps the
+                # tree of the point a power cut would go back to.
+                if pin is not None and meta is not None and pin.id() != self._synced:
+                    self.syncpoints.save(pin.id(), meta, clean=False)
+                    pin, self._pin, self._synced = self._pin, pin, pin.id()
+            finally:
+                if pin is not None:  # the old pin, or a new one not needed
+                    pin.abort()
+
+    def commits_since_sync(self) -> int:
+        """Commits since the last sync point (each holds the pages it freed until the
+        next one)."""
+        return self.env.info()["last_txnid"] - self._synced
 
     def _mark(self) -> None:
         """Commit a sync mark when anything was committed since the last sync: LMDB keeps
