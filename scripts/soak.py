@@ -20,6 +20,7 @@ always unmounts it. Exit status 0 only if every soak passed.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files-steps", type=int, default=50, help="steps per such example")
     a = p.parse_args(argv)
     failed = []
+    if a.workdir:
+        os.makedirs(a.workdir, exist_ok=True)  # mkdtemp below needs it
     soaks = (("fsx", a.fsx_seeds, lambda w: soak_fsx(w, a.fsx_seeds, a.fsx_ops, a.first_seed)),
              ("model", a.examples, lambda w: soak_model(w, a.examples, a.steps)),
              ("files", a.files_examples,
