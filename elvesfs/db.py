@@ -233,14 +233,15 @@ class Database:
         except OSError:
             return False
 
-    def sync(self, mark: bool = False) -> None:
+    def sync(self, mark: bool = False, clean: bool = False) -> None:
         """Flush committed transactions to disk (fsync): the durability point.
 
         Also the store's new sync point (see syncpoint.py): the snapshot synced stays
         pinned by a read transaction until the next sync, so that no later commit
         reuses its pages, and its meta page is saved, so that after a power cut the
         store goes back to it whole. `mark`: commit a sync mark first (see _mark), for
-        the syncs after which freed space should be reusable (not every fsync's)."""
+        the syncs after which freed space should be reusable (not every fsync's).
+        `clean`: the point is saved as a clean close (nothing is committed after it)."""
         with self._wb_lock:
             if mark:
                 self._mark()
@@ -249,8 +250,8 @@ class Database:
                 self.env.sync(True)
                 # Only a saved point moves the pin: until then the old pin keeps the
                 # tree of the point a power cut would go back to.
-                if pin is not None and meta is not None and pin.id() != self._synced:
-                    self.syncpoints.save(pin.id(), meta, clean=False)
+                if pin is not None and meta is not None and (clean or pin.id() != self._synced):
+                    self.syncpoints.save(pin.id(), meta, clean=clean)
                     pin, self._pin, self._synced = self._pin, pin, pin.id()
             finally:
                 if pin is not None:  # the old pin, or a new one not needed
@@ -380,12 +381,8 @@ class Database:
         """Sync and close the environment; cut data.mdb back to LMDB's last page."""
         used = 0 if self.readonly else self.used_bytes()
         if not self.readonly:
+            self.sync(clean=True)
             with self._wb_lock:
-                pin, meta = self._snapshot()
-                self.env.sync(True)
-                if meta is not None:  # nothing can be committed after it: clean
-                    self.syncpoints.save(pin.id(), meta, clean=True)
-                pin.abort()
                 if self._pin is not None:
                     self._pin.abort()
                     self._pin = None
