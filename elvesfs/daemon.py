@@ -35,7 +35,8 @@ from .reader import ChunkReader
 from .staging import Staging
 
 log = logging.getLogger("elvesfs.daemon")
-SYNC_INTERVAL = 5.0  # seconds between syncs of LMDB (see _periodic_sync) ...
+# seconds between syncs of LMDB (see _periodic_sync; like ext4's commit= option) ...
+SYNC_INTERVAL = float(os.environ.get("ELVESFS_SYNC_INTERVAL", "5.0"))
 SYNC_COMMITS = 256  # ... or this many commits, whichever comes first
 SYNC_POLL = 0.05
 SWITCH_INTERVAL = float(os.environ.get("ELVESFS_SWITCH_INTERVAL", "0.0005"))  # seconds
