@@ -72,8 +72,16 @@ class Layout:
         """Bytes of the file that extent `i` holds."""
         return self._ends[i] - self.start(i)
 
+    @cached_property
+    def _ids(self) -> bytes:
+        """The ids packed (16 bytes each): slicing them is ~10x cheaper than numpy's
+        per-element access, and a read request asks for a dozen."""
+        return self.ext["id"].tobytes()
+
     def chunk_id(self, i: int) -> bytes:
-        return bytes(self.ext["id"][i])
+        if not 0 <= i < len(self.ext):
+            raise IndexError(f"extent {i} of {len(self.ext)}")
+        return self._ids[16 * i:16 * i + 16]
 
     def find(self, offset: int) -> int:
         """Index of the extent containing `offset` (len(self) if past the end)."""
