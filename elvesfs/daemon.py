@@ -35,11 +35,29 @@ from .reader import ChunkReader
 from .staging import Staging
 
 log = logging.getLogger("elvesfs.daemon")
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment: a bad value is reported and
+    the default used, rather than a daemon that dies on import with a traceback."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        log.warning("%s=%r is not a positive number of seconds; using %s", name, raw, default)
+        return default
+    return value
+
+
 # seconds between syncs of LMDB (see _periodic_sync; like ext4's commit= option) ...
-SYNC_INTERVAL = float(os.environ.get("ELVESFS_SYNC_INTERVAL", "5.0"))
+SYNC_INTERVAL = _env_seconds("ELVESFS_SYNC_INTERVAL", 5.0)
 SYNC_COMMITS = 256  # ... or this many commits, whichever comes first
 SYNC_POLL = 0.05
-SWITCH_INTERVAL = float(os.environ.get("ELVESFS_SWITCH_INTERVAL", "0.0005"))  # seconds
+SWITCH_INTERVAL = _env_seconds("ELVESFS_SWITCH_INTERVAL", 0.0005)
 WARMUP_WAIT = 5.0  # seconds the mount waits for the codec kernels to load
 
 

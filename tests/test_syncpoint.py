@@ -263,3 +263,13 @@ def test_space_freed_by_a_removal_is_reused_before_the_next_periodic_sync(make_m
     m.sync()
     grown = (_last_page(m.store) - before) * 4096
     assert grown < size // 3, f"data.mdb grew by {grown >> 20} MiB for a file that replaced one"
+
+
+@pytest.mark.parametrize("raw,expected", [("2.5", 2.5), ("3600", 3600.0), ("abc", 5.0),
+                                          ("0", 5.0), ("-1", 5.0), ("nan", 5.0), ("inf", 5.0)])
+def test_the_sync_interval_comes_from_the_environment(monkeypatch, raw, expected):
+    """ELVESFS_SYNC_INTERVAL sets the periodic sync; a value that is not a positive
+    number of seconds is reported and the default kept (not a daemon dying on import)."""
+    from elvesfs import daemon
+    monkeypatch.setenv("ELVESFS_SYNC_INTERVAL", raw)
+    assert daemon._env_seconds("ELVESFS_SYNC_INTERVAL", 5.0) == expected
