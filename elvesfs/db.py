@@ -49,7 +49,7 @@ from typing import Callable, Iterator, TypeVar
 import lmdb
 
 from .errors import StoreCorruptError, StoreFullError
-from .syncpoint import SyncPoints, meta_txnid, read_meta, recover
+from .syncpoint import SyncPoints, meta_txnid, pending, read_meta, recover
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,6 +100,12 @@ class Database:
         self._pin: lmdb.Transaction | None = None  # the snapshot of the last sync
         self._synced = 0  # its transaction id
         self.syncpoints = SyncPoints(path)
+        if readonly and pending(path) is not None:
+            # the newest commits may be torn, and a read-only open cannot put the sync
+            # point back: reading the tree as it is could return garbage or SIGBUS
+            raise StoreCorruptError(
+                f"store {path} was open when the machine went down; mount it or run "
+                f"`elvesfs fsck {path}` first, which put it back to its last sync point")
         self.rolled_back = None if readonly else recover(path)
         try:
             self.env = lmdb.open(path, map_size=_map_size(path), max_dbs=len(TABLES) + 1,

@@ -142,19 +142,31 @@ class SyncPoints:
         self._next = 1 - self._next
 
 
-def recover(root: str) -> int | None:
-    """Before LMDB opens a store: if the machine went down with it open, put the last
-    sync point's meta page back into data.mdb. Returns the transaction id the store
-    went back to, or None when nothing was needed (or possible)."""
+def pending(root: str) -> tuple[SyncPoint, int | None] | None:
+    """(the sync point, the newest transaction on disk) if the machine went down with
+    the store open and commits after that point may be torn: recover() must run
+    before anything reads the store."""
     data = os.path.join(root, "data.mdb")
     point = SyncPoints(root).last()
     if point is None or point.clean or point.boot == boot_id() or not os.path.exists(data):
         return None
-    psize = len(point.meta)
-    newest = max((t for t in map(meta_txnid, read_meta(data, psize)) if t is not None),
-                 default=None)
+    newest = max((t for t in map(meta_txnid, read_meta(data, len(point.meta)))
+                  if t is not None), default=None)
     if newest is not None and newest <= point.txnid:
         return None  # nothing was committed after the sync point
+    return point, newest
+
+
+def recover(root: str) -> int | None:
+    """Before LMDB opens a store: if the machine went down with it open, put the last
+    sync point's meta page back into data.mdb. Returns the transaction id the store
+    went back to, or None when nothing was needed (or possible)."""
+    found = pending(root)
+    if found is None:
+        return None
+    point, newest = found
+    psize = len(point.meta)
+    data = os.path.join(root, "data.mdb")
     fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
     try:
         for slot in (0, 1):

@@ -22,6 +22,7 @@ import pytest
 from conftest import write_random
 from elvesfs import syncpoint
 from elvesfs.db import Database
+from elvesfs.errors import StoreCorruptError
 
 N = 600
 
@@ -124,6 +125,10 @@ def test_after_a_power_cut_the_store_goes_back_to_its_last_sync(synced, monkeypa
                            capture_output=True)
     assert probe.returncode != 0
     monkeypatch.setattr(syncpoint, "boot_id", lambda: b"another boot\0\0\0\0\0")
+    # read-only commands (stats, scrub, salvage) cannot put the sync point back: they
+    # refuse the store and say what to run, instead of reading the torn tree
+    with pytest.raises(StoreCorruptError, match="elvesfs fsck"):
+        Database(root, readonly=True)
     db = Database(root)
     try:
         assert db.rolled_back == synced_txn
@@ -132,6 +137,11 @@ def test_after_a_power_cut_the_store_goes_back_to_its_last_sync(synced, monkeypa
     finally:
         db.close()
     assert _contents(root)[(0).to_bytes(8, "big")] == _value(0, 3)
+    ro = Database(root, readonly=True)  # closed cleanly since: readable as it is
+    try:
+        assert _table(ro)[(0).to_bytes(8, "big")] == _value(0, 3)
+    finally:
+        ro.close()
 
 
 def test_a_killed_daemon_loses_no_commit(synced):
