@@ -105,7 +105,7 @@ class Database:
             # point back: reading the tree as it is could return garbage or SIGBUS
             raise StoreCorruptError(
                 f"store {path} was open when the machine went down; mount it or run "
-                f"`elvesfs fsck {path}` first, which put it back to its last sync point")
+                f"`elvesfs fsck {path}` first (either puts it back to its last sync point)")
         self.rolled_back = None if readonly else recover(path)
         try:
             self.env = lmdb.open(path, map_size=_map_size(path), max_dbs=len(TABLES) + 1,
