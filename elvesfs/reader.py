@@ -122,17 +122,11 @@ def _joined(parts: list) -> bytes | memoryview:
     """The parts as one buffer; a single part as it is, a view of its cached chunk
     (pyfuse3 copies the reply into the kernel from any buffer: no 1 MiB copy into fresh
     memory per read, and the view keeps the chunk alive however the cache evicts).
-    Several are copied by numpy, which releases the GIL (``b"".join`` holds it: ~0.5 ms
-    per 1 MiB read that the event loop, sending the previous reply, waits for)."""
+    Several are joined by numpy, which copies without the GIL (``b"".join`` holds it:
+    ~0.5 ms per 1 MiB read that the event loop, sending the previous reply, waits for)."""
     if len(parts) == 1:
         return parts[0]
-    out = np.empty(sum(len(p) for p in parts), np.uint8)
-    pos = 0
-    for p in parts:
-        n = len(p)
-        np.copyto(out[pos:pos + n], np.frombuffer(p, np.uint8))
-        pos += n
-    return out.data
+    return np.concatenate([np.frombuffer(p, np.uint8) for p in parts]).data
 
 
 def os_pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:

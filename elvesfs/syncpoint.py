@@ -30,6 +30,7 @@ The valid slot with the larger txnid is the last sync point.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -61,8 +62,10 @@ class SyncPoint:
     meta: bytes  # LMDB's meta page of that transaction
 
 
+@functools.cache
 def boot_id() -> bytes:
-    """This boot's id (changes at every boot); 16 zero bytes where the kernel has none."""
+    """This boot's id (changes at every boot; read once: every sync records it);
+    16 zero bytes where the kernel has none."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return uuid.UUID(f.read().strip()).bytes
