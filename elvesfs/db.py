@@ -44,7 +44,7 @@ import logging
 import os
 import shutil
 import threading
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import lmdb
 
@@ -121,6 +121,8 @@ class Database:
         self._data = os.path.join(path, "data.mdb")
         self._grown = 0  # data.mdb is allocated and cached up to this offset
         self._wb_lock = threading.Lock()
+        self._waiting = 0  # writers waiting for LMDB's writer lock (see write_batch)
+        self._turn = threading.Condition()
         if not readonly:
             # the state found is this run's first sync point, pinned before any commit:
             # until it is saved, a power cut goes back to the last run's sync point,
@@ -172,10 +174,11 @@ class Database:
             yield txn
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[lmdb.Transaction]:
-        """A write transaction; LMDB allows one at a time, so callers keep them short."""
+    def write(self, queue: bool = True) -> Iterator[lmdb.Transaction]:
+        """A write transaction; LMDB allows one at a time, so callers keep them short.
+        `queue`: see _begin_write."""
         try:
-            with self.env.begin(write=True) as txn:
+            with self._begin_write(queue) as txn:
                 yield txn
         except lmdb.MapFullError as exc:
             raise StoreFullError(f"store map is full ({exc}); remount to grow it") from exc
@@ -185,6 +188,39 @@ class Database:
             if "No space left" in str(exc) or "ENOSPC" in str(exc) or self._disk_full():
                 raise StoreFullError(f"no space left for the store: {exc}") from exc
             raise
+
+    def _begin_write(self, queue: bool = True) -> lmdb.Transaction:
+        """LMDB's write transaction; `queue`: counted as waiting until it has the writer
+        lock, so that a batch writer holding it hands it over (see write_batch)."""
+        if not queue:
+            return self.env.begin(write=True)
+        with self._turn:
+            self._waiting += 1
+        try:
+            return self.env.begin(write=True)
+        finally:
+            with self._turn:
+                self._waiting -= 1
+                self._turn.notify_all()
+
+    def write_batch(self, items: Sequence[T], fn: Callable[[lmdb.Transaction, T], None]
+                    ) -> None:
+        """fn(txn, item) for every item, in as few write transactions as other writers
+        allow: whenever one waits for LMDB's writer lock, the items done so far are
+        committed and it goes first. For bulk work that need not commit as one (a seal's
+        new chunks, which no layout uses until the seal installs its own): a metadata
+        request on the event loop waited up to 30-60 ms behind a 16 MiB batch before
+        (`create` + `stat` every 2 ms during `cp` + `elvesfs sync` of 1 GiB)."""
+        i = 0
+        while i < len(items):
+            with self._turn:  # let the writers that asked first go
+                self._turn.wait_for(lambda: self._waiting == 0, timeout=1.0)
+            with self.write(queue=False) as txn:
+                while i < len(items):
+                    fn(txn, items[i])
+                    i += 1
+                    if self._waiting:
+                        break
 
     def write_freeing(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """fn(txn) in a write transaction that frees space (unlink, rename over a file).
@@ -288,7 +324,7 @@ class Database:
         under the writer lock so that no commit slips in between."""
         if self.readonly:
             return None, None
-        writer = self.env.begin(write=True)
+        writer = self._begin_write()
         try:
             pin = self.env.begin(write=False)
             psize = self.env.stat()["psize"]

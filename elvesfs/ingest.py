@@ -499,14 +499,15 @@ class Sealer:
 
     def _commit_batch(self, batch: list[_Result], stats: SealStats) -> None:
         """Store new chunks with refcount 0 (committer thread; one batch at a time)."""
-        with self.db.write() as txn:
-            for r in batch:
-                ref = r.ref if self.chunks.record(txn, r.ref) is not None else bytes(16)
-                if self.chunks.add(txn, r.cid, r.enc.frame, r.enc.raw, ref, r.enc.flags):
-                    r.added = True
-                    stats.add(r.enc, ref != bytes(16))
-                else:
-                    stats.dup_in_flight += r.enc.raw
+        def store(txn, r: _Result) -> None:
+            ref = r.ref if self.chunks.record(txn, r.ref) is not None else bytes(16)
+            if self.chunks.add(txn, r.cid, r.enc.frame, r.enc.raw, ref, r.enc.flags):
+                r.added = True
+                stats.add(r.enc, ref != bytes(16))
+            else:
+                stats.dup_in_flight += r.enc.raw
+
+        self.db.write_batch(batch, store)
 
     def _install(self, ino: int, layout: Layout, size: int, stats: SealStats) -> None:
         with self.db.write() as txn:
