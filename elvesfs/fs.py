@@ -864,7 +864,11 @@ class Operations(pyfuse3.Operations):
             pre.done.set()
 
     def _persist_attrs(self, st: InodeState) -> None:
-        """Write in-memory size and times into the stored inode."""
+        """Write in-memory size and times into the stored inode (if there are any: a
+        release of a file opened for writing and not written, `touch` or a `.lock` file,
+        commits nothing, and does not wait for a seal's commits)."""
+        if not st.staged and st.mtime_ns is None and st.ctime_ns is None:
+            return
         with self.db.write() as txn:
             node = self.ns.find(txn, st.ino)
             if node is None:

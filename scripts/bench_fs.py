@@ -27,6 +27,9 @@ Measurements (each repeated --repeat times, medians reported):
   read    then `cat DIR/data.bin > /dev/null`
   meta    --files empty files in a fresh directory: os.open(O_CREAT|O_EXCL)+os.close,
           then os.stat each, then os.unlink each, timed per phase
+  busy    the write above again, while a second process creates and stats an empty file
+          in the same directory tree every 2 ms: the latency of each create + stat,
+          p99 and max (is the filesystem still responsive while it ingests 1 GiB?)
 
 The first repeat also checks every target reads back exactly the bytes written (cmp).
 elvesfs runs from a copy of elvesfs/ and codec/ taken at start (--no-snapshot: in place),
@@ -465,6 +468,62 @@ def bench_paced(t: Target, src: Path, size: int, res: dict, rate: float) -> None
         t.stop()
 
 
+PROBE = r"""
+import json, os, sys, time
+d, stop = sys.argv[1], sys.argv[2]
+os.makedirs(d, exist_ok=True)
+lat, i = [], 0
+while not os.path.exists(stop):
+    t0 = time.perf_counter()
+    p = os.path.join(d, f"p{i}")
+    os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+    os.stat(p)
+    lat.append(time.perf_counter() - t0)
+    i += 1
+    time.sleep(0.002)
+print(json.dumps(lat))
+"""
+
+
+def bench_busy(t: Target, src: Path, size: int, res: dict, stop: Path) -> None:
+    """Metadata latency while the write runs: a probe process (its own GIL) creates and
+    stats a file every 2 ms from before `cp` starts until the data is durable."""
+    t.reset()
+    t.start()
+    stop.unlink(missing_ok=True)
+    probe = None
+    try:
+        probe = subprocess.Popen([sys.executable, "-c", PROBE, str(t.dir / "probe"), str(stop)],
+                                 stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+        dst = t.dir / "busy.bin"
+        t0 = time.perf_counter()
+        run(["cp", str(src), str(dst)])
+        t.durable(dst)
+        dt = time.perf_counter() - t0
+        stop.touch()
+        out, _ = probe.communicate(timeout=120)
+        if probe.returncode:
+            raise RuntimeError(f"{t.name}: the latency probe failed (exit {probe.returncode})")
+        lat = sorted(json.loads(out))
+        p99, worst = lat[min(len(lat) - 1, int(len(lat) * 0.99))], lat[-1]
+        res["busy_p99"].append(p99)
+        res["busy_max"].append(worst)
+        log(f"  {t.name:12s} busy: {len(lat)} probes over {dt:.2f}s, median "
+            f"{statistics.median(lat) * 1e3:.2f} ms, p99 {p99 * 1e3:.1f} ms, "
+            f"max {worst * 1e3:.1f} ms")
+    finally:
+        stop.touch()
+        if probe is not None and probe.poll() is None:
+            try:
+                probe.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                probe.kill()
+                probe.wait()
+        stop.unlink(missing_ok=True)
+        t.stop()
+
+
 def bench_meta(t: Target, nfiles: int, res: dict, prof_dir: Path | None, rep: int) -> None:
     t.reset()
     t.start()
@@ -507,6 +566,8 @@ METRICS = [  # key, label, unit kind
     ("create", "create (open O_CREAT+close)", "ops"),
     ("stat", "stat", "ops"),
     ("unlink", "unlink", "ops"),
+    ("busy_p99", "create + stat during the write, p99 latency", "ms"),
+    ("busy_max", "create + stat during the write, max latency", "ms"),
 ]
 
 
@@ -515,9 +576,12 @@ def table(results: dict, names: list[str], size: int, nfiles: int) -> str:
         v = results.get(name, {}).get(key)
         if not v:
             return None
+        if kind == "ms":  # a latency: its inverse, so that every ratio is higher = better
+            return 1 / statistics.median(v)
         return (size / MB if kind == "bytes" else nfiles) / statistics.median(v)
 
-    fmt_abs = {"bytes": "{:.0f} MB/s", "ops": "{:.0f} ops/s"}
+    fmt_abs = {"bytes": "{:.0f} MB/s".format, "ops": "{:.0f} ops/s".format,
+               "ms": lambda r: f"{1e3 / r:.1f} ms"}
     head = ["measurement"] + names
     ratios = [(n, "plain") for n in names if n != "plain" and "plain" in names]
     if "elvesfs" in names and "passthrough" in names:
@@ -528,7 +592,7 @@ def table(results: dict, names: list[str], size: int, nfiles: int) -> str:
         row = [label]
         for n in names:
             r = rate(n, key, kind)
-            row.append("–" if r is None else fmt_abs[kind].format(r))
+            row.append("–" if r is None else fmt_abs[kind](r))
         for a, b in ratios:
             ra, rb = rate(a, key, kind), rate(b, key, kind)
             row.append("–" if not ra or not rb else f"**{ra / rb:.2f}x**")
@@ -547,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="256 MiB, 2000 files, 1 repeat")
     p.add_argument("--targets", default="plain,passthrough,elvesfs",
                    help="comma list (ratios vs plain need plain)")
-    p.add_argument("--skip", default="", help="comma list of: write, paced, meta")
+    p.add_argument("--skip", default="", help="comma list of: write, paced, meta, busy")
     p.add_argument("--source-dir", default=None,
                    help="where the source file is generated (default /dev/shm if it has room)")
     p.add_argument("--cache-mb", type=int, default=None, help="elvesfs --cache-mb")
@@ -612,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
             snap.mkdir()
             code = snapshot(snap)
         src = srcdir / "source.bin"
-        if "write" not in skip or "paced" not in skip:
+        if {"write", "paced", "busy"} - skip:
             log(f"generating a {size / MiB:.0f} MiB source file in {srcdir}")
             make_source(src, size)
         log(f"work directory {workdir} ({os.cpu_count()} CPUs, load {load0[0]:.2f})")
@@ -628,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_paced(t, src, size, results[t.name], PACED_RATE)
                 if "meta" not in skip:
                     bench_meta(t, a.files, results[t.name], prof_dir, rep)
+                if "busy" not in skip:
+                    bench_busy(t, src, size, results[t.name], workdir / "probe-stop")
         failed = False
     finally:
         for t in targets:
@@ -654,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"File {size / MiB:.0f} MiB (half random bytes, half float32 N(0, 0.02)), "
           f"{a.files} files, median of {a.repeat} run(s); {os.cpu_count()} CPUs, "
           f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
-          f"{elapsed / 60:.1f} min in all. Ratios: higher is better (rate / plain rate).")
+          f"{elapsed / 60:.1f} min in all. Ratios: higher is better (rate / plain rate; "
+          f"for latencies, plain latency / latency).")
     if elves is not None:
         print(f"elvesfs code measured: {code}.")
     if not cold_ok:
