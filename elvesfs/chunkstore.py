@@ -112,13 +112,15 @@ class ChunkStore:
 
     def add(self, txn: lmdb.Transaction, cid: bytes, frame: bytes, raw: int,
             ref: bytes = NO_REF, flags: int = 0) -> bool:
-        """Store a new chunk with refcount 0 (garbage until a layout references it)."""
-        if txn.get(cid, db=self.t["refs"]) is not None:
+        """Store a new chunk with refcount 0 (garbage until a layout references it);
+        False if it is stored already. Three puts for a chunk without reference: a seal's
+        committer makes one call per put, each giving up and taking back the GIL."""
+        rec = ChunkRecord(0, raw, len(frame), ref, flags).pack()
+        if not txn.put(cid, rec, db=self.t["refs"], overwrite=False):
             return False
         if ref != NO_REF:
             self.incref(txn, ref, delta=True)
         txn.put(cid, frame, db=self.t["chunks"])
-        txn.put(cid, ChunkRecord(0, raw, len(frame), ref, flags).pack(), db=self.t["refs"])
         txn.put(cid, b"", db=self.t["zero"])
         return True
 

@@ -139,7 +139,7 @@ class _Result:
     piece: Piece
     cid: bytes
     enc: Encoded | None  # None: the chunk was already stored (dedup, or a pre-seal)
-    ref: bytes = bytes(16)
+    ref: bytes = NO_REF
     added: bool = False  # set by the committer: the chunk was new to the store
 
 
@@ -500,10 +500,12 @@ class Sealer:
     def _commit_batch(self, batch: list[_Result], stats: SealStats) -> None:
         """Store new chunks with refcount 0 (committer thread; one batch at a time)."""
         def store(txn, r: _Result) -> None:
-            ref = r.ref if self.chunks.record(txn, r.ref) is not None else bytes(16)
+            ref = r.ref
+            if ref != NO_REF and self.chunks.record(txn, ref) is None:
+                ref = NO_REF
             if self.chunks.add(txn, r.cid, r.enc.frame, r.enc.raw, ref, r.enc.flags):
                 r.added = True
-                stats.add(r.enc, ref != bytes(16))
+                stats.add(r.enc, ref != NO_REF)
             else:
                 stats.dup_in_flight += r.enc.raw
 
