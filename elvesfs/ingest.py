@@ -40,6 +40,7 @@ from .namespace import Namespace, key
 from .policy import Policy
 from .reader import ChunkReader
 from .staging import Staging
+from .threads import CODER_NICE, COMMITTER_NICE, background
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +290,14 @@ class Sealer:
                  reader: ChunkReader, workers: int | None = None, delta: bool = True) -> None:
         self.db, self.ns, self.chunks, self.staging, self.reader = db, ns, chunks, staging, reader
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
-                                       thread_name_prefix="elvesfs-code")
-        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-commit")
+                                       thread_name_prefix="elvesfs-code",
+                                       initializer=background("elvesfs-code", CODER_NICE))
+        self.committer = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="elvesfs-commit",
+            initializer=background("elvesfs-commit", COMMITTER_NICE))
         # the store file's upkeep beside the commits: written back early, allocated ahead
-        self.upkeep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-upkeep")
+        self.upkeep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="elvesfs-upkeep",
+                                         initializer=background("elvesfs-upkeep", CODER_NICE))
         self._upkeeping: Future | None = None
         self.planner = Planner()
         self.delta = delta

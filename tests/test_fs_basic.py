@@ -68,3 +68,24 @@ def test_errors(mnt):
     assert e.value.errno == errno.ENOTEMPTY
     with pytest.raises(FileNotFoundError):
         os.stat(mnt.path / "nope")
+
+
+def test_seal_threads_yield_the_cpu_to_the_fuse_loop(mnt):
+    """The seal's coding threads run below the event loop's CPU priority (a metadata
+    request during a large `cp` waits less behind them), under their own names."""
+    from elvesfs.threads import CODER_NICE, COMMITTER_NICE
+    (mnt.path / "f").write_bytes(os.urandom(6 << 20))
+    mnt.sync()
+    threads: dict[str, set[int]] = {}
+    main = None
+    for tid in os.listdir(f"/proc/{mnt.pid}/task"):
+        with open(f"/proc/{mnt.pid}/task/{tid}/stat") as f:
+            stat = f.read()
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        nice = int(stat[stat.rindex(")") + 2:].split()[16])  # field 19 of proc(5)
+        threads.setdefault(comm, set()).add(nice)
+        if int(tid) == mnt.pid:
+            main = nice
+    assert threads.get("elvesfs-code") == {CODER_NICE}, threads
+    assert threads.get("elvesfs-commit") == {COMMITTER_NICE}, threads
+    assert main == 0  # the main thread, the FUSE loop, as it was
