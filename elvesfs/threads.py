@@ -5,8 +5,9 @@ committer beside it on the same (often 2) CPUs. Given the CPU on equal terms, a 
 request during a 1 GiB `cp` waits in the run queue behind the coders. With the coders at
 nice 5 and the committer at 3, create + stat meanwhile (scripts/bench_fs.py's busy
 phase, 5 A/B pairs, medians): median 1.48 -> 1.12 ms, p99 18.5 -> 16.9 ms, max 28.5 ->
-21.4 ms; the write itself no slower (docs/MEASUREMENTS.md). Any user may lower a thread's priority, so this needs no
-privilege; the names show in `top -H`, `perf` and py-spy.
+21.4 ms; the write itself no slower (docs/MEASUREMENTS.md). Any user may lower a
+thread's priority, so this needs no privilege; the names show in `top -H`, `perf` and
+py-spy.
 """
 
 from __future__ import annotations
