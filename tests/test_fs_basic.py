@@ -86,6 +86,8 @@ def test_seal_threads_yield_the_cpu_to_the_fuse_loop(mnt):
         threads.setdefault(comm, set()).add(nice)
         if int(tid) == mnt.pid:
             main = nice
-    assert threads.get("elvesfs-code") == {CODER_NICE}, threads
-    assert threads.get("elvesfs-commit") == {COMMITTER_NICE}, threads
-    assert main == 0  # the main thread, the FUSE loop, as it was
+    assert main is not None  # the main thread, the FUSE loop, keeps the daemon's nice
+    if main >= 19:
+        pytest.skip("the daemon runs at nice 19: no thread can go lower")
+    assert threads.get("elvesfs-code") == {min(19, main + CODER_NICE)}, threads
+    assert threads.get("elvesfs-commit") == {min(19, main + COMMITTER_NICE)}, threads
