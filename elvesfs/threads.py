@@ -24,8 +24,10 @@ COMMITTER_NICE = 3  # its one committer: the pipeline's serial stage, so less lo
 
 
 def background(name: str, nice: int) -> Callable[[], None]:
-    """A thread initializer (ThreadPoolExecutor's) naming the thread and raising its nice
-    value by `nice`; best effort, where Linux's /proc or setpriority is missing."""
+    """A thread initializer (ThreadPoolExecutor's) naming the thread and setting its nice
+    value `nice` above the main thread's; best effort, where Linux's /proc or
+    setpriority is missing (a thread that starts at a higher nice value keeps it: only
+    root may lower a nice value)."""
     def init() -> None:
         tid = threading.get_native_id()
         try:
@@ -34,7 +36,11 @@ def background(name: str, nice: int) -> Callable[[], None]:
         except OSError as exc:
             log.debug("cannot name thread %d: %s", tid, exc)
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+            # relative to the main thread's value: a thread inherits its creator's, and
+            # a pool's threads start from whichever thread first submits to it
+            target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + nice)
+            if os.getpriority(os.PRIO_PROCESS, tid) < target:
+                os.setpriority(os.PRIO_PROCESS, tid, target)
         except OSError as exc:
             log.debug("cannot lower the priority of thread %d: %s", tid, exc)
     return init
