@@ -503,14 +503,16 @@ class Sealer:
         self.db.prepare_growth()
 
     def _commit_batch(self, batch: list[_Result], stats: SealStats) -> None:
-        """Store new chunks with refcount 0 (committer thread; one batch at a time)."""
+        """Store new chunks with refcount 0 (committer thread; one batch at a time).
+
+        A delta's reference was stored when the piece was coded, and nothing collects
+        chunks while a seal runs (one sealer): were it gone all the same, add() raises
+        StoreCorruptError and the file stays staged, rather than a frame that cannot be
+        decoded being stored as if it needed no reference."""
         def store(txn, r: _Result) -> None:
-            ref = r.ref
-            if ref != NO_REF and self.chunks.record(txn, ref) is None:
-                ref = NO_REF
-            if self.chunks.add(txn, r.cid, r.enc.frame, r.enc.raw, ref, r.enc.flags):
+            if self.chunks.add(txn, r.cid, r.enc.frame, r.enc.raw, r.ref, r.enc.flags):
                 r.added = True
-                stats.add(r.enc, ref != NO_REF)
+                stats.add(r.enc, r.ref != NO_REF)
             else:
                 stats.dup_in_flight += r.enc.raw
 

@@ -1,4 +1,5 @@
-"""The chunk reader against a store that the sealer changes underneath it."""
+"""The chunk reader against a store that the sealer changes underneath it, and what the
+sealer never stores."""
 
 from __future__ import annotations
 
@@ -109,3 +110,29 @@ def test_salvage_survives_a_decoder_failure(store, monkeypatch):
     monkeypatch.setattr(sv, "decode_chunk", broken)
     got, damage = sv.Salvager(db).chunk(cid)
     assert got is None and damage.outcome == "lost" and "IndexError" in damage.reason
+
+
+def test_a_delta_whose_reference_is_gone_is_not_stored(tmp_path):
+    """The committer never stores a delta frame without its reference (it could not be
+    decoded): the seal fails with StoreCorruptError and the file stays staged."""
+    from elvesfs.coding import Encoded
+    from elvesfs.daemon import open_store
+    from elvesfs.errors import StoreCorruptError
+    from elvesfs.ingest import SealStats, _Result
+    base_bytes = _weights(0)
+    user_bytes = _weights(1, np.frombuffer(base_bytes, np.float32))
+    frame = codec.encode(user_bytes, "F32", reference=base_bytes)
+    assert codec.inspect(frame).needs_reference
+    root = tmp_path / "store"
+    root.mkdir()
+    st = open_store(str(root))
+    try:
+        cid = chunk_id(user_bytes)
+        enc = Encoded(cid, frame, len(user_bytes), 0, "xor", None, needs_reference=True)
+        r = _Result(None, cid, enc, chunk_id(base_bytes))  # the base was never stored
+        with pytest.raises(StoreCorruptError, match="missing chunk"):
+            st.sealer._commit_batch([r], SealStats())
+        with st.db.read() as txn:
+            assert st.chunks.record(txn, cid) is None
+    finally:
+        st.close()
