@@ -91,3 +91,33 @@ def test_seal_threads_yield_the_cpu_to_the_fuse_loop(mnt):
         pytest.skip("the daemon runs at nice 19: no thread can go lower")
     assert threads.get("elvesfs-code") == {min(19, main + CODER_NICE)}, threads
     assert threads.get("elvesfs-commit") == {min(19, main + COMMITTER_NICE)}, threads
+
+
+def _last_txnid(store) -> int:
+    """The store's newest commit, from another process's view (no lock: read only)."""
+    import lmdb
+    env = lmdb.open(str(store), readonly=True, lock=False, max_dbs=20, subdir=True)
+    try:
+        return env.info()["last_txnid"]
+    finally:
+        env.close()
+
+
+def test_a_handle_opened_for_writing_and_not_written_commits_nothing(make_mount,
+                                                                     monkeypatch):
+    """Closing it has nothing to persist (`touch` of an existing file without a time
+    change, a `.lock` file reopened): no transaction, so it never waits behind a seal's
+    commits for LMDB's writer lock."""
+    monkeypatch.setenv("ELVESFS_SYNC_INTERVAL", "3600")  # no periodic sync mark meanwhile
+    m = make_mount()
+    p = m.path / "f"
+    p.write_bytes(os.urandom(100_000))
+    m.sync()
+    before = _last_txnid(m.store)
+    for _ in range(5):
+        with open(p, "r+b"):
+            pass
+    assert _last_txnid(m.store) == before
+    with open(p, "r+b") as f:  # a written handle still persists size and times
+        f.write(b"x")
+    assert _last_txnid(m.store) > before
