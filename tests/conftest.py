@@ -170,6 +170,17 @@ def shared_dir(shared_mount: Mount, request) -> Path:
     return d
 
 
+def lmdb_info(store) -> dict:
+    """LMDB's info of a store (last_pgno, last_txnid ...) as another process sees it,
+    without its lock: a daemon's commits are in the page cache before they are synced."""
+    import lmdb
+    env = lmdb.open(str(store), readonly=True, lock=False, max_dbs=20, subdir=True)
+    try:
+        return env.info()
+    finally:
+        env.close()
+
+
 def check_store(store: Path, *, mounted: bool = False) -> list[str]:
     """An independent consistency check of a store (a test oracle, not `elvesfs fsck`).
 

@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from conftest import lmdb_info
+
 
 def test_write_read_remount(mnt):
     data = os.urandom(3_000_000) + bytes(1_000_000) + b"tail"
@@ -93,16 +95,6 @@ def test_seal_threads_yield_the_cpu_to_the_fuse_loop(mnt):
     assert threads.get("elvesfs-commit") == {min(19, main + COMMITTER_NICE)}, threads
 
 
-def _last_txnid(store) -> int:
-    """The store's newest commit, from another process's view (no lock: read only)."""
-    import lmdb
-    env = lmdb.open(str(store), readonly=True, lock=False, max_dbs=20, subdir=True)
-    try:
-        return env.info()["last_txnid"]
-    finally:
-        env.close()
-
-
 def test_a_handle_opened_for_writing_and_not_written_commits_nothing(make_mount,
                                                                      monkeypatch):
     """Closing it has nothing to persist (`touch` of an existing file without a time
@@ -113,11 +105,11 @@ def test_a_handle_opened_for_writing_and_not_written_commits_nothing(make_mount,
     p = m.path / "f"
     p.write_bytes(os.urandom(100_000))
     m.sync()
-    before = _last_txnid(m.store)
+    before = lmdb_info(m.store)["last_txnid"]
     for _ in range(5):
         with open(p, "r+b"):
             pass
-    assert _last_txnid(m.store) == before
+    assert lmdb_info(m.store)["last_txnid"] == before
     with open(p, "r+b") as f:  # a written handle still persists size and times
         f.write(b"x")
-    assert _last_txnid(m.store) > before
+    assert lmdb_info(m.store)["last_txnid"] > before

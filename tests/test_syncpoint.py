@@ -19,7 +19,7 @@ import time
 import lmdb
 import pytest
 
-from conftest import write_random
+from conftest import lmdb_info, write_random
 from elvesfs import syncpoint
 from elvesfs.db import Database
 from elvesfs.errors import StoreCorruptError
@@ -235,16 +235,6 @@ def test_a_burst_of_small_commits_keeps_the_store_file_small(mnt):
     assert not any(d.iterdir())
 
 
-def _last_page(store) -> int:
-    """LMDB's last page in use, read from another process's view of data.mdb (the
-    daemon's commits are in the page cache even before they are synced)."""
-    env = lmdb.open(str(store), readonly=True, lock=False, max_dbs=20, subdir=True)
-    try:
-        return env.info()["last_pgno"]
-    finally:
-        env.close()
-
-
 def test_space_freed_by_a_removal_is_reused_before_the_next_periodic_sync(make_mount,
                                                                           monkeypatch):
     """The last removal of a burst ends with a sync point, so the next writes reuse the
@@ -256,7 +246,7 @@ def test_space_freed_by_a_removal_is_reused_before_the_next_periodic_sync(make_m
     size = 24 << 20
     write_random(m.path / "a", size)
     m.sync()
-    before = _last_page(m.store)
+    before = lmdb_info(m.store)["last_pgno"]
     st = os.statvfs(m.path)
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
     (m.path / "a").unlink()
@@ -271,7 +261,7 @@ def test_space_freed_by_a_removal_is_reused_before_the_next_periodic_sync(make_m
     time.sleep(0.5)  # the sync point follows the free in the same task
     write_random(m.path / "b", size)
     m.sync()
-    grown = (_last_page(m.store) - before) * 4096
+    grown = (lmdb_info(m.store)["last_pgno"] - before) * 4096
     assert grown < size // 3, f"data.mdb grew by {grown >> 20} MiB for a file that replaced one"
 
 
