@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import logging
 import os
 import subprocess
 import sys
 import time
 
-from .errors import CliError
+from .errors import CliError, DaemonGoneError
 from .mounts import default_store, mounts, store_of
 
 log = logging.getLogger("elvesfs")
@@ -17,6 +19,8 @@ log = logging.getLogger("elvesfs")
 
 def cmd_mount(a: argparse.Namespace) -> int:
     mp = os.path.abspath(a.mountpoint)
+    if _is_dead_mount(mp):
+        _clear_dead_mount(mp)
     if not os.path.isdir(mp):
         raise CliError(f"mountpoint {mp} does not exist or is not a directory")
     if os.path.ismount(mp):
@@ -61,6 +65,61 @@ def cmd_mount(a: argparse.Namespace) -> int:
     proc.wait(timeout=30)
     raise CliError(msg[4:] if msg.startswith("ERR ") else
                    f"the daemon exited before mounting (see {logfile})")
+
+
+def _is_dead_mount(mp: str) -> bool:
+    """A FUSE mount whose daemon has gone (kill -9, OOM) fails every call with ENOTCONN."""
+    try:
+        os.stat(mp)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def _clear_dead_mount(mp: str) -> None:
+    """Detach the mount an elvesfs daemon left behind when it died, so that mounting again
+    just works (the new daemon recovers what the old one had staged). Anything that is
+    not plainly ours and dead is left alone, with a message saying what to do."""
+    store = mounts().get(mp)
+    if store is None:
+        raise CliError(f"{mp} is a FUSE mount whose daemon is gone, not an elvesfs one; "
+                       f"`fusermount3 -u {mp}` detaches it")
+    pid = _daemon_pid(store)
+    if pid and _alive(pid) and _store_locked(store):
+        raise CliError(f"{mp} does not answer, but its elvesfs daemon (pid {pid}) still "
+                       f"runs; see {os.path.join(store, 'elvesfs.log')}")
+    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if r.returncode:
+        raise CliError(f"{mp} is left over from an elvesfs daemon that stopped, and it "
+                       f"cannot be detached: {r.stderr.strip() or 'fusermount3 -u failed'} "
+                       f"(`fuser -vm {mp}` lists processes still using it)")
+    print(f"elvesfs: detached {mp}, left by a daemon that stopped (store {store})",
+          file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _store_locked(store: str) -> bool:
+    """Whether a daemon holds the store's lock (it dies with its holder)."""
+    try:
+        fd = os.open(os.path.join(store, "daemon.lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _set_read_ahead(mp: str, kb: int) -> None:
@@ -112,7 +171,11 @@ def cmd_umount(a: argparse.Namespace) -> int:
 def cmd_sync(a: argparse.Namespace) -> int:
     from .control import request
     store = store_of(a.mountpoint)
-    ans = request(store, "sync", timeout=None)
+    try:
+        ans = request(store, "sync", timeout=None)
+    except DaemonGoneError as exc:
+        raise CliError(f"{exc}; `elvesfs mount {a.mountpoint}` mounts it again and "
+                       "recovers the files it had staged") from None
     if ans != "ok":
         raise CliError(f"sync failed: {ans}")
     return 0

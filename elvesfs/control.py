@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 
+from .errors import DaemonGoneError
+
 log = logging.getLogger(__name__)
 
 SOCKET = "control.sock"
@@ -74,7 +76,12 @@ def request(root: str, cmd: str, timeout: float | None = None) -> str:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect(os.path.join(root, SOCKET))
+        try:
+            s.connect(os.path.join(root, SOCKET))
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise DaemonGoneError(
+                f"the elvesfs daemon of store {root} is not running (killed or crashed: "
+                f"see {os.path.join(root, 'elvesfs.log')})") from None
         s.sendall(cmd.encode() + b"\n")
         out = b""
         while not out.endswith(b"\n"):

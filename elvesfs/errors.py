@@ -35,3 +35,7 @@ class ChunkCorruptError(StoreCorruptError):
 
 class CliError(Exception):
     """An error shown to the user as one line, with a non-zero exit (the CLI's)."""
+
+
+class DaemonGoneError(CliError):
+    """A mount's daemon is no longer running (killed, crashed): its control socket is dead."""
