@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import urllib.parse
 
 from .errors import CliError
 
@@ -21,14 +23,32 @@ def default_store(mountpoint: str) -> str:
 def mounts() -> dict[str, str]:
     """Mountpoint -> store root of every live elvesfs mount (from /proc/self/mountinfo)."""
     out = {}
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            left, _, right = line.partition(" - ")
+            left, _, right = line.partition(b" - ")
             fields = right.split()
-            if len(fields) >= 2 and fields[1].startswith("elvesfs:"):
-                mp = left.split()[4].replace("\\040", " ")
-                out[mp] = fields[1][len("elvesfs:"):].replace("\\040", " ")
+            if len(fields) >= 2 and fields[1].startswith(b"elvesfs:"):
+                store = unquote_store(_unescape(fields[1][len(b"elvesfs:"):]))
+                out[_unescape(left.split()[4])] = store
     return out
+
+
+def quote_store(store: str) -> str:
+    """The store's path as the mount's source name (`elvesfs:PATH` in `df` and
+    mountinfo): pyfuse3 passes options as ASCII and libfuse splits them at commas, so
+    bytes outside printable ASCII, ',', '\\' and '%' are written as %XX."""
+    return "".join(chr(b) if 32 <= b < 127 and b not in b",\\%" else f"%{b:02X}"
+                   for b in os.fsencode(store))
+
+
+def unquote_store(name: str) -> str:
+    """Inverse of quote_store."""
+    return os.fsdecode(urllib.parse.unquote_to_bytes(name))
+
+
+def _unescape(field: bytes) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
 
 
 def mount_of(path: str) -> tuple[str, str]:

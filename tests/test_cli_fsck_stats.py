@@ -551,3 +551,28 @@ def test_version_is_the_installed_package_version():
     from importlib.metadata import version
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"elvesfs {version('elvesfs')}", r.stdout
+
+
+def test_paths_with_spaces_tabs_commas_and_non_ascii(tmp_path):
+    """mountinfo escapes whitespace and backslashes, libfuse splits options at commas and
+    pyfuse3 passes them as ASCII: a store or mountpoint path with any of these still
+    mounts, syncs, reports stats and unmounts."""
+    from conftest import Mount
+    m = Mount(tmp_path)
+    m.path = tmp_path / "my models\tnew é"
+    m.path.mkdir()
+    m.store = tmp_path / "store,a b\\c%20ü"
+    try:
+        m.mount()
+        (m.path / "f").write_bytes(b"x" * 1000)
+        m.sync()
+        r = cli("stats", "--json", str(m.path / "f"))
+        assert r.returncode == 0, r.stderr
+        (f,) = json.loads(r.stdout)["files"]
+        assert f["path"] == str(m.path / "f") and f["logical"] == 1000
+        m.umount()
+        assert not os.path.ismount(m.path)
+        m.mount()
+        assert (m.path / "f").read_bytes() == b"x" * 1000
+    finally:
+        m.cleanup()
