@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,8 +47,12 @@ def _run_cli(*args: str, check: bool = True, timeout: float = 120) -> subprocess
 
 
 def _is_mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    """Whether `path` is a mountpoint now, dead or alive (mountinfo escapes whitespace
+    and backslashes as octal)."""
+    def unescape(field: bytes) -> str:
+        return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(unescape(line.split()[4]) == path for line in f)
 
 
 class Mount:
