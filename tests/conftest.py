@@ -186,6 +186,16 @@ def lmdb_info(store) -> dict:
         env.close()
 
 
+def fsck_clean(m: "Mount") -> None:
+    """Unmount, then the store must pass our invariant check and `elvesfs fsck
+    --verify-data`."""
+    m.umount()
+    assert check_store(m.store) == []
+    r = _run_cli("fsck", "--verify-data", str(m.store), check=False, timeout=300)
+    assert r.returncode == 0, f"fsck: {r.stdout}{r.stderr}"
+    assert "clean" in r.stdout
+
+
 def check_store(store: Path, *, mounted: bool = False) -> list[str]:
     """An independent consistency check of a store (a test oracle, not `elvesfs fsck`).
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, check_store, sha_file, write_random
+from conftest import ROOT, check_store, fsck_clean, sha_file, write_random
 
 
 
@@ -29,17 +29,6 @@ def close_quietly(*fds: int) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def fsck_clean(m) -> None:
-    """Unmount, then the store must pass our invariant check and `elvesfs fsck`."""
-    m.umount()
-    assert check_store(m.store) == []
-    r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "fsck", "--verify-data",
-                        str(m.store)], capture_output=True, text=True, timeout=300,
-                       cwd=str(ROOT))
-    assert r.returncode == 0, f"fsck: {r.stdout}{r.stderr}"
-    assert "clean" in r.stdout
 
 
 def test_fsynced_data_survives_kill9(make_mount):
