@@ -17,7 +17,7 @@ loses nothing the kernel holds:
   journaling filesystem commits them in order within seconds; the model does not lose
   them). A file's size grows on BACKING only with data that reaches it.
 
-statfs reports at most --free-mb free (default 400), so that elvesfs skips allocating
+statfs reports at most --free-mb free (default 500), so that elvesfs skips allocating
 its store file ahead (FUSE has no fallocate: glibc would emulate it with a write per
 4 KiB block). Single-threaded (trio): simple and slow, for tests of a few MiB.
 """
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("backing")
     p.add_argument("mountpoint")
-    p.add_argument("--free-mb", type=int, default=400)
+    p.add_argument("--free-mb", type=int, default=500)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="crashfs: %(message)s")
     fs = CrashFS(os.path.abspath(a.backing), a.free_mb << 20)
