@@ -11,11 +11,15 @@ loses nothing the kernel holds:
   turns into one) writes it to BACKING and fsyncs it there.
 - SIGUSR1 is the power cut: each page not yet written goes to BACKING or not at random
   (seeded by the environment variable CRASHFS_SEED), as the kernel's write-back may have
-  sent any subset of dirty pages in any order; then the process exits at once, without
-  unmounting. What BACKING holds then is what a reboot finds.
-- Names, directories, sizes set by truncate, modes and times go to BACKING at once (a
-  journaling filesystem commits them in order within seconds; the model does not lose
-  them). A file's size grows on BACKING only with data that reaches it.
+  sent any subset of dirty pages in any order; then the journal's suffix is undone and
+  the process exits at once, without unmounting. What BACKING holds then is what a
+  reboot finds.
+- Names and directories (create, mkdir, unlink, rmdir, rename, link, symlink, mknod) go
+  to BACKING at once and into a journal, as in a journaling filesystem (ext4's jbd2):
+  any fsync commits the whole journal; at the power cut a random suffix of the
+  uncommitted part is undone, newest first (a removed or replaced file comes back from
+  a hard link kept aside). Sizes set by truncate, modes and times are never lost. A
+  file's size grows on BACKING only with data that reaches it.
 
 statfs reports at most --free-mb free (default 500), so that elvesfs skips allocating
 its store file ahead (FUSE has no fallocate: glibc would emulate it with a write per
@@ -113,6 +117,9 @@ class CrashFS(pyfuse3.Operations):
         self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: backing}
         self.files: dict[int, File] = {}
         self.opens: dict[int, int] = {}
+        self.journal: list[tuple] = []  # name changes since the last commit (any fsync)
+        self.stash = os.path.join(os.path.dirname(backing), ".crashfs-stash")
+        os.makedirs(self.stash, exist_ok=True)
 
     # -- helpers
     def _ino(self, st_ino: int) -> int:
@@ -195,34 +202,46 @@ class CrashFS(pyfuse3.Operations):
     async def mkdir(self, parent, name, mode, ctx):
         path = self._child(parent, name)
         self._os(os.mkdir, path, mode)
+        self.journal.append(("rmdir", path))
         return self._attr(path)
 
     async def mknod(self, parent, name, mode, rdev, ctx):
         path = self._child(parent, name)
         self._os(os.mknod, path, mode, rdev)
+        self.journal.append(("unlink", path))
         return self._attr(path)
 
     async def symlink(self, parent, name, target, ctx):
         path = self._child(parent, name)
         self._os(os.symlink, os.fsdecode(target), path)
+        self.journal.append(("unlink", path))
         return self._attr(path)
 
     async def link(self, ino, new_parent, new_name, ctx):
         path = self._child(new_parent, new_name)
         self._os(os.link, self._path(ino), path)
+        self.journal.append(("unlink", path))
         return self._attr(path)
 
     async def unlink(self, parent, name, ctx):
-        self._os(os.unlink, self._child(parent, name))
+        path = self._child(parent, name)
+        kept = self._keep(path)
+        self._os(os.unlink, path)
+        self.journal.append(("restore", kept, path))
 
     async def rmdir(self, parent, name, ctx):
-        self._os(os.rmdir, self._child(parent, name))
+        path = self._child(parent, name)
+        self._os(os.rmdir, path)
+        self.journal.append(("mkdir", path))
 
     async def rename(self, old_parent, old_name, new_parent, new_name, flags, ctx):
         if flags:
             raise pyfuse3.FUSEError(errno.EINVAL)
         old, new = self._child(old_parent, old_name), self._child(new_parent, new_name)
+        replaced = os.path.lexists(new)
+        kept = self._keep(new) if replaced else None
         self._os(os.rename, old, new)
+        self.journal.append(("rename", new, old, replaced, kept))
         for ino, p in list(self.paths.items()):  # the moved entry and, for a directory,
             if p == old or p.startswith(old + "/"):  # everything below it
                 self.paths[ino] = new + p[len(old):]
@@ -234,9 +253,12 @@ class CrashFS(pyfuse3.Operations):
 
     async def create(self, parent, name, mode, flags, ctx):
         path = self._child(parent, name)
+        existed = os.path.lexists(path)
         fd = self._os(os.open, path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC |
                       (flags & os.O_EXCL), mode)
         os.close(fd)
+        if not existed:
+            self.journal.append(("unlink", path))
         attr = self._attr(path)
         if flags & os.O_TRUNC:
             self._file(attr.st_ino).truncate(0)
@@ -252,9 +274,10 @@ class CrashFS(pyfuse3.Operations):
 
     async def fsync(self, fh, datasync):
         self._file(fh).fsync()
+        self.journal.clear()  # the journal commit that any fsync forces
 
     async def fsyncdir(self, fh, datasync):
-        pass
+        self.journal.clear()
 
     async def flush(self, fh):
         pass
@@ -274,6 +297,15 @@ class CrashFS(pyfuse3.Operations):
         s.f_files, s.f_ffree, s.f_favail = st.f_files, st.f_ffree, st.f_favail
         s.f_namemax = 255
         return s
+
+    def _keep(self, path: str) -> str | None:
+        """A hard link to the file at `path`, to bring it back if its removal is undone
+        (directories are not kept: only empty ones are ever replaced or removed)."""
+        if os.path.isdir(path) and not os.path.islink(path):
+            return None
+        kept = os.path.join(self.stash, str(len(os.listdir(self.stash))))
+        os.link(path, kept, follow_symlinks=False)
+        return kept
 
     @staticmethod
     def _os(fn, *args):
@@ -295,9 +327,36 @@ class CrashFS(pyfuse3.Operations):
                 written += 1
         for f in self.files.values():
             os.fsync(f.fd)
-        log.info("power cut (seed %d): %d of %d unwritten pages reached the disk",
-                 seed, written, len(pages))
+        lost = rng.randint(0, len(self.journal))
+        for op in reversed(self.journal[len(self.journal) - lost:]):
+            _undo(op)
+        log.info("power cut (seed %d): %d of %d unwritten pages reached the disk, "
+                 "%d of %d uncommitted name changes were lost",
+                 seed, written, len(pages), lost, len(self.journal))
         os._exit(0)
+
+
+def _undo(op: tuple) -> None:
+    """Undo one journaled name change (best effort: the state it left may be gone)."""
+    kind, *args = op
+    try:
+        if kind == "unlink":
+            os.unlink(args[0])
+        elif kind == "rmdir":
+            os.rmdir(args[0])
+        elif kind == "mkdir":
+            os.mkdir(args[0])
+        elif kind == "restore":
+            os.rename(args[0], args[1])
+        elif kind == "rename":
+            new, old, replaced, kept = args
+            os.rename(new, old)
+            if kept is not None:
+                os.rename(kept, new)
+            elif replaced:  # an empty directory
+                os.mkdir(new)
+    except OSError as exc:
+        log.warning("cannot undo %s: %s", op, exc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -162,12 +162,15 @@ def test_a_power_cut_goes_back_to_the_last_sync_with_everything_fsynced(crashed,
     os.setxattr(m.path / "dir" / "model.safetensors", "user.note", b"after the sync")
     (m.path / "new").write_bytes(b"")
     os.write(gfd, rnd.randbytes(1 << 20))
+    lfd = os.open(m.path / "late", os.O_CREAT | os.O_WRONLY, 0o644)  # a staging file
+    os.write(lfd, rnd.randbytes(300_000))  # created after the sync, never fsync'd
     time.sleep(0.3)
     _kill_daemon(m)
-    try:
-        os.close(gfd)
-    except OSError:  # ENOTCONN: the daemon is gone
-        pass
+    for fd in (gfd, lfd):
+        try:
+            os.close(fd)
+        except OSError:  # ENOTCONN: the daemon is gone
+            pass
     report = disk.cut()
     assert "power cut" in report, report
 
@@ -306,3 +309,41 @@ def test_a_power_cut_while_a_large_file_is_written_and_pre_sealed(crashed, monke
     assert data[:synced[0]] == b"".join(blocks)[:synced[0]]
     m.sync()
     fsck_clean(m)
+
+
+def _seed_losing(k: int, n: int) -> int:
+    """A CRASHFS_SEED whose cut (with no unwritten pages) undoes the last k of n name
+    changes: crashfs draws random.Random(seed).randint(0, n)."""
+    return next(s for s in range(10_000) if random.Random(s).randint(0, n) == k)
+
+
+@pytest.mark.parametrize("lost", [0, 1, 2, 3, 4])
+def test_crashfs_undoes_a_suffix_of_the_name_changes_since_the_last_fsync(tmp_path, lost):
+    """The power-cut tests are only as good as crashfs: names changed after the last
+    fsync are undone newest first (a removed or replaced file comes back whole), the
+    ones before it never are."""
+    disk = CrashDisk(tmp_path)
+    try:
+        disk.start(_seed_losing(lost, 4))
+        d = disk.path
+        for name in ("kept", "gone", "over"):  # written and fsync'd: no unwritten
+            _write(d / name, name.encode(), fsync=True)  # pages, the names committed
+        changes = [lambda: (d / "new").write_bytes(b""),  # no data: no unwritten pages
+                   lambda: (d / "dir").mkdir(),
+                   lambda: os.rename(d / "kept", d / "over"),
+                   lambda: os.unlink(d / "gone")]
+        for change in changes:
+            change()
+        report = disk.cut()
+        assert f"{lost} of 4 uncommitted name changes were lost" in report, report
+    finally:
+        disk.cleanup()
+    b = disk.backing
+    names = sorted(p.name for p in b.iterdir())
+    expect = {0: ["dir", "new", "over"], 1: ["dir", "gone", "new", "over"],
+              2: ["dir", "gone", "kept", "new", "over"], 3: ["gone", "kept", "new", "over"],
+              4: ["gone", "kept", "over"]}[lost]
+    assert names == expect
+    assert (b / "over").read_bytes() == (b"kept" if lost <= 1 else b"over")
+    if "gone" in names:
+        assert (b / "gone").read_bytes() == b"gone"
