@@ -8,13 +8,17 @@
          a plain directory after every step) with many more examples and steps
   files  the same with model files (tests/test_fs_model_files.py): safetensors and
          torch.save versions coded as deltas, overwritten, renamed and unlinked
+  power  the power cuts of tests/test_power_cut.py (the store on tests/crashfs.py) on
+         new seeds: a rollback to the last sync, a checkpoint rotation and a large
+         pre-sealed file, each cut at a seeded moment
 
 Then `elvesfs sync` and an independent check of the store (tests/conftest.check_store).
 Each soak mounts its own store under --workdir (a FUSE daemon in its own process) and
 always unmounts it. Exit status 0 only if every soak passed.
 
     . .venv/bin/activate
-    python scripts/soak.py              # fsx 6 seeds x 6000 ops, model 1000 x 80, files 200 x 50
+    python scripts/soak.py              # fsx 6 seeds x 6000 ops, model 1000 x 80, files 200 x 50,
+                                        # power 10 seeds x 3 cuts
     python scripts/soak.py --fsx-seeds 0 --examples 0 --files-examples 50
 """
 from __future__ import annotations
@@ -88,6 +92,24 @@ def soak_model_files(work: Path, examples: int, steps: int) -> None:
           f"saves with tensors, {M.deltas} stored as deltas", flush=True)
 
 
+def soak_power(work: Path, seeds: int, first_seed: int) -> None:
+    """The power-cut tests of tests/test_power_cut.py (the store on tests/crashfs.py,
+    cut under a live mount) on new seeds, each in its own directory."""
+    import pytest
+    import test_power_cut as pc
+    for seed in range(first_seed, first_seed + seeds):
+        for name in pc.SOAKED:
+            d = Path(tempfile.mkdtemp(prefix=f"power-{seed}-", dir=work))
+            mp = pytest.MonkeyPatch()
+            try:
+                with pc.crash_mount(d, mp) as crashed:
+                    getattr(pc, name)(crashed, mp, seed)
+            finally:
+                mp.undo()
+            shutil.rmtree(d, ignore_errors=True)
+        print(f"power seed {seed}: ok ({len(pc.SOAKED)} cuts)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/var/tmp")
@@ -99,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files-examples", type=int, default=200,
                    help="model-based examples with model files (0: skip)")
     p.add_argument("--files-steps", type=int, default=50, help="steps per such example")
+    p.add_argument("--power-seeds", type=int, default=10,
+                   help="seeds of the power-cut tests, 3 cuts each (0: skip; from --first-seed)")
     a = p.parse_args(argv)
     failed = []
     if a.workdir:
@@ -106,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     soaks = (("fsx", a.fsx_seeds, lambda w: soak_fsx(w, a.fsx_seeds, a.fsx_ops, a.first_seed)),
              ("model", a.examples, lambda w: soak_model(w, a.examples, a.steps)),
              ("files", a.files_examples,
-              lambda w: soak_model_files(w, a.files_examples, a.files_steps)))
+              lambda w: soak_model_files(w, a.files_examples, a.files_steps)),
+             ("power", a.power_seeds, lambda w: soak_power(w, a.power_seeds, a.first_seed)))
     for name, count, run in soaks:
         if count <= 0:
             continue

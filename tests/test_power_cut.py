@@ -11,6 +11,7 @@ mounts the store as after a reboot (another boot id: ELVESFS_BOOT_ID)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -65,19 +66,31 @@ class CrashDisk:
             subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
 
 
-@pytest.fixture
-def crashed(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def crash_mount(tmp: Path, monkeypatch):
     """(disk, mount): an elvesfs mount whose store lives on a crashfs disk; syncs only
     where the test asks (no periodic sync). Both are torn down even on failure."""
     monkeypatch.setenv("ELVESFS_SYNC_INTERVAL", "3600")
-    disk = CrashDisk(tmp_path)
-    m = Mount(tmp_path)
+    disk = CrashDisk(tmp)
+    m = Mount(tmp)
     m.store = disk.path / "store"
     try:
         yield disk, m
     finally:
         m.cleanup()
         disk.cleanup()
+
+
+@pytest.fixture
+def crashed(tmp_path, monkeypatch):
+    with crash_mount(tmp_path, monkeypatch) as dm:
+        yield dm
+
+
+# what scripts/soak.py --power-seeds runs, each on new seeds
+SOAKED = ("test_a_power_cut_goes_back_to_the_last_sync_with_everything_fsynced",
+          "test_a_power_cut_at_any_moment_of_a_checkpoint_rotation",
+          "test_a_power_cut_while_a_large_file_is_written_and_pre_sealed")
 
 
 def _sha(data: bytes) -> str:
