@@ -278,6 +278,9 @@ def _fuse_init(ops: Operations, mountpoint: str, options: set[str]) -> None:
         lines = [line for line in text.splitlines() if line]
         # libfuse's lines; in --foreground our own log shares stderr
         reason = " / ".join([x for x in lines if x.startswith("fuse")] or lines) or str(failure)
+        if "/dev/fuse" in reason and "Permission denied" in reason:
+            reason += (" (this user may not use FUSE: /dev/fuse is usually mode 0666, "
+                       "or the user must be in its group)")
         raise ElvesError(f"cannot mount on {mountpoint}: {reason}") from None
 
 

@@ -248,7 +248,9 @@ def resolve_store(target: str) -> str:
     cand = default_store(target)
     if os.path.exists(os.path.join(cand, "data.mdb")):
         return cand
-    raise CliError(f"{target} is neither a store nor the mountpoint of a default store")
+    raise CliError(f"{target} is neither a store nor the mountpoint of a default store; "
+                   "pass the store directory that was mounted with --store (while mounted, "
+                   "`mount -t fuse.elvesfs` shows it as elvesfs:STORE)")
 
 
 def main(a: argparse.Namespace) -> int:
