@@ -18,6 +18,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -123,6 +124,34 @@ def _meta_past_sync_point(store: Path) -> bool:
     return max(t for t in map(syncpoint.meta_txnid, metas) if t is not None) > point.txnid
 
 
+def _cut(disk: CrashDisk, m: Mount) -> None:
+    """The power cut: the daemon and the disk go at once."""
+    _kill_daemon(m)
+    report = disk.cut()
+    assert "power cut" in report, report
+
+
+def _cut_during(disk: CrashDisk, m: Mount, writer, after: float) -> None:
+    """Cut the power `after` seconds into `writer`, run in a thread (it must return
+    once the mount fails it with ENOTCONN)."""
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(after)
+    _cut(disk, m)
+    t.join(timeout=60)
+
+
+def _reboot(disk: CrashDisk, m: Mount, monkeypatch) -> bool:
+    """Start the disk again on what reached it and mount the store as after a reboot
+    (another boot id). Whether a meta page newer than the last sync point had reached
+    data.mdb (so the sync point had to be put back)."""
+    disk.start()
+    torn = _meta_past_sync_point(m.store)
+    monkeypatch.setenv("ELVESFS_BOOT_ID", str(uuid.uuid4()))
+    m.mount()
+    return torn
+
+
 def _kill_daemon(m: Mount) -> None:
     os.kill(m.pid, signal.SIGKILL)
     for _ in range(250):
@@ -178,19 +207,14 @@ def test_a_power_cut_goes_back_to_the_last_sync_with_everything_fsynced(crashed,
     lfd = os.open(m.path / "late", os.O_CREAT | os.O_WRONLY, 0o644)  # a staging file
     os.write(lfd, rnd.randbytes(300_000))  # created after the sync, never fsync'd
     time.sleep(0.3)
-    _kill_daemon(m)
+    _cut(disk, m)
     for fd in (gfd, lfd):
         try:
             os.close(fd)
         except OSError:  # ENOTCONN: the daemon is gone
             pass
-    report = disk.cut()
-    assert "power cut" in report, report
 
-    disk.start()
-    torn = _meta_past_sync_point(m.store)
-    monkeypatch.setenv("ELVESFS_BOOT_ID", str(uuid.uuid4()))
-    m.mount()
+    torn = _reboot(disk, m, monkeypatch)
     # a meta page newer than the sync point reached the disk: it is put back; if none
     # did (each is one page), LMDB opens the synced tree as it is (the pin kept it)
     assert ("back to its last sync point" in m.log()) == torn
@@ -215,8 +239,6 @@ def test_a_power_cut_at_any_moment_of_a_checkpoint_rotation(crashed, monkeypatch
     random moment: seals, deltas, re-coding and garbage collection may all be mid-way.
     Every checkpoint whose fsync returned and that was not deleted is exact; a deleted
     one is gone or exact; everything reads without error; the store is consistent."""
-    import threading
-
     import numpy as np
     from safetensors.numpy import save
 
@@ -228,13 +250,10 @@ def test_a_power_cut_at_any_moment_of_a_checkpoint_rotation(crashed, monkeypatch
          for i in range(3)}
     durable: dict[str, str] = {}
     deleted: set[str] = set()
-    stop = threading.Event()
 
     def writer() -> None:
         try:
             for step in range(1000):
-                if stop.is_set():
-                    return
                 for v in w.values():  # a small training step: most bits stay
                     v += rng.normal(0, 1e-5, v.shape).astype(np.float32)
                 blob = save(w)
@@ -251,19 +270,10 @@ def test_a_power_cut_at_any_moment_of_a_checkpoint_rotation(crashed, monkeypatch
         except OSError:  # the daemon is gone: the power is cut
             return
 
-    t = threading.Thread(target=writer)
-    t.start()
-    time.sleep(random.Random(seed).uniform(1.0, 4.0))
-    _kill_daemon(m)
-    report = disk.cut()
-    stop.set()
-    t.join(timeout=60)
-    assert "power cut" in report, report
+    _cut_during(disk, m, writer, after=random.Random(seed).uniform(1.0, 4.0))
     assert len(durable) >= 2, "too few checkpoints before the cut to test anything"
 
-    disk.start()
-    monkeypatch.setenv("ELVESFS_BOOT_ID", str(uuid.uuid4()))
-    m.mount()
+    _reboot(disk, m, monkeypatch)
     for name, digest in durable.items():
         p = m.path / name
         if name in deleted and not p.exists():
@@ -280,8 +290,6 @@ def test_a_power_cut_while_a_large_file_is_written_and_pre_sealed(crashed, monke
     """A file written for seconds (pre-sealed in steps while it grows: chunks committed
     before the file is), fsync'd every 16 MiB, and the power cut at a random moment:
     everything up to the last fsync that returned is exact; the store is consistent."""
-    import threading
-
     import numpy as np
 
     disk, m = crashed
@@ -305,18 +313,10 @@ def test_a_power_cut_while_a_large_file_is_written_and_pre_sealed(crashed, monke
         except OSError:  # the daemon is gone: the power is cut
             return
 
-    t = threading.Thread(target=writer)
-    t.start()
-    time.sleep(random.Random(seed).uniform(2.0, 4.0))
-    _kill_daemon(m)
-    report = disk.cut()
-    t.join(timeout=60)
-    assert "power cut" in report, report
+    _cut_during(disk, m, writer, after=random.Random(seed).uniform(2.0, 4.0))
     assert synced[0] >= 16 << 20, "no fsync returned before the cut: nothing to check"
 
-    disk.start()
-    monkeypatch.setenv("ELVESFS_BOOT_ID", str(uuid.uuid4()))
-    m.mount()
+    _reboot(disk, m, monkeypatch)
     data = (m.path / "big").read_bytes()
     assert len(data) >= synced[0]
     assert data[:synced[0]] == b"".join(blocks)[:synced[0]]
