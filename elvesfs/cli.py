@@ -84,10 +84,10 @@ def _clear_dead_mount(mp: str) -> None:
     if store is None:
         raise CliError(f"{mp} is a FUSE mount whose daemon is gone, not an elvesfs one; "
                        f"`fusermount3 -u {mp}` detaches it")
-    pid = _daemon_pid(store)
-    if pid and _alive(pid) and _store_locked(store):
-        raise CliError(f"{mp} does not answer, but its elvesfs daemon (pid {pid}) still "
-                       f"runs; see {os.path.join(store, 'elvesfs.log')}")
+    if _store_locked(store):
+        raise CliError(f"{mp} does not answer, but its elvesfs daemon (pid "
+                       f"{_daemon_pid(store) or '?'}) still runs; see "
+                       f"{os.path.join(store, 'elvesfs.log')}")
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode:
         raise CliError(f"{mp} is left over from an elvesfs daemon that stopped, and it "
@@ -95,16 +95,6 @@ def _clear_dead_mount(mp: str) -> None:
                        f"(`fuser -vm {mp}` lists processes still using it)")
     print(f"elvesfs: detached {mp}, left by a daemon that stopped (store {store})",
           file=sys.stderr)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _store_locked(store: str) -> bool:
