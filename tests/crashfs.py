@@ -16,7 +16,8 @@ loses nothing the kernel holds:
   reboot finds.
 - Names and directories (create, mkdir, unlink, rmdir, rename, link, symlink, mknod) go
   to BACKING at once and into a journal, as in a journaling filesystem (ext4's jbd2):
-  any fsync commits the whole journal; at the power cut a random suffix of the
+  fsync commits the whole journal, fdatasync only when the file's size changed (a
+  write through an O_DSYNC handle is an fdatasync); at the power cut a random suffix of the
   uncommitted part is undone, newest first (a removed or replaced file comes back from
   a hard link kept aside). Sizes set by truncate, modes and times are never lost. A
   file's size grows on BACKING only with data that reaches it.
@@ -99,12 +100,15 @@ class File:
         if end > 0:
             os.pwrite(self.fd, bytes(p[:end]), index * PAGE)
 
-    def fsync(self) -> None:
+    def fsync(self) -> bool:
+        """Write every unwritten page; whether the size on BACKING changed (metadata)."""
+        before = os.fstat(self.fd).st_size
         for index in sorted(self.dirty):
             self.flush_page(index)
         if os.fstat(self.fd).st_size < self.size:
             os.ftruncate(self.fd, self.size)
         os.fsync(self.fd)
+        return os.fstat(self.fd).st_size != before
 
 
 class CrashFS(pyfuse3.Operations):
@@ -273,8 +277,9 @@ class CrashFS(pyfuse3.Operations):
         return len(buf)
 
     async def fsync(self, fh, datasync):
-        self._file(fh).fsync()
-        self.journal.clear()  # the journal commit that any fsync forces
+        grew = self._file(fh).fsync()
+        if grew or not datasync:  # as ext4: fsync commits the journal; fdatasync only
+            self.journal.clear()  # when the file's size (metadata it needs) changed
 
     async def fsyncdir(self, fh, datasync):
         self.journal.clear()
