@@ -29,10 +29,10 @@ from .db import Database
 from .errors import ElvesError, StoreLockedError
 from .fs import Operations
 from .ingest import Sealer
+from .mounts import quote_store
 from .namespace import Namespace
 from .policy import Policy
 from .reader import ChunkReader
-from .mounts import quote_store
 from .staging import Staging
 
 log = logging.getLogger("elvesfs.daemon")
@@ -239,7 +239,8 @@ def fuse_options(extra: list[str], store_root: str) -> set[str]:
     """pyfuse3's defaults plus ours: kernel permission checks and a name `mount` shows."""
     opts = set(pyfuse3.default_options)
     opts.discard("default_permissions")
-    opts |= {"default_permissions", f"fsname=elvesfs:{quote_store(store_root)}", "subtype=elvesfs"}
+    opts |= {"default_permissions", f"fsname=elvesfs:{quote_store(store_root)}",
+             "subtype=elvesfs"}
     for o in extra:
         opts |= {x for x in o.split(",") if x}
     if any(o.startswith("max_read=") for o in opts):

@@ -20,17 +20,24 @@ def default_store(mountpoint: str) -> str:
     return os.path.join(base, "elvesfs", f"{name}-{tag}")
 
 
-def mounts() -> dict[str, str]:
-    """Mountpoint -> store root of every live elvesfs mount (from /proc/self/mountinfo)."""
-    out = {}
+def mount_table() -> list[tuple[str, str, str]]:
+    """(mountpoint, type, source) of every mount this process sees, dead FUSE mounts
+    included, with mountinfo's octal escapes (whitespace, backslash) decoded."""
+    out = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             left, _, right = line.partition(b" - ")
             fields = right.split()
-            if len(fields) >= 2 and fields[1].startswith(b"elvesfs:"):
-                store = unquote_store(_unescape(fields[1][len(b"elvesfs:"):]))
-                out[_unescape(left.split()[4])] = store
+            if len(fields) >= 2:
+                out.append((_unescape(left.split()[4]), os.fsdecode(fields[0]),
+                            _unescape(fields[1])))
     return out
+
+
+def mounts() -> dict[str, str]:
+    """Mountpoint -> store root of every live elvesfs mount."""
+    return {mp: unquote_store(src[len("elvesfs:"):]) for mp, _, src in mount_table()
+            if src.startswith("elvesfs:")}
 
 
 def quote_store(store: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -47,12 +46,9 @@ def _run_cli(*args: str, check: bool = True, timeout: float = 120) -> subprocess
 
 
 def _is_mounted(path: str) -> bool:
-    """Whether `path` is a mountpoint now, dead or alive (mountinfo escapes whitespace
-    and backslashes as octal)."""
-    def unescape(field: bytes) -> str:
-        return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(unescape(line.split()[4]) == path for line in f)
+    """Whether `path` is a mountpoint now, dead or alive."""
+    from elvesfs.mounts import mount_table
+    return any(mp == path for mp, _, _ in mount_table())
 
 
 class Mount:
@@ -81,17 +77,21 @@ class Mount:
         self.umount()
         self.mount()
 
-    def kill9(self) -> None:
-        """Kill the daemon without any chance to clean up, and detach the dead mount."""
+    def kill9(self, detach: bool = True) -> None:
+        """Kill the daemon without any chance to clean up and wait until it is gone; then
+        detach the dead mount (or leave it, failing every call with ENOTCONN)."""
         assert self.pid
         os.kill(self.pid, signal.SIGKILL)
-        for _ in range(200):
+        for _ in range(250):
             try:
                 os.kill(self.pid, 0)
                 time.sleep(0.02)
             except ProcessLookupError:
                 break
-        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        else:
+            raise AssertionError(f"daemon {self.pid} did not exit after SIGKILL")
+        if detach:
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
         self.pid = None
 
     def log(self) -> str:

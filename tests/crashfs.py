@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import logging
 import os
 import random
 import signal
 import stat
 import sys
+import tempfile
 
 import pyfuse3
 import trio
@@ -119,11 +121,12 @@ class CrashFS(pyfuse3.Operations):
         self.free = free
         self.root_ino = os.lstat(backing).st_ino
         self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: backing}
-        self.files: dict[int, File] = {}
-        self.opens: dict[int, int] = {}
-        self.journal: list[tuple] = []  # name changes since the last commit (any fsync)
-        self.stash = os.path.join(os.path.dirname(backing), ".crashfs-stash")
-        os.makedirs(self.stash, exist_ok=True)
+        self.files: dict[int, File] = {}  # every file opened (their fds stay open)
+        self.journal: list[tuple] = []  # name changes not yet committed by an fsync
+        # hard links to removed or replaced files, beside BACKING (same filesystem), one
+        # directory per run: a run after a cut must not collide with the last one's
+        self.stash = tempfile.mkdtemp(prefix=".crashfs-stash-", dir=os.path.dirname(backing))
+        self.kept = itertools.count()
 
     # -- helpers
     def _ino(self, st_ino: int) -> int:
@@ -252,7 +255,6 @@ class CrashFS(pyfuse3.Operations):
 
     async def open(self, ino, flags, ctx):
         self._file(ino)
-        self.opens[ino] = self.opens.get(ino, 0) + 1
         return pyfuse3.FileInfo(fh=ino, keep_cache=False)
 
     async def create(self, parent, name, mode, flags, ctx):
@@ -288,7 +290,7 @@ class CrashFS(pyfuse3.Operations):
         pass
 
     async def release(self, fh):
-        self.opens[fh] -= 1
+        pass
 
     async def releasedir(self, fh):
         pass
@@ -308,7 +310,7 @@ class CrashFS(pyfuse3.Operations):
         (directories are not kept: only empty ones are ever replaced or removed)."""
         if os.path.isdir(path) and not os.path.islink(path):
             return None
-        kept = os.path.join(self.stash, str(len(os.listdir(self.stash))))
+        kept = os.path.join(self.stash, str(next(self.kept)))
         os.link(path, kept, follow_symlinks=False)
         return kept
 

@@ -42,6 +42,27 @@ def test_mount_errors_are_one_clear_line(mnt, tmp_path):
     r = cli("mount", str(other), "--store", str(tmp_path / "s4"), "-o", "max_read=65536")
     assert r.returncode != 0 and "max_read" in r.stderr
     assert not os.path.ismount(other)
+    # a directory that is no store: fsck says what to pass instead
+    r = cli("fsck", str(other))
+    assert r.returncode != 0 and "pass the store directory" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_mount_refused_dev_fuse_says_what_the_user_lacks(monkeypatch):
+    """libfuse's own line, and what to do about it (/dev/fuse is mode 0600 on some
+    machines: a user who may not open it cannot mount)."""
+    import pyfuse3
+
+    from elvesfs import daemon
+    from elvesfs.errors import ElvesError
+
+    def refused(ops, mountpoint, options):
+        os.write(2, b"fuse: failed to open /dev/fuse: Permission denied\n")
+        raise RuntimeError("fuse_session_new() failed")
+    monkeypatch.setattr(pyfuse3, "init", refused)
+    with pytest.raises(ElvesError, match=r"/dev/fuse: Permission denied \(this user may "
+                                         r"not use FUSE"):
+        daemon._fuse_init(None, "/mnt/x", set())
 
 
 def test_corrupt_store_is_refused(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, check_store, fsck_clean, sha_file, write_random
+from conftest import ROOT, _run_cli, check_store, fsck_clean, sha_file, write_random
 
 
 
@@ -253,16 +252,15 @@ def test_after_kill9_sync_says_the_daemon_is_gone_and_mount_just_works(make_moun
     that mountpoint detaches the dead mount and mounts again, with nothing lost."""
     m = make_mount()
     (m.path / "closed").write_bytes(b"written and closed, never synced")
-    os.kill(m.pid, signal.SIGKILL)
-    _wait_gone(m.pid)
+    m.kill9(detach=False)
     with pytest.raises(OSError) as dead:
         os.stat(m.path)
     assert dead.value.errno == errno.ENOTCONN
-    r = _cli("sync", str(m.path))
+    r = _run_cli("sync", str(m.path), check=False)
     assert r.returncode == 1
     assert "is not running" in r.stderr and f"elvesfs mount {m.path}" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = _cli("mount", str(m.path), "--store", str(m.store))
+    r = _run_cli("mount", str(m.path), "--store", str(m.store), check=False)
     assert r.returncode == 0, r.stderr
     assert "left by a daemon that stopped" in r.stderr
     m.pid = int((m.store / "daemon.lock").read_text().strip())
@@ -273,23 +271,8 @@ def test_after_kill9_sync_says_the_daemon_is_gone_and_mount_just_works(make_moun
 def test_mount_leaves_alone_a_mount_whose_daemon_still_runs(make_mount):
     """A live elvesfs mount is never detached by a second `elvesfs mount` on it."""
     m = make_mount()
-    r = _cli("mount", str(m.path), "--store", str(m.store))
+    r = _run_cli("mount", str(m.path), "--store", str(m.store), check=False)
     assert r.returncode == 1 and "already a mountpoint" in r.stderr
     assert (m.store / "daemon.lock").read_text().strip() == str(m.pid)
     (m.path / "still").write_bytes(b"up")
     assert (m.path / "still").read_bytes() == b"up"
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "elvesfs.cli", *args], capture_output=True,
-                          text=True, timeout=120, cwd=str(ROOT))
-
-
-def _wait_gone(pid: int) -> None:
-    for _ in range(250):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"daemon {pid} did not exit after SIGKILL")

@@ -126,7 +126,7 @@ def _meta_past_sync_point(store: Path) -> bool:
 
 def _cut(disk: CrashDisk, m: Mount) -> None:
     """The power cut: the daemon and the disk go at once."""
-    _kill_daemon(m)
+    m.kill9()
     report = disk.cut()
     assert "power cut" in report, report
 
@@ -150,18 +150,6 @@ def _reboot(disk: CrashDisk, m: Mount, monkeypatch) -> bool:
     monkeypatch.setenv("ELVESFS_BOOT_ID", str(uuid.uuid4()))
     m.mount()
     return torn
-
-
-def _kill_daemon(m: Mount) -> None:
-    os.kill(m.pid, signal.SIGKILL)
-    for _ in range(250):
-        try:
-            os.kill(m.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.02)
-    subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
-    m.pid = None
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
