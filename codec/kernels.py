@@ -1010,3 +1010,45 @@ def bucket_starts(off, h, nbuckets):
                         t += h[j, c, b, v]
                     s += t
     return starts
+
+
+# ---- xor's scaled reference (T_SCALED) -------------------------------------------------
+
+_F32_MIN_NORMAL = 2.0 ** -126
+_F32_MAX = 3.4028234663852886e38
+
+
+@njit(**_JIT)
+def scale_ref4(bits, vals, scale, out_bits, out_vals):
+    """out = float32(float64(ref) * scale) for every element that is a normal float32
+    whose product is a normal float32; every other element (zero, subnormal, inf, NaN,
+    a product out of range) is copied as it is. ``bits``/``vals`` and
+    ``out_bits``/``out_vals`` are uint32 and float32 views of the same two arrays. No
+    operand or result is ever subnormal, so flush-to-zero or denormals-are-zero modes
+    (which a library built with -ffast-math may set in the process) cannot change the
+    result: the encoder and the decoder always compute the same reference. Branchless
+    (a select per element), so that it vectorizes."""
+    for i in range(bits.shape[0]):
+        b = bits[i]
+        e = (b >> np.uint32(23)) & np.uint32(255)
+        p = np.float64(vals[i]) * scale
+        a = abs(p)
+        f = np.float32(p)
+        ok = (e != 0) & (e != 255) & (a >= _F32_MIN_NORMAL) & (a <= _F32_MAX)
+        out_vals[i] = f if ok else vals[i]
+
+
+@njit(**_JIT)
+def sub_bit_lengths4(x, r):
+    """Sum over elements of the bit length of zigzag(x - r) (uint32 bits, wrapping): a
+    cheap proxy of the coded size of the sub transform's delta."""
+    total = 0
+    for i in range(x.shape[0]):
+        d = np.uint32(x[i] - r[i])
+        z = np.uint32(np.uint32(d << np.uint32(1)) ^ np.uint32(np.uint32(0) - (d >> np.uint32(31))))
+        n = 0
+        while z:
+            z >>= np.uint32(1)
+            n += 1
+        total += n
+    return total

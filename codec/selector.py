@@ -14,6 +14,7 @@ from .base import REGISTRY
 from .dtypes import lossy_allowed
 from .elf import native_bound
 from .frame import METHOD_RAW, METHOD_ZSTD, parse
+from .xor import estimate_scale, scaled_reference
 from .zstd_codec import code_stream
 
 SLICE = 64 * 1024
@@ -42,7 +43,8 @@ def candidates(dt, bound, reference) -> list[str]:
     return c
 
 
-def _make(name, dt, bound, reference, level, sample_of: int | None = None, joint: bool = True):
+def _make(name, dt, bound, reference, level, sample_of: int | None = None, joint: bool = True,
+          scale: float = 1.0):
     kw = {"dtype": dt.name if dt else None}
     if name in ("zstd", "planes", "elf", "xor"):
         kw["level"] = level
@@ -52,6 +54,7 @@ def _make(name, dt, bound, reference, level, sample_of: int | None = None, joint
     if name == "xor":
         kw["reference"] = reference
         kw["sample_of"] = sample_of
+        kw["scale"] = scale
     return REGISTRY[name](**kw)
 
 
@@ -72,16 +75,18 @@ def uses_zstd(frame: bytes) -> bool:
     return any(s.method == METHOD_ZSTD for s in parse(frame).streams)
 
 
-def _try_all(names, mv, dt, bound, reference, level, joint: bool = True) -> bytes:
+def _try_all(names, mv, dt, bound, reference, level, joint: bool = True,
+             scale: float = 1.0) -> bytes:
     """The smallest frame of the candidates on the whole chunk; planes first, so zstd
     is skipped on float data without repeats."""
-    if _xor_sure(names, np.frombuffer(mv, np.uint8), reference, dt):
-        return _make("xor", dt, bound, reference, level).encode(mv)
+    if _xor_sure(names, np.frombuffer(mv, np.uint8), reference, dt, scale):
+        return _make("xor", dt, bound, reference, level, scale=scale).encode(mv)
     frames = []
     for c in _planes_first(names):
         if c == "zstd" and _zstd_hopeless(dt, frames, names):
             continue
-        frames.append(_make(c, dt, bound, reference, level, joint=joint).encode(mv))
+        frames.append(_make(c, dt, bound, reference, level, joint=joint,
+                            scale=scale).encode(mv))
     return min(frames, key=len)
 
 
@@ -96,7 +101,7 @@ def _zstd_hopeless(dt, frames: list[bytes], names: list[str]) -> bool:
 
 
 def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True,
-                   joint: bool = True) -> str:
+                   joint: bool = True, scale: float = 1.0) -> str:
     """The candidate whose frame of four spread slices (1/32 of the chunk) is smallest
     (``skip``: leave out zstd where planes' sample frame shows it cannot win); xor codes
     the sample with the transform the whole chunk would take (no transform trials)."""
@@ -111,24 +116,26 @@ def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True,
     if reference is not None:
         r = np.frombuffer(reference, np.uint8)
         ref_sample = np.concatenate([r[s:e] for s, e in parts])
-    if skip and _xor_sure(names, sample, ref_sample, dt):
+    if skip and _xor_sure(names, sample, ref_sample, dt, scale):
         return "xor"
     best, win = None, names[0]
     frames: list[bytes] = []
     for c in _planes_first(names):
         if skip and c == "zstd" and _zstd_hopeless(dt, frames, names):
             continue
-        f = _make(c, dt, bound, ref_sample, level, sample_of=n, joint=joint).encode(sample)
+        f = _make(c, dt, bound, ref_sample, level, sample_of=n, joint=joint,
+                  scale=scale).encode(sample)
         frames.append(f)
         if best is None or len(f) < best:
             best, win = len(f), c
     return win
 
 
-def _xor_sure(names, sample, ref_sample, dt) -> bool:
+def _xor_sure(names, sample, ref_sample, dt, scale: float = 1.0) -> bool:
     """Whether xor wins the sample (or the whole small chunk) by so much on an order-0
     estimate (XOR_SURE) that the trials can be skipped: float data against a
-    reference, the lossless candidates only."""
+    reference (scaled by ``scale``, as xor would code it), the lossless candidates
+    only."""
     if ref_sample is None or dt is None or not dt.is_float or dt.itemsize not in (2, 4, 8) \
             or not set(names) <= {"zstd", "planes", "xor"}:
         return False
@@ -138,7 +145,8 @@ def _xor_sure(names, sample, ref_sample, dt) -> bool:
         return False
     # every other element: half the time, the same estimate within ~0.005
     x = sample[:m * dt.itemsize].view(ut)[::2]
-    r = np.frombuffer(ref_sample, np.uint8)[:m * dt.itemsize].view(ut)[::2]
+    r = np.frombuffer(ref_sample, np.uint8)[:m * dt.itemsize].view(ut)
+    r = (r if scale == 1.0 else scaled_reference(r, scale))[::2]
     if dt.itemsize == 4:
         bz, bx = kernels.sub_vs_raw_bits4(x, r)
     else:
@@ -203,19 +211,22 @@ def select(mv, dt, *, bound=None, reference=None, level=3, joint: bool = True) -
     if n < 64:
         return raw.encode(mv)
     names = candidates(dt, bound, reference)
+    # xor's scale for the whole chunk, so that its sample trials code as the chunk will
+    scale = estimate_scale(mv, reference, dt) if "xor" in names else 1.0
     if dt is None and names == ["zstd"]:
         best = _opaque(mv, level)
         if best is None:  # zstd did not pay (random, encrypted): the raw frame at once,
             return raw.encode(mv)  # not a zstd frame thrown away for it
     elif len(names) == 1:  # e.g. int8: nothing to choose, no sample pass
-        best = _make(names[0], dt, bound, reference, level).encode(mv)
+        best = _make(names[0], dt, bound, reference, level, scale=scale).encode(mv)
     elif n <= WHOLE_BELOW:  # small chunks: every candidate on the whole chunk
-        best = _try_all(names, mv, dt, bound, reference, level, joint)
+        best = _try_all(names, mv, dt, bound, reference, level, joint, scale)
     elif names == ["zstd", "planes"] and dt.is_float:
         best = _planes_then_zstd(mv, dt, level)
     else:
-        win = _sample_winner(names, mv, dt, bound, reference, level, joint=joint)
-        best = _make(win, dt, bound, reference, level, joint=joint).encode(mv)
+        win = _sample_winner(names, mv, dt, bound, reference, level, joint=joint,
+                             scale=scale)
+        best = _make(win, dt, bound, reference, level, joint=joint, scale=scale).encode(mv)
     if len(best) > n:  # coding barely paid: the smaller of it and the raw frame
         plain = raw.encode(mv)
         return plain if len(plain) <= len(best) else best

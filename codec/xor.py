@@ -27,11 +27,25 @@ classes, [the number of buckets,] and the classes' reference exponents as u16):
        byte is a leading byte with a skewed distribution, under a non-zero one it is
        near uniform. ~9 % smaller on the word embeddings of a training checkpoint.
 
+scaled  (a flag on any of the above, float32 only) the reference is first multiplied by
+       a scale the encoder estimated (kernels.scale_ref4: normal values only, so the
+       result is the same under any flush-to-zero mode); the scale, a float64, ends
+       the params. Why: Adam's moments of parameters that got no gradient since the
+       reference only decay, exp_avg by beta1 and exp_avg_sq by beta2 per step (the
+       word-embedding rows of tokens absent from the batches: half of a BERT's
+       parameters), so each is the reference times beta^steps to a few units in the
+       last place, which the plain difference does not see. On a checkpoint 50 AdamW
+       steps after its reference, exp_avg's delta codes 9 % smaller, exp_avg_sq's 11 %.
+       estimate_scale finds the scale as the commonest ratio data / reference on a
+       sample, and keeps it only where it shortens the sample's deltas.
+
 The encoder tries the transforms on a sample and keeps the smallest. The frame records xxh3_64 of
 the reference, so decoding against a missing or wrong reference raises FrameError
 instead of returning wrong bytes."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import struct
 from types import SimpleNamespace
 
@@ -55,6 +69,76 @@ _P3 = struct.Struct("<QBBB")  # reference hash, planes layout, transform, classe
 SAMPLE = 1 << 16  # elements tried with each transform
 CTX_DIRECT = 2 * SAMPLE  # float chunks from this many elements: sub+ctx+hi, no trial
 CTX_MIN = 4096  # float chunks under this many elements: no sub+ctx trial
+#: sub+ctx+hi is written only where it saves at least this many bits per element over
+#: plain sub (order-0 estimate on a sample for large chunks, coded sizes for the
+#: others): its classes cost a gather back into element order at decode (~1 ns per
+#: element) that plain sub's one-pass decoder does not
+CTX_GAIN = 0.0
+T_SCALED = 0x10  # flag on the transform byte: coded against scaled_reference(ref, scale)
+_SCALE = struct.Struct("<d")  # the scale, after all other params of a T_SCALED frame
+SCALE_SAMPLE = 4096  # elements (spread over the chunk) estimate_scale looks at
+SCALE_MIN_SHARE = 1 / 16  # the commonest ratio must hold this share of the sample
+SCALE_GAIN = 0.95  # keep a scale only where the sample's delta bits drop below this
+
+
+def scaled_reference(ref, scale: float) -> np.ndarray:
+    """The reference a T_SCALED frame is coded against (uint32): every normal float32
+    of ``ref`` times ``scale``, rounded once; other values as they are."""
+    r = _u8(ref).view(np.uint32)
+    out = np.empty_like(r)
+    kernels.scale_ref4(r, r.view(np.float32), float(scale), out, out.view(np.float32))
+    return out
+
+
+def estimate_scale(mv, ref, dt) -> float:
+    """The scale to code ``mv`` against (1.0: none), for float32 chunks: the commonest
+    ratio data / reference over a spread sample of SCALE_SAMPLE elements (the ratios
+    binned by their top 10 mantissa bits, the median of the commonest bin), kept when
+    at least SCALE_MIN_SHARE of the sample is in that bin and the sub deltas of the
+    sample against the scaled reference need under SCALE_GAIN of the bits."""
+    if dt is None or dt.name != "F32" or mv.nbytes < 4 * SCALE_SAMPLE:
+        return 1.0
+    x_all, r_all = _u8(mv).view(np.uint32), _u8(ref).view(np.uint32)
+    idx = np.linspace(0, x_all.shape[0] - 1, SCALE_SAMPLE).astype(np.intp)
+    x, r = x_all[idx], r_all[idx]
+    ex, er = (x >> 23) & 255, (r >> 23) & 255
+    ok = (ex != 0) & (ex != 255) & (er != 0) & (er != 255)
+    if ok.sum() < SCALE_SAMPLE * SCALE_MIN_SHARE:
+        return 1.0
+    q = x[ok].view(np.float32).astype(np.float64) / r[ok].view(np.float32)
+    key = q.astype(np.float32).view(np.uint32) >> 13
+    keys, counts = np.unique(key, return_counts=True)
+    j = int(counts.argmax())
+    if counts[j] < SCALE_SAMPLE * SCALE_MIN_SHARE:
+        return 1.0
+    scale = float(np.median(q[key == keys[j]]))
+    if scale == 1.0 or not 2.0 ** -100 < abs(scale) < 2.0 ** 100:
+        return 1.0
+    gain = kernels.sub_bit_lengths4(x, scaled_reference(r, scale))
+    return scale if gain < SCALE_GAIN * kernels.sub_bit_lengths4(x, r) else 1.0
+
+
+def _with_scale(params: bytes, scale: float) -> bytes:
+    """``params`` of a frame (transform byte at offset 9) marked T_SCALED, the scale
+    appended."""
+    p = bytearray(params)
+    p[_P.size] |= T_SCALED
+    return bytes(p) + _SCALE.pack(scale)
+
+
+def _split_scale(header, dt):
+    """(header without the scale, scale) of a frame; scale 1.0 when not T_SCALED."""
+    params = header.params
+    if len(params) <= _P.size or not params[_P.size] & T_SCALED:
+        return header, 1.0
+    if len(params) < _P2.size + _SCALE.size:
+        raise FrameError("xor frame: bad scale parameters")
+    (scale,) = _SCALE.unpack(params[-_SCALE.size:])
+    if dt is None or dt.name != "F32" or not (math.isfinite(scale) and scale != 0):
+        raise FrameError("xor frame: scale on a dtype other than float32, or not finite")
+    p = bytearray(params[:-_SCALE.size])
+    p[_P.size] &= ~T_SCALED & 0xFF
+    return dataclasses.replace(header, params=bytes(p)), scale
 
 
 def _u8(b) -> np.ndarray:
@@ -125,34 +209,69 @@ def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
     ut = _utype(dt)
     if ut.itemsize == 1:
         return T_XOR
-    direct = _direct_transform(dt, mv.nbytes)
+    direct = _direct_transform(mv, ref, dt, mv.nbytes)
     if direct is not None:
         return direct
     n = min(SAMPLE, mv.nbytes // ut.itemsize)
     if n == 0:
         return T_XOR
-    step = ut.itemsize * n
-    mid = (mv.nbytes // 2) // ut.itemsize * ut.itemsize
-    lo = max(0, min(mid, mv.nbytes - step))
-    a, r = mv[lo:lo + step], ref[lo:lo + step]
+    a, r = _middle(mv, ref, ut.itemsize * n, ut.itemsize)
+    step = a.nbytes
     done = {T_XOR: _plane_streams(_xor(a, r, dt), dt, level)}
     if n > 1:  # one element: every stream is one constant byte, so sub ties and xor wins
         done[T_SUB] = _plane_streams(_sub(a, r, dt), _bytes_dtype(ut), level)
     if _ctx_ok(dt) and n >= CTX_MIN:
         params, streams = _encode_ctx(a, r, dt, level)
-        done[T_SUBCTX_HI] = sum(len(x.stored) + 8 for x in streams), (params, streams)
+        size = sum(len(x.stored) + 8 for x in streams)
+        if size + CTX_GAIN * n / 8 <= done[T_SUB][0]:
+            done[T_SUBCTX_HI] = size, (params, streams)
     t = min(done, key=lambda k: done[k][0])
     if trials is not None and step == mv.nbytes:
         trials[t] = done[t][1]
     return t
 
 
-def _direct_transform(dt, nbytes: int) -> int | None:
-    """The transform a chunk of ``nbytes`` takes without a trial (sub+ctx+hi for float
-    chunks of CTX_DIRECT elements or more), else None."""
-    if _ctx_ok(dt) and nbytes // dt.itemsize >= CTX_DIRECT:
+def _middle(mv, ref, step: int, itemsize: int):
+    """The ``step`` bytes from the middle of the chunk and of its reference."""
+    mid = (mv.nbytes // 2) // itemsize * itemsize
+    lo = max(0, min(mid, mv.nbytes - step))
+    return mv[lo:lo + step], ref[lo:lo + step]
+
+
+def _direct_transform(mv, ref, dt, nbytes: int) -> int | None:
+    """The transform a chunk of ``nbytes`` (``mv``: it or a sample of it) takes
+    without a trial: for float chunks of CTX_DIRECT elements or more, sub+ctx+hi, or
+    plain sub where the classes and buckets save under CTX_GAIN bits per element on a
+    sample; else None."""
+    if not _ctx_ok(dt) or nbytes // dt.itemsize < CTX_DIRECT:
+        return None
+    if CTX_GAIN <= 0:
         return T_SUBCTX_HI
-    return None
+    a, r = _middle(mv, ref, min(mv.nbytes, SAMPLE * dt.itemsize), dt.itemsize)
+    return T_SUBCTX_HI if _ctx_gain(a, r, dt) >= CTX_GAIN else T_SUB
+
+
+def _ctx_gain(mv, ref, dt) -> float:
+    """Bits per element sub+ctx+hi saves over plain sub on (mv, ref), by the order-0
+    entropy of their streams (tables and headers not counted): the class and bucket
+    histograms partition sub's plane histograms, so one pass gives both."""
+    _, _, _, h, split = _ctx_planes(mv, ref, dt, NBUCKETS)  # h: (size, class, bucket, 256)
+    n = mv.nbytes // dt.itemsize
+    if n == 0:
+        return 0.0
+    sub = _hist_bits(h.sum(axis=(1, 2))).sum()
+    ctx = np.where(split, _hist_bits(h).sum(axis=2), _hist_bits(h.sum(axis=2))).sum()
+    return float(sub - ctx) / n
+
+
+def _hist_bits(h: np.ndarray) -> np.ndarray:
+    """Order-0 coded bits of each histogram along the last axis: n log2 n - sum h log2 h."""
+    h = h.astype(np.float64)
+    n = h.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hl = np.where(h > 0, h * np.log2(h), 0.0).sum(axis=-1)
+        nl = np.where(n > 0, n * np.log2(n), 0.0)
+    return nl - hl
 
 
 def _ctx_ok(dt) -> bool:
@@ -185,7 +304,7 @@ def _classes(ref_u: np.ndarray, dt, exps: list[int]) -> tuple[np.ndarray, np.nda
     return cls, counts
 
 
-def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
+def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS, rh: int | None = None):
     """(params, streams) of sub+ctx: per class of the reference's exponent, the byte
     planes of zigzag(data - reference), plane-major; with ``nb`` > 1 buckets each
     lower plane is split further by its next higher byte (sub+ctx+hi)."""
@@ -206,7 +325,7 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
             bo = np.concatenate([[0], np.cumsum(jh.sum(axis=1))])
             streams += [code_stream(name, seg[bo[b]:bo[b + 1]], level, hist=jh[b])
                         for b in range(nb)]
-    head = _P3.pack(hash64(ref), L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
+    head = _P3.pack(hash64(ref) if rh is None else rh, L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
     if nb > 1:
         head += bytes([nb]) + split_bits.to_bytes(_mask_len(size), "little")
     return head + struct.pack(f"<{len(exps)}H", *exps), streams
@@ -417,14 +536,16 @@ class XorCodec(Codec):
     codec_id = "xor"
 
     def __init__(self, dtype=None, reference=None, level: int = 3,
-                 sample_of: int | None = None):
+                 sample_of: int | None = None, scale: float | None = None):
         """``sample_of``: the data is a sample (the selector's) of a chunk of this many
         bytes; it is coded with the transform that chunk takes without a trial, so the
-        sample's size is the one of the coding the chunk would get (and no trials)."""
+        sample's size is the one of the coding the chunk would get (and no trials).
+        ``scale``: the reference's scale (T_SCALED; 1.0: none); None: estimate_scale."""
         super().__init__(dtype)
         self.reference = reference
         self.level = int(level)
         self.sample_of = sample_of
+        self.scale = scale
 
     def get_config(self):  # the reference is data, not configuration
         return {"id": self.codec_id, "dtype": self.dtype, "level": self.level}
@@ -435,13 +556,24 @@ class XorCodec(Codec):
         ref = as_bytes_view(self.reference)
         if ref.nbytes != mv.nbytes:
             raise ValueError(f"reference has {ref.nbytes} bytes, data {mv.nbytes}")
+        scale = estimate_scale(mv, ref, dt) if self.scale is None else float(self.scale)
+        if scale == 1.0:
+            return self._encode_against(mv, ref, dt, hash64(ref))
+        enc = self._encode_against(mv, scaled_reference(ref, scale).view(np.uint8), dt,
+                                   hash64(ref))
+        enc.params = _with_scale(enc.params, scale)
+        return enc
+
+    def _encode_against(self, mv, ref, dt, rh: int) -> Encoded:
+        """The frame's content coded against ``ref``, whose original has hash ``rh``."""
         trials: dict = {}
-        t = _direct_transform(dt, self.sample_of) if self.sample_of else None
+        t = _direct_transform(mv, ref, dt, self.sample_of) if self.sample_of else None
         if t is None:
             t = _pick_transform(mv, ref, dt, self.level, trials)
         if t in (T_SUBCTX, T_SUBCTX_HI):
             params, streams = trials.get(t) or _encode_ctx(
-                mv, ref, dt, self.level, NBUCKETS if t == T_SUBCTX_HI else 1)
+                mv, ref, dt, self.level, NBUCKETS if t == T_SUBCTX_HI else 1, rh)
+            params = _P3.pack(rh, *_P3.unpack_from(params)[1:]) + params[_P3.size:]
             return Encoded(streams=streams, params=params, needs_reference=True)
         streams = trials.get(t)
         if streams is None:
@@ -450,11 +582,12 @@ class XorCodec(Codec):
             else:
                 d, pdt = _xor(mv, ref, dt), dt
             _, streams = _plane_streams(d, pdt, self.level)
-        return Encoded(streams=streams, params=_P2.pack(hash64(ref), layout_for(
+        return Encoded(streams=streams, params=_P2.pack(rh, layout_for(
             dt if t == T_XOR else _bytes_dtype(_utype(dt))), t), needs_reference=True)
 
     @classmethod
     def _decode(cls, header, frame, dt, reference, fidelity):
+        header, scale = _split_scale(header, dt)
         try:
             if len(header.params) == _P.size:
                 (rh, layout), t = _P.unpack(header.params), T_XOR
@@ -474,6 +607,8 @@ class XorCodec(Codec):
             raise FrameError(f"xor frame: wrong reference ({ref.nbytes} bytes, checksum mismatch"
                              f" or length != {header.raw_size}); pass the exact chunk it was "
                              "encoded against")
+        if scale != 1.0:
+            ref = scaled_reference(ref, scale).view(np.uint8)
 
         if ctx:
             return _decode_ctx(header, frame, dt, ref, t)
