@@ -1027,14 +1027,19 @@ def scale_ref4(bits, vals, scale, out_bits, out_vals):
     operand or result is ever subnormal, so flush-to-zero or denormals-are-zero modes
     (which a library built with -ffast-math may set in the process) cannot change the
     result: the encoder and the decoder always compute the same reference. Branchless
-    (a select per element), so that it vectorizes."""
+    (selects, so that it vectorizes), and no conversion ever sees a subnormal (1.0
+    stands in where the value is discarded): subnormals cost a microcode assist each,
+    ~5x the whole kernel on an Adam state where decayed moments get that small."""
+    one32 = np.float32(1.0)
     for i in range(bits.shape[0]):
         b = bits[i]
         e = (b >> np.uint32(23)) & np.uint32(255)
-        p = np.float64(vals[i]) * scale
+        normal = (e != 0) & (e != 255)
+        v = vals[i] if normal else one32
+        p = np.float64(v) * scale
         a = abs(p)
-        f = np.float32(p)
-        ok = (e != 0) & (e != 255) & (a >= _F32_MIN_NORMAL) & (a <= _F32_MAX)
+        ok = normal & (a >= _F32_MIN_NORMAL) & (a <= _F32_MAX)
+        f = np.float32(p if ok else 1.0)
         out_vals[i] = f if ok else vals[i]
 
 
@@ -1052,3 +1057,200 @@ def sub_bit_lengths4(x, r):
             n += 1
         total += n
     return total
+
+
+# ---- xor's sub+blocks (T_SUB_BLOCKS): deltas grouped by their block's width ----------
+
+
+@njit(**_JIT)
+def block_widths(z, block, step):
+    """Class of each block of ``block`` zigzag deltas: the bit length of its largest
+    (that of the OR of all) divided by ``step``, rounded up (0: all zero)."""
+    n = z.shape[0]
+    nblk = (n + block - 1) // block
+    w = np.empty(nblk, np.uint8)
+    for b in range(nblk):
+        m = np.uint32(0)
+        for i in range(b * block, min(n, (b + 1) * block)):
+            m |= np.uint32(z[i])
+        bl = 0
+        while m:
+            m >>= np.uint32(1)
+            bl += 1
+        w[b] = (bl + step - 1) // step
+    return w
+
+
+@njit(**_JIT)
+def block_class_counts(w, n, block, ncls):
+    """Elements per class (the last block may be short)."""
+    counts = np.zeros(ncls, np.int64)
+    nblk = w.shape[0]
+    for b in range(nblk):
+        counts[w[b]] += min(n, (b + 1) * block) - b * block
+    return counts
+
+
+@njit(**_JIT)
+def group_blocks(z, w, block, pos, g):
+    """g = the deltas class-major, blocks in order within a class (``pos``: each
+    class's start, advanced)."""
+    n = z.shape[0]
+    for b in range(w.shape[0]):
+        k = w[b]
+        p = pos[k]
+        s = b * block
+        e = min(n, s + block)
+        for i in range(s, e):
+            g[p + i - s] = z[i]
+        pos[k] = p + e - s
+
+
+@njit(**_JIT)
+def blocks_hist(z, w, block, size, ncls):
+    """hist[class, byte j (0 = lowest), 256]: the byte histograms of the deltas of each
+    block class (what sub+blocks codes; summed over classes: what plain sub codes)."""
+    h = np.zeros((ncls, size, 256), np.int64)
+    n = z.shape[0]
+    for b in range(w.shape[0]):
+        k = w[b]
+        for i in range(b * block, min(n, (b + 1) * block)):
+            v = np.uint32(z[i])
+            for j in range(size):
+                h[k, j, (v >> np.uint32(8 * j)) & np.uint32(255)] += 1
+    return h
+
+
+@njit(**_JIT)
+def blocks_by_class(w, ncls):
+    """(the block indices ordered by class, stable; each class's first position in it)."""
+    counts = np.zeros(ncls + 1, np.int64)
+    for b in range(w.shape[0]):
+        counts[w[b] + 1] += 1
+    for k in range(ncls):
+        counts[k + 1] += counts[k]
+    start = counts[:ncls].copy()
+    order = np.empty(w.shape[0], np.int64)
+    for b in range(w.shape[0]):
+        k = w[b]
+        order[start[k]] = b
+        start[k] += 1
+    return order, counts
+
+
+@njit(**_JIT)
+def _unzig(z):
+    return (z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1)))
+
+
+@njit(**_JIT)
+def unsub_block_class(blocks, block, p0, p1, p2, p3, k, out):
+    """out += unzigzag(delta) over the blocks of one sub+blocks class (``blocks``: their
+    indices, in order; ``out`` holds the reference), the deltas straight from the
+    class's ``k`` >= 1 byte planes (most significant first; planes past k are not
+    read). No grouped copy of the deltas: each plane is read once, in order. In place
+    and with unsigned indices (numba adds no negative-index fix-ups to them), so the
+    loops vectorize: ~10x faster than with signed indices or a separate reference
+    array, which LLVM cannot prove apart from ``out``. uint32 arithmetic, stored
+    (wrapping) as the element type."""
+    n = np.uint64(out.shape[0])
+    bs = np.uint64(block)
+    q = np.uint64(0)
+    for bi in range(blocks.shape[0]):
+        s = np.uint64(blocks[bi]) * bs
+        m = min(n, s + bs) - s
+        if k == 1:
+            for j in range(m):
+                out[s + j] = np.uint32(out[s + j]) + _unzig(np.uint32(p0[q + j]))
+        elif k == 2:
+            for j in range(m):
+                z = (np.uint32(p0[q + j]) << np.uint32(8)) | np.uint32(p1[q + j])
+                out[s + j] = np.uint32(out[s + j]) + _unzig(z)
+        elif k == 3:
+            for j in range(m):
+                z = (np.uint32(p0[q + j]) << np.uint32(16)) \
+                    | (np.uint32(p1[q + j]) << np.uint32(8)) | np.uint32(p2[q + j])
+                out[s + j] = np.uint32(out[s + j]) + _unzig(z)
+        else:
+            for j in range(m):
+                z = (np.uint32(p0[q + j]) << np.uint32(24)) \
+                    | (np.uint32(p1[q + j]) << np.uint32(16)) \
+                    | (np.uint32(p2[q + j]) << np.uint32(8)) | np.uint32(p3[q + j])
+                out[s + j] = np.uint32(out[s + j]) + _unzig(z)
+        q += m
+
+
+@njit(**_JIT)
+def merge_add_u32(p0, p1, p2, p3, out):
+    """merge_unsub_u32 in place: ``out`` holds the reference (a separate reference
+    array that LLVM cannot prove apart from ``out`` keeps the loop scalar, ~5x slower)."""
+    for i in range(np.uint64(out.shape[0])):
+        z = ((np.uint32(p0[i]) << 24) | (np.uint32(p1[i]) << 16) | (np.uint32(p2[i]) << 8)
+             | np.uint32(p3[i]))
+        out[i] = out[i] + ((z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1))))
+
+
+@njit(**_JIT)
+def merge_add_u16(p0, p1, out):
+    """merge_add_u32 for 2-byte elements."""
+    for i in range(np.uint64(out.shape[0])):
+        z = (np.uint32(p0[i]) << 8) | np.uint32(p1[i])
+        out[i] = np.uint32(out[i]) + ((z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1))))
+
+
+@njit(**_JIT)
+def hist_bits_rows(h):
+    """Order-0 coded bits of each row of a 2-d histogram: n log2 n - sum h log2 h."""
+    out = np.zeros(h.shape[0])
+    for i in range(h.shape[0]):
+        n = 0.0
+        s = 0.0
+        for j in range(h.shape[1]):
+            c = float(h[i, j])
+            if c > 0:
+                n += c
+                s += c * np.log2(c)
+        if n > 0:
+            out[i] = n * np.log2(n) - s
+    return out
+
+
+@njit(**_JIT)
+def ratio_mode(x, r, key_shift):
+    """(median of the commonest bin, its count) of data / reference over the elements
+    where both are normal float32 (``x``, ``r``: uint32 bits), the ratios binned by
+    their float32 bits >> key_shift; (1.0, 0) when there is none."""
+    n = x.shape[0]
+    q = np.empty(n)
+    m = 0
+    xf = x.view(np.float32)
+    rf = r.view(np.float32)
+    for i in range(n):
+        ex = (x[i] >> np.uint32(23)) & np.uint32(255)
+        er = (r[i] >> np.uint32(23)) & np.uint32(255)
+        if ex != 0 and ex != 255 and er != 0 and er != 255:
+            v = np.float64(xf[i]) / np.float64(rf[i])
+            q[m] = v
+            m += 1
+    if m == 0:
+        return 1.0, 0
+    q = np.sort(q[:m])  # ascending: the float32 bits of each sign are monotonic, so
+    keys = q.astype(np.float32).view(np.uint32) >> np.uint32(key_shift)  # bins are runs
+    best, best_start, start = 0, 0, 0
+    for i in range(1, m + 1):
+        if i == m or keys[i] != keys[start]:
+            if i - start > best:
+                best, best_start = i - start, start
+            start = i
+    return q[best_start + best // 2], best
+
+
+@njit(**_JIT)
+def sub_zigzag(x, r, out, bits):
+    """out = zigzag(x - r), wrapping at ``bits`` (16 or 32; uint16/uint32 elements):
+    the sub transform in one pass (numpy's takes five, with temporaries)."""
+    mask = np.uint32((1 << bits) - 1)
+    top = np.uint32(bits - 1)
+    for i in range(np.uint64(out.shape[0])):
+        d = np.uint32(np.uint32(x[i]) - np.uint32(r[i])) & mask
+        out[i] = (np.uint32(d << np.uint32(1)) ^ (np.uint32(0) - (d >> top))) & mask

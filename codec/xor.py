@@ -27,6 +27,17 @@ classes, [the number of buckets,] and the classes' reference exponents as u16):
        byte is a leading byte with a skewed distribution, under a non-zero one it is
        near uniform. ~9 % smaller on the word embeddings of a training checkpoint.
 
+sub+blocks  for 2/4-byte elements: the sub transform's deltas cut in blocks of BLOCK
+       elements; each block's class is the bit length of its largest delta, in steps
+       of WIDTH_STEP bits (stream ``widths``, a byte per block); each class's deltas,
+       blocks in order, are coded as the byte planes its width needs (streams
+       ``w{k}.byte{j}``, most significant first; class 0: all zero, nothing stored).
+       Why: where whole rows only decay (embedding rows of tokens absent from the
+       batches, Adam moments of them against a scaled reference) their deltas are
+       tiny, next to rows of full-size steps; blocks of one width code each kind with
+       its own tables and drop their zero high bytes, as the hi buckets do, but decode
+       in contiguous runs (no gather per element): ~2 % smaller than sub on a training
+       checkpoint at nearly sub's decode speed.
 scaled  (a flag on any of the above, float32 only) the reference is first multiplied by
        a scale the encoder estimated (kernels.scale_ref4: normal values only, so the
        result is the same under any flush-to-zero mode); the scale, a float64, ends
@@ -60,23 +71,32 @@ from .zstd_codec import code_stream, decode_stream
 
 _P = struct.Struct("<QB")  # reference hash, planes layout
 _P2 = struct.Struct("<QBB")  # reference hash, planes layout, transform (0 xor, 1 sub)
-T_XOR, T_SUB, T_SUBCTX, T_SUBCTX_HI = 0, 1, 2, 3
+T_XOR, T_SUB, T_SUBCTX, T_SUBCTX_HI, T_SUB_BLOCKS = 0, 1, 2, 3, 4
+BLOCK = 128  # sub+blocks: elements per block
+WIDTH_STEP = 2  # sub+blocks: a block's class is its widest delta's bit length / 2, rounded up
+_PB = struct.Struct("<QBBHB")  # reference hash, planes layout, transform, block size,
+# width step
 NCLASSES = 8
 NBUCKETS = 4  # sub+ctx+hi: a lower byte's table is picked by min(higher byte, 3)
 SPLIT_MIN = 4096  # planes of fewer bytes are never split by bucket (see _buckets_pay)
 _P3 = struct.Struct("<QBBB")  # reference hash, planes layout, transform, classes; then
 # (classes - 1) u16 reference exponents, one per class (the last class: all the others)
 SAMPLE = 1 << 16  # elements tried with each transform
+EST_SAMPLE = 1 << 14  # elements of the middle of a large chunk its estimates look at
 CTX_DIRECT = 2 * SAMPLE  # float chunks from this many elements: sub+ctx+hi, no trial
 CTX_MIN = 4096  # float chunks under this many elements: no sub+ctx trial
-#: sub+ctx+hi is written only where it saves at least this many bits per element over
-#: plain sub (order-0 estimate on a sample for large chunks, coded sizes for the
+#: sub+ctx+hi is written only where it is this much smaller than the better of sub and
+#: sub+blocks (order-0 estimates on a sample for large chunks, coded sizes for the
 #: others): its classes cost a gather back into element order at decode (~1 ns per
-#: element) that plain sub's one-pass decoder does not
-CTX_GAIN = 0.0
+#: element, twice with the buckets) that the others' decoders do not. Where the
+#: reference's exponent decides the delta's size (a bf16 fine-tune: 16 % smaller than
+#: sub) it stays; on an fp32 training checkpoint, sub and sub+blocks come within 2 %
+CTX_GAIN = 0.10  # as a fraction of the better of sub and sub+blocks
+BLOCKS_TIE = 0.99  # sub+blocks is written where it is 1 % smaller than sub (else sub:
+# its one-pass decoder is faster)
 T_SCALED = 0x10  # flag on the transform byte: coded against scaled_reference(ref, scale)
 _SCALE = struct.Struct("<d")  # the scale, after all other params of a T_SCALED frame
-SCALE_SAMPLE = 4096  # elements (spread over the chunk) estimate_scale looks at
+SCALE_SAMPLE = 1024  # elements (spread over the chunk) estimate_scale looks at
 SCALE_MIN_SHARE = 1 / 16  # the commonest ratio must hold this share of the sample
 SCALE_GAIN = 0.95  # keep a scale only where the sample's delta bits drop below this
 
@@ -99,20 +119,12 @@ def estimate_scale(mv, ref, dt) -> float:
     if dt is None or dt.name != "F32" or mv.nbytes < 4 * SCALE_SAMPLE:
         return 1.0
     x_all, r_all = _u8(mv).view(np.uint32), _u8(ref).view(np.uint32)
-    idx = np.linspace(0, x_all.shape[0] - 1, SCALE_SAMPLE).astype(np.intp)
-    x, r = x_all[idx], r_all[idx]
-    ex, er = (x >> 23) & 255, (r >> 23) & 255
-    ok = (ex != 0) & (ex != 255) & (er != 0) & (er != 255)
-    if ok.sum() < SCALE_SAMPLE * SCALE_MIN_SHARE:
-        return 1.0
-    q = x[ok].view(np.float32).astype(np.float64) / r[ok].view(np.float32)
-    key = q.astype(np.float32).view(np.uint32) >> 13
-    keys, counts = np.unique(key, return_counts=True)
-    j = int(counts.argmax())
-    if counts[j] < SCALE_SAMPLE * SCALE_MIN_SHARE:
-        return 1.0
-    scale = float(np.median(q[key == keys[j]]))
-    if scale == 1.0 or not 2.0 ** -100 < abs(scale) < 2.0 ** 100:
+    stride = x_all.shape[0] // SCALE_SAMPLE
+    x, r = x_all[::stride][:SCALE_SAMPLE], r_all[::stride][:SCALE_SAMPLE]
+    x, r = np.ascontiguousarray(x), np.ascontiguousarray(r)
+    scale, count = kernels.ratio_mode(x, r, 13)  # bins: the ratio's top 10 mantissa bits
+    if count < SCALE_SAMPLE * SCALE_MIN_SHARE or scale == 1.0 or \
+            not 2.0 ** -100 < abs(scale) < 2.0 ** 100:
         return 1.0
     gain = kernels.sub_bit_lengths4(x, scaled_reference(r, scale))
     return scale if gain < SCALE_GAIN * kernels.sub_bit_lengths4(x, r) else 1.0
@@ -161,6 +173,10 @@ def _sub(mv, ref, dt) -> np.ndarray:
     """zigzag(data - reference) on the raw bits, wrapping."""
     ut = _utype(dt)
     bits = ut.itemsize * 8
+    if ut.itemsize in (2, 4):
+        out = np.empty(mv.nbytes // ut.itemsize, ut)
+        kernels.sub_zigzag(_u8(mv).view(ut), _u8(ref).view(ut), out, bits)
+        return out
     d = _u8(mv).view(ut) - _u8(ref).view(ut)  # wraps modulo 2^bits
     sd = d.view(np.dtype(f"<i{ut.itemsize}"))
     return ((d << ut.type(1)) ^ (sd >> (bits - 1)).view(ut)).astype(ut, copy=False)
@@ -179,16 +195,18 @@ def _planes_view(header, layout: int) -> SimpleNamespace:
                            streams=header.streams)
 
 
-def _unsub_planes(frame, header, ref, ut: np.dtype) -> np.ndarray:
-    """_unsub of the merged byte planes, in one pass from the decoded planes."""
+def _unsub_planes(frame, header, ref, ut: np.dtype, out=None) -> np.ndarray:
+    """_unsub of the merged byte planes, in one pass from the decoded planes (``out``:
+    where to put the result; it may be the reference itself, as for every decoder
+    here: each element is read before it is written)."""
     n = header.raw_size // ut.itemsize
     planes = decoded_planes(frame, header.streams, n)
-    out = np.empty(n, ut)
     r = _u8(ref).view(ut)
-    if ut.itemsize == 4:
-        kernels.merge_unsub_u32(*planes, r, out)
-    else:
-        kernels.merge_unsub_u16(*planes, r, out)
+    if out is not None:  # the reference itself, writable: add in place
+        (kernels.merge_add_u32 if ut.itemsize == 4 else kernels.merge_add_u16)(*planes, out)
+        return out
+    out = np.empty(n, ut)
+    (kernels.merge_unsub_u32 if ut.itemsize == 4 else kernels.merge_unsub_u16)(*planes, r, out)
     return out
 
 
@@ -199,13 +217,15 @@ def _plane_streams(arr: np.ndarray, dt, level: int) -> tuple[int, list]:
 
 
 def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
-    """The smaller transform on a sample (sub only for 2/4/8-byte elements). Float
-    chunks of CTX_DIRECT elements or more take sub+ctx+hi without a trial: on the
-    training checkpoint it wins there or loses < 1 % to plain sub (exp_avg_sq), and
-    the trial would cost as much as the encoding. Chunks under CTX_MIN elements do not
-    try sub+ctx: its 8 classes' streams cost more in headers and tables than the
-    classes save (on the checkpoints it never wins there). When the sample is the
-    whole chunk, ``trials`` gets the winner's (params, streams): no second coding."""
+    """The transform for the chunk (sub and sub+blocks only for 2/4/8-byte elements,
+    sub+blocks not for 8-byte ones). Float chunks of CTX_DIRECT elements or more decide
+    by order-0 estimates on a sample (_direct_transform): trials would cost as much as
+    the encoding. Smaller chunks code a sample with each and keep the smallest; under
+    CTX_MIN elements sub+ctx is not tried (its 8 classes' streams cost more in headers
+    and tables than the classes save). sub+ctx must be CTX_GAIN smaller than the
+    better of sub and sub+blocks (its decode gathers every element back into order),
+    and sub+blocks BLOCKS_TIE smaller than sub. When the sample is the whole chunk,
+    ``trials`` gets the winner's (params, streams): no second coding."""
     ut = _utype(dt)
     if ut.itemsize == 1:
         return T_XOR
@@ -219,11 +239,18 @@ def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
     step = a.nbytes
     done = {T_XOR: _plane_streams(_xor(a, r, dt), dt, level)}
     if n > 1:  # one element: every stream is one constant byte, so sub ties and xor wins
-        done[T_SUB] = _plane_streams(_sub(a, r, dt), _bytes_dtype(ut), level)
+        z = _sub(a, r, dt)
+        done[T_SUB] = _plane_streams(z, _bytes_dtype(ut), level)
+        if ut.itemsize in (2, 4):
+            streams = _encode_blocks(z, level)
+            size = sum(len(x.stored) + 8 for x in streams)
+            if size < BLOCKS_TIE * done[T_SUB][0]:
+                done[T_SUB_BLOCKS] = size, (_blocks_params(0), streams)
     if _ctx_ok(dt) and n >= CTX_MIN:
         params, streams = _encode_ctx(a, r, dt, level)
         size = sum(len(x.stored) + 8 for x in streams)
-        if size + CTX_GAIN * n / 8 <= done[T_SUB][0]:
+        fast = min(done[k][0] for k in (T_SUB, T_SUB_BLOCKS) if k in done)
+        if size <= (1 - CTX_GAIN) * fast:
             done[T_SUBCTX_HI] = size, (params, streams)
     t = min(done, key=lambda k: done[k][0])
     if trials is not None and step == mv.nbytes:
@@ -239,39 +266,119 @@ def _middle(mv, ref, step: int, itemsize: int):
 
 
 def _direct_transform(mv, ref, dt, nbytes: int) -> int | None:
-    """The transform a chunk of ``nbytes`` (``mv``: it or a sample of it) takes
-    without a trial: for float chunks of CTX_DIRECT elements or more, sub+ctx+hi, or
-    plain sub where the classes and buckets save under CTX_GAIN bits per element on a
-    sample; else None."""
+    """The transform a float chunk of ``nbytes`` (``mv``: it or a sample of it) of
+    CTX_DIRECT elements or more takes without trials (else None): order-0 estimates
+    of sub, sub+blocks and sub+ctx+hi on EST_SAMPLE elements from its middle,
+    with _pick_transform's margins."""
     if not _ctx_ok(dt) or nbytes // dt.itemsize < CTX_DIRECT:
         return None
-    if CTX_GAIN <= 0:
-        return T_SUBCTX_HI
-    a, r = _middle(mv, ref, min(mv.nbytes, SAMPLE * dt.itemsize), dt.itemsize)
-    return T_SUBCTX_HI if _ctx_gain(a, r, dt) >= CTX_GAIN else T_SUB
+    a, r = _middle(mv, ref, min(mv.nbytes, EST_SAMPLE * dt.itemsize), dt.itemsize)
+    sub, blocks, ctx = _estimates(a, r, dt)
+    fast, t = (blocks, T_SUB_BLOCKS) if blocks < BLOCKS_TIE * sub else (sub, T_SUB)
+    return T_SUBCTX_HI if ctx <= (1 - CTX_GAIN) * fast else t
 
 
-def _ctx_gain(mv, ref, dt) -> float:
-    """Bits per element sub+ctx+hi saves over plain sub on (mv, ref), by the order-0
-    entropy of their streams (tables and headers not counted): the class and bucket
-    histograms partition sub's plane histograms, so one pass gives both."""
+def _estimates(mv, ref, dt) -> tuple[float, float, float]:
+    """Order-0 coded bits of (sub, sub+blocks, sub+ctx+hi) on (mv, ref), tables and
+    headers not counted (sub+blocks: inf for 8-byte elements). The class and bucket
+    histograms of sub+ctx+hi partition sub's plane histograms, so one pass gives both."""
     _, _, _, h, split = _ctx_planes(mv, ref, dt, NBUCKETS)  # h: (size, class, bucket, 256)
-    n = mv.nbytes // dt.itemsize
-    if n == 0:
-        return 0.0
     sub = _hist_bits(h.sum(axis=(1, 2))).sum()
     ctx = np.where(split, _hist_bits(h).sum(axis=2), _hist_bits(h.sum(axis=2))).sum()
-    return float(sub - ctx) / n
+    blocks = np.inf
+    if dt.itemsize in (2, 4):
+        z = _sub(mv, ref, dt)
+        w = kernels.block_widths(z, BLOCK, WIDTH_STEP)
+        hb = kernels.blocks_hist(z, w, BLOCK, dt.itemsize, _nclasses(dt.itemsize, WIDTH_STEP))
+        used = _class_bytes(np.arange(hb.shape[0]), dt.itemsize, WIDTH_STEP)
+        keep = np.arange(dt.itemsize)[None, :] < used[:, None]  # the planes each class codes
+        blocks = (_hist_bits(hb) * keep).sum() + _hist_bits(np.bincount(w, minlength=256))
+    return float(sub), float(blocks), float(ctx)
 
 
 def _hist_bits(h: np.ndarray) -> np.ndarray:
     """Order-0 coded bits of each histogram along the last axis: n log2 n - sum h log2 h."""
-    h = h.astype(np.float64)
-    n = h.sum(axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hl = np.where(h > 0, h * np.log2(h), 0.0).sum(axis=-1)
-        nl = np.where(n > 0, n * np.log2(n), 0.0)
-    return nl - hl
+    rows = np.ascontiguousarray(h, np.int64).reshape(-1, h.shape[-1])
+    return kernels.hist_bits_rows(rows).reshape(h.shape[:-1])
+
+
+def _class_bytes(k, size: int, step: int):
+    """Byte planes a sub+blocks class codes (its width in bytes, at most the element's)."""
+    return np.minimum((k * step + 7) // 8, size)
+
+
+def _blocks_params(rh: int) -> bytes:
+    """The params of a sub+blocks frame against a reference of hash ``rh``."""
+    return _PB.pack(rh, L_BYTES, T_SUB_BLOCKS, BLOCK, WIDTH_STEP)
+
+
+def _nclasses(size: int, step: int) -> int:
+    """sub+blocks classes of ``size``-byte elements: widths 0, step, 2 step, ... bits."""
+    return -(-8 * size // step) + 1
+
+
+def _encode_blocks(z: np.ndarray, level: int) -> list:
+    """The streams of sub+blocks from the zigzag deltas ``z`` (uint16 or uint32)."""
+    size = z.dtype.itemsize
+    w = kernels.block_widths(z, BLOCK, WIDTH_STEP)
+    ncls = _nclasses(size, WIDTH_STEP)
+    counts = kernels.block_class_counts(w, z.shape[0], BLOCK, ncls)
+    off = np.concatenate([[0], np.cumsum(counts)])
+    g = np.empty_like(z)
+    kernels.group_blocks(z, w, BLOCK, off[:-1].copy(), g)
+    streams = [code_stream("widths", w, level)]
+    lanes = g.view(np.uint8).reshape(-1, size)
+    for k in range(1, ncls):
+        if counts[k]:
+            seg = lanes[off[k]:off[k + 1]]
+            streams += [code_stream(f"w{k}.byte{j}", np.ascontiguousarray(seg[:, j]), level)
+                        for j in reversed(range(int(_class_bytes(k, size, WIDTH_STEP))))]
+    return streams
+
+
+def _decode_blocks(header, frame, ref, ut: np.dtype, out=None) -> np.ndarray:
+    """Inverse of _encode_blocks and the sub transform (the reference already checked),
+    one class at a time: its blocks, in order, get the reference plus the deltas read
+    straight from the class's planes, added in place to a copy of the reference
+    (``out``: None, or the reference itself as a writable array)."""
+    try:
+        *_, block, step = _PB.unpack(header.params)
+    except struct.error:
+        raise FrameError("xor frame: bad block parameters") from None
+    size = ut.itemsize
+    n = header.raw_size // size
+    nblk = -(-n // block) if block else -1
+    ncls = _nclasses(size, step) if step else 0
+    if size not in (2, 4) or block == 0 or step == 0 or not header.streams or \
+            header.streams[0].name != "widths" or header.streams[0].raw_len != nblk:
+        raise FrameError("xor frame: bad block parameters or widths stream")
+    w = np.frombuffer(decode_stream(frame, header.streams[0]), np.uint8)
+    if nblk and int(w.max()) >= ncls:
+        raise FrameError("xor frame: block width out of range")
+    counts = kernels.block_class_counts(w, n, block, ncls)
+    want = [(f"w{k}.byte{j}", int(counts[k])) for k in range(1, ncls) if counts[k]
+            for j in reversed(range(int(_class_bytes(k, size, step))))]
+    got = [(s.name, s.raw_len) for s in header.streams[1:]]
+    if got != want:
+        raise FrameError("xor frame: the block streams do not match the widths")
+    planes = [_read_only(decode_stream(frame, s)) for s in header.streams[1:]]
+    out = _u8(ref).view(ut).copy() if out is None else out  # the reference, added to
+    order, starts = kernels.blocks_by_class(w, ncls)
+    for k in range(1, ncls):  # class 0: the deltas are zero
+        if starts[k + 1] > starts[k]:
+            nb = int(_class_bytes(k, size, step))
+            pl, planes = planes[:nb], planes[nb:]
+            pl += [pl[0]] * (4 - nb)  # fillers, never read
+            kernels.unsub_block_class(order[starts[k]:starts[k + 1]], block, *pl, nb, out)
+    return out
+
+
+def _read_only(buf) -> np.ndarray:
+    """A decoded stream as a read-only uint8 array (one numba signature for all)."""
+    p = np.frombuffer(buf, np.uint8)
+    if p.flags.writeable:
+        p.setflags(write=False)
+    return p
 
 
 def _ctx_ok(dt) -> bool:
@@ -325,7 +432,8 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS, rh: int | None = No
             bo = np.concatenate([[0], np.cumsum(jh.sum(axis=1))])
             streams += [code_stream(name, seg[bo[b]:bo[b + 1]], level, hist=jh[b])
                         for b in range(nb)]
-    head = _P3.pack(hash64(ref) if rh is None else rh, L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
+    head = _P3.pack(hash64(ref) if rh is None else rh, L_BYTES,
+                    T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
     if nb > 1:
         head += bytes([nb]) + split_bits.to_bytes(_mask_len(size), "little")
     return head + struct.pack(f"<{len(exps)}H", *exps), streams
@@ -432,7 +540,7 @@ def _ctx_params(header, dt, t: int) -> tuple[list[int], int, int]:
     return exps, nb, mask
 
 
-def _decode_ctx(header, frame, dt, ref, t: int) -> np.ndarray:
+def _decode_ctx(header, frame, dt, ref, t: int, out=None) -> np.ndarray:
     """Inverse of _encode_ctx (the reference already checked): each class's planes are
     merged where they were decoded (a split plane's buckets first put back in order by
     the plane above it) into the class-grouped values; one pass then puts the classes
@@ -453,7 +561,7 @@ def _decode_ctx(header, frame, dt, ref, t: int) -> np.ndarray:
     off = np.concatenate([[0], np.cumsum(counts)])
     for c in range(NCLASSES):
         _merge_class(planes[c::NCLASSES], g[off[c]:off[c + 1]])
-    out = np.empty(n, ut)
+    out = np.empty(n, ut) if out is None else out
     if not kernels.unsub_gather(g, ref_u, dt.mbits, (1 << dt.ebits) - 1,
                                 _class_lut(dt, exps), counts, out):
         raise FrameError("xor frame: class sizes do not match the reference's exponents "
@@ -575,6 +683,10 @@ class XorCodec(Codec):
                 mv, ref, dt, self.level, NBUCKETS if t == T_SUBCTX_HI else 1, rh)
             params = _P3.pack(rh, *_P3.unpack_from(params)[1:]) + params[_P3.size:]
             return Encoded(streams=streams, params=params, needs_reference=True)
+        if t == T_SUB_BLOCKS:
+            streams = trials.get(t, (None, None))[1] or _encode_blocks(_sub(mv, ref, dt),
+                                                                      self.level)
+            return Encoded(streams=streams, params=_blocks_params(rh), needs_reference=True)
         streams = trials.get(t)
         if streams is None:
             if t == T_SUB:
@@ -588,36 +700,36 @@ class XorCodec(Codec):
     @classmethod
     def _decode(cls, header, frame, dt, reference, fidelity):
         header, scale = _split_scale(header, dt)
-        try:
-            if len(header.params) == _P.size:
-                (rh, layout), t = _P.unpack(header.params), T_XOR
-            elif len(header.params) == _P2.size:
-                rh, layout, t = _P2.unpack(header.params)
-            else:
-                rh, layout, t, _ = _P3.unpack_from(header.params)
-        except struct.error:
-            raise FrameError("xor frame: bad parameters") from None
+        params = header.params
+        t = T_XOR if len(params) == _P.size else params[_P.size] if len(params) > _P.size \
+            else -1
         ctx = t in (T_SUBCTX, T_SUBCTX_HI)
-        if t not in (T_XOR, T_SUB, T_SUBCTX, T_SUBCTX_HI) or ctx != (len(header.params) >
-                                                                     _P2.size):
-            raise FrameError(f"xor frame: unknown transform {t}")
+        fmt = {T_XOR: _P if len(params) == _P.size else _P2, T_SUB: _P2,
+               T_SUB_BLOCKS: _PB}.get(t, _P3 if ctx else None)
+        if fmt is None or len(params) < fmt.size or (not ctx and len(params) != fmt.size):
+            raise FrameError(f"xor frame: unknown transform {t} or bad parameters")
+        rh, layout = fmt.unpack_from(params)[:2]
         approx = isinstance(reference, ApproxReference)  # salvage: no checksum to match
         ref = as_bytes_view(reference.buf if approx else reference)
         if ref.nbytes != header.raw_size or (not approx and hash64(ref) != rh):
             raise FrameError(f"xor frame: wrong reference ({ref.nbytes} bytes, checksum mismatch"
                              f" or length != {header.raw_size}); pass the exact chunk it was "
                              "encoded against")
-        if scale != 1.0:
-            ref = scaled_reference(ref, scale).view(np.uint8)
+        out = None
+        if scale != 1.0:  # the scaled reference becomes the output, decoded in place
+            out = scaled_reference(ref, scale)
+            ref = out.view(np.uint8)
 
         if ctx:
-            return _decode_ctx(header, frame, dt, ref, t)
+            return _decode_ctx(header, frame, dt, ref, t, out)
+        if t == T_SUB_BLOCKS:
+            return _decode_blocks(header, frame, ref, _utype(dt), out)
 
         if t == T_SUB:
             ut = _utype(dt)
             if ut.itemsize in (2, 4) and layout == L_BYTES and \
                     len(header.streams) == ut.itemsize:
-                return _unsub_planes(frame, header, ref, ut)
+                return _unsub_planes(frame, header, ref, ut, out)
             z = decode_planes(_planes_view(header, layout), frame, _bytes_dtype(ut), None)
             return _unsub(np.ascontiguousarray(z).reshape(-1).view(np.uint8), ref, ut)
         d = decode_planes(_planes_view(header, layout), frame, dt, None)

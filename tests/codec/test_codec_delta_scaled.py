@@ -75,7 +75,8 @@ def test_no_scale_where_it_does_not_pay():
 @given(st.integers(0, 3000), st.integers(0, 2**32 - 1),
        st.sampled_from([0.9 ** 50, 0.999 ** 50, 1.5, -0.25, 2.0 ** 90, 2.0 ** -90, 1 - 1e-7,
                         3.0e38]),
-       st.sampled_from([X.T_XOR, X.T_SUB, X.T_SUBCTX, X.T_SUBCTX_HI]), st.booleans())
+       st.sampled_from([X.T_XOR, X.T_SUB, X.T_SUBCTX, X.T_SUBCTX_HI, X.T_SUB_BLOCKS]),
+       st.booleans())
 def test_scaled_roundtrip_exact(n, seed, scale, t, specials):
     """Any scale, any transform, NaN payloads, infinities, subnormals, -0.0, the largest
     floats and products that overflow or underflow: bytes out == bytes in."""

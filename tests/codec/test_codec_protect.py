@@ -17,6 +17,7 @@ RNG = np.random.default_rng(7)
 W = (RNG.standard_normal(1 << 16) * 0.02).astype(np.float32)
 W2 = W + (RNG.standard_normal(W.size) * 1e-4).astype(np.float32)
 BF16 = (W.view(np.uint32) >> 16).astype(np.uint16)
+BF16_2 = (W2.view(np.uint32) >> 16).astype(np.uint16)
 
 # (dtype, data, encode kwargs, the streams that must be copied)
 CASES = {
@@ -24,7 +25,9 @@ CASES = {
     "bf16 planes": ("BF16", BF16, {}, ["exponent"]),
     "f16 planes": ("F16", W.astype(np.float16), {}, ["byte1"]),
     "f32 elf": ("F32", W, {"bound": "native"}, ["outlier_pos", "outlier_val", "q0"]),
-    "f32 xor": ("F32", W2, {"reference": W.tobytes()}, [f"c{c}.byte3" for c in range(8)]),
+    # fp32: plain sub (sub+ctx saves too little there), bf16: sub+ctx, a top plane per class
+    "f32 xor": ("F32", W2, {"reference": W.tobytes()}, ["byte3"]),
+    "bf16 xor": ("BF16", BF16_2, {"reference": BF16.tobytes()}, [f"c{c}.byte1" for c in range(8)]),
 }
 
 
