@@ -31,7 +31,8 @@ sub+blocks  for 2/4-byte elements: the sub transform's deltas cut in blocks of B
        elements; each block's class is the bit length of its largest delta, in steps
        of WIDTH_STEP bits (stream ``widths``, a byte per block); each class's deltas,
        blocks in order, are coded as the byte planes its width needs (streams
-       ``w{k}.byte{j}``, most significant first; class 0: all zero, nothing stored).
+       ``w{k}.byte{j}``: every class's top plane, then every class's next plane, and so
+       on; class 0: all zero, nothing stored).
        Why: where whole rows only decay (embedding rows of tokens absent from the
        batches, Adam moments of them against a scaled reference) their deltas are
        tiny, next to rows of full-size steps; blocks of one width code each kind with
@@ -326,14 +327,19 @@ def _encode_blocks(z: np.ndarray, level: int) -> list:
     off = np.concatenate([[0], np.cumsum(counts)])
     g = np.empty_like(z)
     kernels.group_blocks(z, w, BLOCK, off[:-1].copy(), g)
-    streams = [code_stream("widths", w, level)]
     lanes = g.view(np.uint8).reshape(-1, size)
-    for k in range(1, ncls):
-        if counts[k]:
-            seg = lanes[off[k]:off[k + 1]]
-            streams += [code_stream(f"w{k}.byte{j}", np.ascontiguousarray(seg[:, j]), level)
-                        for j in reversed(range(int(_class_bytes(k, size, WIDTH_STEP))))]
-    return streams
+    return [code_stream("widths", w, level)] + [
+        code_stream(f"w{k}.byte{j}", np.ascontiguousarray(lanes[off[k]:off[k + 1], j]), level)
+        for k, j in _block_planes(counts, size, WIDTH_STEP)]
+
+
+def _block_planes(counts: np.ndarray, size: int, step: int) -> list[tuple[int, int]]:
+    """(class, byte) of each plane stream of sub+blocks, in frame order: every class's
+    top plane first (with the widths, what `protect` guards), then every class's
+    second plane, and so on: the most significant bytes first."""
+    nbytes = [int(_class_bytes(k, size, step)) for k in range(len(counts))]
+    return [(k, nbytes[k] - 1 - r) for r in range(size) for k in range(1, len(counts))
+            if counts[k] and nbytes[k] > r]
 
 
 def _decode_blocks(header, frame, ref, ut: np.dtype, out=None) -> np.ndarray:
@@ -356,20 +362,19 @@ def _decode_blocks(header, frame, ref, ut: np.dtype, out=None) -> np.ndarray:
     if nblk and int(w.max()) >= ncls:
         raise FrameError("xor frame: block width out of range")
     counts = kernels.block_class_counts(w, n, block, ncls)
-    want = [(f"w{k}.byte{j}", int(counts[k])) for k in range(1, ncls) if counts[k]
-            for j in reversed(range(int(_class_bytes(k, size, step))))]
-    got = [(s.name, s.raw_len) for s in header.streams[1:]]
-    if got != want:
+    order = _block_planes(counts, size, step)
+    want = [(f"w{k}.byte{j}", int(counts[k])) for k, j in order]
+    if [(s.name, s.raw_len) for s in header.streams[1:]] != want:
         raise FrameError("xor frame: the block streams do not match the widths")
-    planes = [_read_only(decode_stream(frame, s)) for s in header.streams[1:]]
+    planes: dict = {}  # class -> its planes, most significant first
+    for (k, _), s in zip(order, header.streams[1:]):
+        planes.setdefault(k, []).append(_read_only(decode_stream(frame, s)))
     out = _u8(ref).view(ut).copy() if out is None else out  # the reference, added to
-    order, starts = kernels.blocks_by_class(w, ncls)
-    for k in range(1, ncls):  # class 0: the deltas are zero
-        if starts[k + 1] > starts[k]:
-            nb = int(_class_bytes(k, size, step))
-            pl, planes = planes[:nb], planes[nb:]
-            pl += [pl[0]] * (4 - nb)  # fillers, never read
-            kernels.unsub_block_class(order[starts[k]:starts[k + 1]], block, *pl, nb, out)
+    blocks, starts = kernels.blocks_by_class(w, ncls)
+    for k, pl in planes.items():  # class 0 (not there): the deltas are zero
+        nb = len(pl)
+        pl = pl + [pl[0]] * (4 - nb)  # fillers, never read
+        kernels.unsub_block_class(blocks[starts[k]:starts[k + 1]], block, *pl, nb, out)
     return out
 
 
