@@ -113,3 +113,26 @@ def test_damaged_blocks_frames_raise():
         bad[pos] ^= int(rng.integers(1, 256))
         with pytest.raises(codec.FrameError):
             codec.decode(bytes(bad), reference=ref)
+
+
+def test_protect_guards_the_widths_and_every_top_plane():
+    """Streams come most significant first (every class's top plane, then the next), so
+    `protect` guards the widths and each class's top byte; damage to one of them is
+    read around."""
+    data, ref = _rows(800, 1)
+    frame = codec.encode(data, "F32", reference=ref, protect=True)
+    h = parse(frame)
+    assert h.params[9] == X.T_SUB_BLOCKS
+    tops = {}
+    for s in h.streams:
+        k, j = s.name[1:].split(".byte") if s.name != "widths" and "^" not in s.name \
+            else (None, None)
+        if k is not None:
+            tops[k] = max(tops.get(k, -1), int(j))
+    assert codec.inspect(frame).protected == ["widths"] + [f"w{k}.byte{j}" for k, j in
+                                                            tops.items()]
+    for s in h.streams:
+        if s.name in ("widths", "w5.byte1"):
+            bad = bytearray(frame)
+            bad[s.offset + s.stored_len // 2] ^= 0x5A
+            assert codec.decode(bytes(bad), reference=ref) == data
