@@ -227,6 +227,13 @@ def warm_up_codecs() -> None:
             for bound in (None, "native"):
                 codec.decode(codec.encode(raw, dtype, bound=bound))
             codec.decode(codec.encode(raw, dtype, reference=raw[::-1]), reference=raw[::-1])
+        # a large delta chunk (its transform decided by estimates) with a decayed half (a
+        # scaled reference) and rows that barely move (sub+blocks)
+        ref = np.tile(sample, 64)
+        new = ref * np.float32(0.005)
+        new[ref.size // 2:] = ref[ref.size // 2:] + np.float32(1e-9)
+        codec.decode(codec.encode(new.tobytes(), "F32", reference=ref.tobytes()),
+                     reference=ref.tobytes())
         codec.decode(codec.encode(b"warm up" * 1000, None))
         arr = np.random.default_rng(1).standard_normal(1 << 16) * 0.02  # arrays in opaque
         for part in (arr.astype(np.float32).tobytes(), arr.astype(np.float16).tobytes()):
