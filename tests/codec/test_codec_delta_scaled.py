@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 import codec
 from codec import xor as X
 from codec.frame import parse
+from framekit import repack
 
 SET = settings(max_examples=40, deadline=None)
 SPECIALS = np.array([0x7FC00000, 0xFFC00123, 0x7F800001, 0x7F800000, 0xFF800000, 0x80000000,
@@ -132,30 +133,21 @@ def test_scaled_frame_errors():
     bad_ref[7] ^= 1
     with pytest.raises(codec.FrameError, match="wrong reference"):
         codec.decode(frame, reference=bytes(bad_ref))
-    from codec.frame import Stream, pack
-
-    def _repack(frame, params=None):
-        h = parse(frame)
-        streams = [Stream(s.name, s.method, s.raw_len, bytes(codec.frame.stream_view(frame, s)))
-                   for s in h.streams]
-        return pack("xor", h.dtype_id, h.raw_size, h.params if params is None else params,
-                    streams, h.content_hash, needs_reference=True)
-
-    assert codec.decode(_repack(frame), reference=ref) == data  # the repacking is faithful
+    assert codec.decode(repack(frame), reference=ref) == data  # the repacking is faithful
     h = parse(frame)
     for params in (h.params[:-8] + struct.pack("<d", float("nan")),
                    h.params[:-8] + struct.pack("<d", 0.0),
                    h.params[:10]):
-        bad = _repack(frame, params)
+        bad = repack(frame, params)
         with pytest.raises(codec.FrameError):
             codec.decode(bad, reference=ref)
     # the scale changed (still a valid float): the content hash catches it
-    other = _repack(frame, h.params[:-8] + struct.pack("<d", 0.5))
+    other = repack(frame, h.params[:-8] + struct.pack("<d", 0.5))
     with pytest.raises(codec.FrameError):
         codec.decode(other, reference=ref)
     f16 = np.frombuffer(data, np.float32).astype(np.float16).tobytes()
     r16 = np.frombuffer(ref, np.float32).astype(np.float16).tobytes()
     f16_frame = codec.encode(f16, "F16", codec="xor", reference=r16)
-    forged = _repack(f16_frame, X._with_scale(parse(f16_frame).params, 0.5))
+    forged = repack(f16_frame, X._with_scale(parse(f16_frame).params, 0.5))
     with pytest.raises(codec.FrameError, match="scale"):
         codec.decode(forged, reference=r16)
