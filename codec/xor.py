@@ -51,9 +51,11 @@ scaled  (a flag on any of the above, float32 only) the reference is first multip
        estimate_scale finds the scale as the commonest ratio data / reference on a
        sample, and keeps it only where it shortens the sample's deltas.
 
-The encoder tries the transforms on a sample and keeps the smallest. The frame records xxh3_64 of
-the reference, so decoding against a missing or wrong reference raises FrameError
-instead of returning wrong bytes."""
+The encoder keeps the smallest transform on a sample (coded, or for large float chunks
+estimated), except that sub+blocks must be 1 % smaller than sub and sub+ctx+hi 10 %
+smaller than both, for their slower decoders (_pick_transform). The frame records
+xxh3_64 of the reference, so decoding against a missing or wrong reference raises
+FrameError instead of returning wrong bytes."""
 from __future__ import annotations
 
 import dataclasses
@@ -218,8 +220,8 @@ def _plane_streams(arr: np.ndarray, dt, level: int) -> tuple[int, list]:
 
 
 def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
-    """The transform for the chunk (sub and sub+blocks only for 2/4/8-byte elements,
-    sub+blocks not for 8-byte ones). Float chunks of CTX_DIRECT elements or more decide
+    """The transform for the chunk (sub for 2/4/8-byte elements, sub+blocks for 2/4-byte
+    ones, sub+ctx+hi for floats). Float chunks of CTX_DIRECT elements or more decide
     by order-0 estimates on a sample (_direct_transform): trials would cost as much as
     the encoding. Smaller chunks code a sample with each and keep the smallest; under
     CTX_MIN elements sub+ctx is not tried (its 8 classes' streams cost more in headers
