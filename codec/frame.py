@@ -396,8 +396,10 @@ def protect(frame, elements: int) -> bytes:
     """``frame`` with a parity for each of its most significant streams: the leading
     streams (the table is most significant first) up to the first that holds one byte
     per element (the sign+exponent plane; ELF: the outliers and the top plane; a delta:
-    the top byte of every class). A frame without such a stream (opaque bytes) comes
-    back as it is."""
+    the top byte of every class, with sub+blocks the widths too). A frame without such
+    a stream (opaque bytes), or whose streams are all leading ones (one zstd stream,
+    ELF's joint layout), comes back as it is; except a delta, whose every byte is as
+    significant as the next (sub+blocks of deltas under 8 bits: top bytes only)."""
     h = parse(frame)
     if elements <= 0 or any(s.protected for s in h.streams) or h.version != FORMAT_VERSION:
         return bytes(frame)
@@ -409,8 +411,10 @@ def protect(frame, elements: int) -> bytes:
         if covered >= elements:
             break
     names = [s.name for s in h.streams]
-    if covered < elements or len(h.streams) + len(lead) > 255 or \
-            len(lead) == len(h.streams) or any(names.count(s.name) > 1 for s in lead):
+    all_lead = len(lead) == len(h.streams)
+    whole_delta = all_lead and h.codec == "xor"  # guarded whole (see above)
+    if (not whole_delta and (covered < elements or all_lead)) or \
+            len(h.streams) + len(lead) > 255 or any(names.count(s.name) > 1 for s in lead):
         return bytes(frame)
     streams = [replace(s, stored=mv[s.offset:s.offset + s.stored_len]) for s in h.streams]
     for s in streams[:len(lead)]:

@@ -125,3 +125,23 @@ def test_protect_guards_the_widths_and_every_top_plane():
             bad = bytearray(frame)
             bad[s.offset + s.stored_len // 2] ^= 0x5A
             assert codec.decode(bytes(bad), reference=ref) == data
+
+
+def test_protect_guards_a_delta_of_top_bytes_only_whole():
+    """bf16 rows that barely move (deltas under 8 bits, rows of zeros): every stream of
+    the sub+blocks frame is a top byte, and all of them get a parity (other frames made
+    of leading streams only, such as one zstd stream, are left as they are)."""
+    rng = np.random.default_rng(3)
+    ref = rng.integers(0x3C00, 0x3D00, 200 * 384).astype(np.uint16)
+    row = np.arange(ref.size) // 384
+    d = np.where(row % 3 == 0, 0, np.where(row % 3 == 1, rng.integers(-2, 3, ref.size),
+                                           rng.integers(-100, 100, ref.size)))
+    data, r = (ref.astype(np.int64) + d).astype(np.uint16).tobytes(), ref.tobytes()
+    frame = codec.encode(data, "BF16", reference=r, protect=True)
+    h = parse(frame)
+    assert h.params[9] == X.T_SUB_BLOCKS
+    assert codec.inspect(frame).protected == [s.name for s in h.streams]
+    for s in h.streams:
+        bad = bytearray(frame)
+        bad[s.offset + s.stored_len // 2] ^= 0x5A
+        assert codec.decode(bytes(bad), reference=r) == data
