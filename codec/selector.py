@@ -22,6 +22,12 @@ NSLICES = 4
 WHOLE_BELOW = 64 * 1024  # chunks up to this size: every candidate on the whole chunk
 SMALL_SLICE = 16 * 1024  # the smallest sample slice
 SHUFFLE_MIN = 4096  # opaque chunks from this size are probed for fixed-width records
+#: with ELF among the candidates each sample slice is 1/LOSSY_SHARE of the chunk, not
+#: 1/32: ELF codes ~2.5x slower than planes and its sample costs that much more, while
+#: ELF and planes differ by 20-300 % (on bench_codecs' MiniLM fp32, fp16 and fine-tune
+#: at bounds 1e-4, 1e-3 and native: the same total stored bytes to the byte;
+#: encode 0.49x -> 0.53x of zstd -3 at 1e-4)
+LOSSY_SHARE = 128
 #: xor is taken without trials when the order-0 size of the sample's reference delta
 #: (plain sub, no context) is under this fraction of the sample's own. On the training
 #: checkpoint and the fine-tune (bench_codecs' two reference sets) every chunk estimated
@@ -102,14 +108,16 @@ def _zstd_hopeless(dt, frames: list[bytes], names: list[str]) -> bool:
 
 def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True,
                    joint: bool = True, scale: float = 1.0) -> str:
-    """The candidate whose frame of four spread slices (1/32 of the chunk) is smallest
+    """The candidate whose frame of four spread slices (1/32 of the chunk; 1/128 with
+    ELF) is smallest
     (``skip``: leave out zstd where planes' sample frame shows it cannot win); xor codes
     the sample with the transform the whole chunk would take (no transform trials)."""
     n = mv.nbytes
     size = dt.itemsize if dt else 1
-    # slices of 1/32 of the chunk, 16..64 KiB each: the sample stays a small fraction
-    # of the work
-    parts = sample_slices(n, size, min(SLICE, max(SMALL_SLICE, n // 32)))
+    # slices of 1/32 of the chunk (1/128 where ELF is a candidate), 16..64 KiB each:
+    # the sample stays a small fraction of the work
+    share = LOSSY_SHARE if "elf" in names else 32
+    parts = sample_slices(n, size, min(SLICE, max(SMALL_SLICE, n // share)))
     a = np.frombuffer(mv, np.uint8)
     sample = np.concatenate([a[s:e] for s, e in parts])
     ref_sample = None
