@@ -1140,6 +1140,7 @@ def blocks_by_class(w, ncls):
 
 @njit(**_JIT)
 def _unzig(z):
+    """The signed delta (wrapping uint32) of a zigzag-coded one."""
     return (z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1)))
 
 
@@ -1189,13 +1190,6 @@ def merge_add_u32(p0, p1, p2, p3, out):
              | np.uint32(p3[i]))
         out[i] = out[i] + ((z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1))))
 
-
-@njit(**_JIT)
-def merge_add_u16(p0, p1, out):
-    """merge_add_u32 for 2-byte elements."""
-    for i in range(np.uint64(out.shape[0])):
-        z = (np.uint32(p0[i]) << 8) | np.uint32(p1[i])
-        out[i] = np.uint32(out[i]) + ((z >> np.uint32(1)) ^ (np.uint32(0) - (z & np.uint32(1))))
 
 
 @njit(**_JIT)

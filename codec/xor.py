@@ -205,8 +205,8 @@ def _unsub_planes(frame, header, ref, ut: np.dtype, out=None) -> np.ndarray:
     n = header.raw_size // ut.itemsize
     planes = decoded_planes(frame, header.streams, n)
     r = _u8(ref).view(ut)
-    if out is not None:  # the reference itself, writable: add in place
-        (kernels.merge_add_u32 if ut.itemsize == 4 else kernels.merge_add_u16)(*planes, out)
+    if out is not None:  # the scaled (float32) reference itself: add in place
+        kernels.merge_add_u32(*planes, out)
         return out
     out = np.empty(n, ut)
     (kernels.merge_unsub_u32 if ut.itemsize == 4 else kernels.merge_unsub_u16)(*planes, r, out)
