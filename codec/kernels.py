@@ -1082,16 +1082,6 @@ def block_widths(z, block, step):
 
 
 @njit(**_JIT)
-def block_class_counts(w, n, block, ncls):
-    """Elements per class (the last block may be short)."""
-    counts = np.zeros(ncls, np.int64)
-    nblk = w.shape[0]
-    for b in range(nblk):
-        counts[w[b]] += min(n, (b + 1) * block) - b * block
-    return counts
-
-
-@njit(**_JIT)
 def group_blocks(z, w, block, pos, g):
     """g = the deltas class-major, blocks in order within a class (``pos``: each
     class's start, advanced)."""
@@ -1194,18 +1184,10 @@ def merge_add_u32(p0, p1, p2, p3, out):
 
 @njit(**_JIT)
 def hist_bits_rows(h):
-    """Order-0 coded bits of each row of a 2-d histogram: n log2 n - sum h log2 h."""
+    """Order-0 coded bits of each row of a 2-d histogram (its count times its entropy)."""
     out = np.zeros(h.shape[0])
     for i in range(h.shape[0]):
-        n = 0.0
-        s = 0.0
-        for j in range(h.shape[1]):
-            c = float(h[i, j])
-            if c > 0:
-                n += c
-                s += c * np.log2(c)
-        if n > 0:
-            out[i] = n * np.log2(n) - s
+        out[i] = entropy_bits(h[i]) * h[i].sum()
     return out
 
 

@@ -109,9 +109,9 @@ def _zstd_hopeless(dt, frames: list[bytes], names: list[str]) -> bool:
 def _sample_winner(names, mv, dt, bound, reference, level, skip: bool = True,
                    joint: bool = True, scale: float = 1.0) -> str:
     """The candidate whose frame of four spread slices (1/32 of the chunk; 1/128 with
-    ELF) is smallest
-    (``skip``: leave out zstd where planes' sample frame shows it cannot win); xor codes
-    the sample with the transform the whole chunk would take (no transform trials)."""
+    ELF) is smallest (``skip``: leave out zstd where planes' sample frame shows it cannot
+    win); xor codes the sample with the transform and scale the whole chunk would take
+    (no transform trials)."""
     n = mv.nbytes
     size = dt.itemsize if dt else 1
     # slices of 1/32 of the chunk (1/128 where ELF is a candidate), 16..64 KiB each:
@@ -226,7 +226,7 @@ def select(mv, dt, *, bound=None, reference=None, level=3, joint: bool = True) -
         if best is None:  # zstd did not pay (random, encrypted): the raw frame at once,
             return raw.encode(mv)  # not a zstd frame thrown away for it
     elif len(names) == 1:  # e.g. int8: nothing to choose, no sample pass
-        best = _make(names[0], dt, bound, reference, level, scale=scale).encode(mv)
+        best = _make(names[0], dt, bound, reference, level).encode(mv)
     elif n <= WHOLE_BELOW:  # small chunks: every candidate on the whole chunk
         best = _try_all(names, mv, dt, bound, reference, level, joint, scale)
     elif names == ["zstd", "planes"] and dt.is_float:

@@ -86,7 +86,7 @@ _P3 = struct.Struct("<QBBB")  # reference hash, planes layout, transform, classe
 # (classes - 1) u16 reference exponents, one per class (the last class: all the others)
 SAMPLE = 1 << 16  # elements tried with each transform
 EST_SAMPLE = 1 << 14  # elements of the middle of a large chunk its estimates look at
-CTX_DIRECT = 2 * SAMPLE  # float chunks from this many elements: sub+ctx+hi, no trial
+CTX_DIRECT = 2 * SAMPLE  # float chunks from this many elements: estimates, no trials
 CTX_MIN = 4096  # float chunks under this many elements: no sub+ctx trial
 #: sub+ctx+hi is written only where it is this much smaller than the better of sub and
 #: sub+blocks (order-0 estimates on a sample for large chunks, coded sizes for the
@@ -248,7 +248,7 @@ def _pick_transform(mv, ref, dt, level: int, trials: dict | None = None) -> int:
             streams = _encode_blocks(z, level)
             size = sum(len(x.stored) + 8 for x in streams)
             if size < BLOCKS_TIE * done[T_SUB][0]:
-                done[T_SUB_BLOCKS] = size, (_blocks_params(0), streams)
+                done[T_SUB_BLOCKS] = size, streams
     if _ctx_ok(dt) and n >= CTX_MIN:
         params, streams = _encode_ctx(a, r, dt, level)
         size = sum(len(x.stored) + 8 for x in streams)
@@ -310,22 +310,26 @@ def _class_bytes(k, size: int, step: int):
     return np.minimum((k * step + 7) // 8, size)
 
 
-def _blocks_params(rh: int) -> bytes:
-    """The params of a sub+blocks frame against a reference of hash ``rh``."""
-    return _PB.pack(rh, L_BYTES, T_SUB_BLOCKS, BLOCK, WIDTH_STEP)
-
-
 def _nclasses(size: int, step: int) -> int:
     """sub+blocks classes of ``size``-byte elements: widths 0, step, 2 step, ... bits."""
     return -(-8 * size // step) + 1
+
+
+def _class_elements(w: np.ndarray, n: int, block: int, ncls: int):
+    """(block indices ordered by class, each class's first position among them, elements
+    per class) of a sub+blocks chunk of ``n`` elements (its last block may be short)."""
+    order, starts = kernels.blocks_by_class(w, ncls)
+    counts = np.diff(starts) * block
+    if w.shape[0]:
+        counts[w[-1]] -= w.shape[0] * block - n
+    return order, starts, counts
 
 
 def _encode_blocks(z: np.ndarray, level: int) -> list:
     """The streams of sub+blocks from the zigzag deltas ``z`` (uint16 or uint32)."""
     size = z.dtype.itemsize
     w = kernels.block_widths(z, BLOCK, WIDTH_STEP)
-    ncls = _nclasses(size, WIDTH_STEP)
-    counts = kernels.block_class_counts(w, z.shape[0], BLOCK, ncls)
+    _, _, counts = _class_elements(w, z.shape[0], BLOCK, _nclasses(size, WIDTH_STEP))
     off = np.concatenate([[0], np.cumsum(counts)])
     g = np.empty_like(z)
     kernels.group_blocks(z, w, BLOCK, off[:-1].copy(), g)
@@ -363,7 +367,7 @@ def _decode_blocks(header, frame, ref, ut: np.dtype, out=None) -> np.ndarray:
     w = np.frombuffer(decode_stream(frame, header.streams[0]), np.uint8)
     if nblk and int(w.max()) >= ncls:
         raise FrameError("xor frame: block width out of range")
-    counts = kernels.block_class_counts(w, n, block, ncls)
+    blocks, starts, counts = _class_elements(w, n, block, ncls)
     order = _block_planes(counts, size, step)
     want = [(f"w{k}.byte{j}", int(counts[k])) for k, j in order]
     if [(s.name, s.raw_len) for s in header.streams[1:]] != want:
@@ -372,7 +376,6 @@ def _decode_blocks(header, frame, ref, ut: np.dtype, out=None) -> np.ndarray:
     for (k, _), s in zip(order, header.streams[1:]):
         planes.setdefault(k, []).append(_read_only(decode_stream(frame, s)))
     out = _u8(ref).view(ut).copy() if out is None else out  # the reference, added to
-    blocks, starts = kernels.blocks_by_class(w, ncls)
     for k, pl in planes.items():  # class 0 (not there): the deltas are zero
         nb = len(pl)
         pl = pl + [pl[0]] * (4 - nb)  # fillers, never read
@@ -418,7 +421,7 @@ def _classes(ref_u: np.ndarray, dt, exps: list[int]) -> tuple[np.ndarray, np.nda
     return cls, counts
 
 
-def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS, rh: int | None = None):
+def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
     """(params, streams) of sub+ctx: per class of the reference's exponent, the byte
     planes of zigzag(data - reference), plane-major; with ``nb`` > 1 buckets each
     lower plane is split further by its next higher byte (sub+ctx+hi)."""
@@ -439,8 +442,7 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS, rh: int | None = No
             bo = np.concatenate([[0], np.cumsum(jh.sum(axis=1))])
             streams += [code_stream(name, seg[bo[b]:bo[b + 1]], level, hist=jh[b])
                         for b in range(nb)]
-    head = _P3.pack(hash64(ref) if rh is None else rh, L_BYTES,
-                    T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
+    head = _P3.pack(hash64(ref), L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
     if nb > 1:
         head += bytes([nb]) + split_bits.to_bytes(_mask_len(size), "little")
     return head + struct.pack(f"<{len(exps)}H", *exps), streams
@@ -687,22 +689,23 @@ class XorCodec(Codec):
             t = _pick_transform(mv, ref, dt, self.level, trials)
         if t in (T_SUBCTX, T_SUBCTX_HI):
             params, streams = trials.get(t) or _encode_ctx(
-                mv, ref, dt, self.level, NBUCKETS if t == T_SUBCTX_HI else 1, rh)
-            params = _P3.pack(rh, *_P3.unpack_from(params)[1:]) + params[_P3.size:]
-            return Encoded(streams=streams, params=params, needs_reference=True)
-        if t == T_SUB_BLOCKS:
-            streams = trials.get(t, (None, None))[1] or _encode_blocks(_sub(mv, ref, dt),
-                                                                      self.level)
-            return Encoded(streams=streams, params=_blocks_params(rh), needs_reference=True)
-        streams = trials.get(t)
-        if streams is None:
-            if t == T_SUB:
-                d, pdt = _sub(mv, ref, dt), _bytes_dtype(_utype(dt))
-            else:
-                d, pdt = _xor(mv, ref, dt), dt
-            _, streams = _plane_streams(d, pdt, self.level)
-        return Encoded(streams=streams, params=_P2.pack(rh, layout_for(
-            dt if t == T_XOR else _bytes_dtype(_utype(dt))), t), needs_reference=True)
+                mv, ref, dt, self.level, NBUCKETS if t == T_SUBCTX_HI else 1)
+        elif t == T_SUB_BLOCKS:
+            params = _PB.pack(0, L_BYTES, T_SUB_BLOCKS, BLOCK, WIDTH_STEP)
+            streams = trials.get(t) or _encode_blocks(_sub(mv, ref, dt), self.level)
+        else:
+            streams = trials.get(t)
+            if streams is None:
+                if t == T_SUB:
+                    d, pdt = _sub(mv, ref, dt), _bytes_dtype(_utype(dt))
+                else:
+                    d, pdt = _xor(mv, ref, dt), dt
+                _, streams = _plane_streams(d, pdt, self.level)
+            params = _P2.pack(0, layout_for(dt if t == T_XOR else _bytes_dtype(_utype(dt))), t)
+        # every layout starts with the hash of the reference the caller passed (a trial
+        # on a whole chunk or a scaled reference would hash another): set here, once
+        return Encoded(streams=streams, params=struct.pack("<Q", rh) + params[8:],
+                       needs_reference=True)
 
     @classmethod
     def _decode(cls, header, frame, dt, reference, fidelity):
