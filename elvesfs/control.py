@@ -12,8 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from .errors import DaemonGoneError
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ async def _handle(stream: "trio.SocketStream", ops) -> None:
             data += chunk
         cmd = data.strip().decode(errors="replace")
         if cmd == "sync":
-            await ops.wait_idle()
+            await ops.life.wait_idle()
             await stream.send_all(b"ok\n")
         elif cmd.startswith("mend "):
             try:

@@ -145,7 +145,7 @@ def recover(store: Store, default_policy: Policy) -> None:
 
 async def _serve(ops: Operations, store: Store) -> None:
     async with trio.open_nursery() as nursery:
-        ops.nursery = nursery
+        ops.serve_in(nursery)
         nursery.start_soon(_signals, nursery)
         nursery.start_soon(serve_control, store.root, ops)
         nursery.start_soon(_periodic_sync, store.db)
@@ -205,7 +205,7 @@ def _seal_remaining(ops: Operations, store: Store) -> None:
                 store.sealer.drop(ino)
                 continue
             policy = ops._policy(ino)
-            store.sealer.seal(ino, policy, threading.Event(), ops.presealed(st, policy))
+            store.sealer.seal(ino, policy, threading.Event(), ops.life.presealed(st, policy))
             store.sealer.unpin(ino)
     with store.db.read() as txn:
         orphans = store.ns.orphans(txn)

@@ -1,4 +1,7 @@
-"""The FUSE layer: translates pyfuse3 calls into namespace, staging, seal and read operations.
+"""The FUSE layer: translates pyfuse3 calls into namespace, staging and read operations.
+
+The slow parts of a file's life that its calls set going (pre-seal while it grows, seal
+once closed, free once removed) are lifecycle.py's.
 
 Rules this module keeps:
 - it runs on the trio event loop and never does CPU work there: decoding, sealing
@@ -29,20 +32,18 @@ from .coding import mend_chunk
 from .db import Database
 from .errors import ElvesError, StoreCorruptError, StoreFullError
 from .ingest import Sealer
+from .lifecycle import Lifecycle
 from .layout import HOLE, Layout
 from .namespace import FsError, Inode, Namespace, ROOT_INO, key
 from .policy import XATTR as POLICY_XATTR, Policy, PolicyError
 from .reader import ChunkReader
 from .staging import Staging
-from .state import DirHandle, Handle, InodeState, Preseal
+from .state import DirHandle, Handle, InodeState, InodeStates
 
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 1.0
 BLKSIZE = 1 << 20  # st_blksize: cp and friends write 1 MiB at a time (fewer FUSE calls)
-PRESEAL_STEP = 32 << 20  # pre-seal once this much more of a file being written is there
-PRESEAL_MAX = 64 << 20  # at most this much per pre-seal call (holds the seal limiter)
-PRESEAL_RESERVE = 256 << 20  # free disk space a pre-seal never eats into
 MAX_FILE_SIZE = (1 << 63) - 1
 READAHEAD = 4  # chunks past a read that are decoded ahead of the reader ...
 PREFETCH_MIN = 1 << 20  # ... if they are at least this big (see _readahead)
@@ -93,13 +94,11 @@ class Operations(pyfuse3.Operations):
                  reader: ChunkReader, sealer: Sealer, default_policy: Policy,
                  preseal: bool = True) -> None:
         super().__init__()
-        self.preseal = preseal  # code growing files while they are written (Sealer.preseal)
         self.db, self.ns, self.chunks, self.staging = db, ns, chunks, staging
         self.reader, self.sealer = reader, sealer
         self.default_policy = default_policy
-        self.state: dict[int, InodeState] = {}
+        self.state = InodeStates()
         self.lookups: Counter[int] = Counter()
-        self.dropping: dict[int, trio.Event] = {}  # inodes whose data is being freed
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self.parents: dict[int, int] = {ROOT_INO: ROOT_INO}  # directory -> parent, for ".."
@@ -109,32 +108,24 @@ class Operations(pyfuse3.Operations):
         self.layouts: dict[int, Layout] = {}
         self.generation = 0  # bumped whenever refcounts change: invalidates st_blocks shares
         self.blocks: dict[int, tuple[int, int]] = {}
-        self.seal_limiter = trio.CapacityLimiter(1)  # seals, drops and GC run one at a time
         # one decoding reader thread per CPU: decoding is CPU work, and more threads only
         # trade the GIL back and forth (cold 1 GiB `cat`s on 2 CPUs, 4 runs each: 4
         # threads 1.66 s median, 2 threads 1.57 s; a checkpoint of 4 MiB deltas 0.86 vs 0.76 s)
         self.read_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
-        self.pending_seals = 0
-        self.seals_due: Counter[int] = Counter()  # inode -> seal tasks not finished
-        self.idle = trio.Condition()
         self.nursery: trio.Nursery | None = None
+        # pre-seals, seals and frees: the slow parts of a file's life, off this layer
+        self.life = Lifecycle(db, ns, staging, sealer, self.state, self.lookups, self.handles,
+                              self._policy, self._stored_changed, preseal)
+
+    def serve_in(self, nursery: trio.Nursery) -> None:
+        """Start background tasks (readahead, seals, pre-seals, frees) in `nursery`."""
+        self.nursery = self.life.nursery = nursery
 
     # -- helpers -------------------------------------------------------------
     def _fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
         return fh
-
-    def _st(self, ino: int) -> InodeState:
-        st = self.state.get(ino)
-        if st is None:
-            st = self.state[ino] = InodeState(ino)
-        return st
-
-    def _release_state(self, ino: int) -> None:
-        st = self.state.get(ino)
-        if st is not None and st.idle:
-            del self.state[ino]
 
     async def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -234,7 +225,7 @@ class Operations(pyfuse3.Operations):
             self.lookups[ino] -= n
             if self.lookups[ino] <= 0:
                 del self.lookups[ino]
-                await self._maybe_drop(ino)
+                await self.life.maybe_drop(ino)
 
     @handler
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
@@ -277,9 +268,9 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EFBIG)
         if self._get(ino).is_dir:
             raise FsError(errno.EISDIR)
-        st = self._st(ino)
+        st = self.state.of(ino)
         async with st.lock:  # a held lock keeps `st` in self.state while the seal ends
-            await self._stop_seal(st)
+            await self.life.stop_seal(st)
             inode = self._get(ino)  # a seal that just finished changed it
             if not st.staged and size == inode.size:
                 unchanged = True
@@ -289,11 +280,11 @@ class Operations(pyfuse3.Operations):
                     await self._stage(st, inode, copy=size > 0)
                 os.ftruncate(st.fd, size)
                 st.size = size
-                self._reset_preseal(st, fresh=size == 0)
+                self.life.reset_preseal(st, fresh=size == 0)
         if unchanged:
-            self._release_state(ino)
+            self.state.release(ino)
         elif not st.writers:
-            self._schedule_seal(ino)
+            self.life.schedule_seal(ino)
 
     @handler
     async def readlink(self, inode: int, ctx) -> bytes:
@@ -397,7 +388,7 @@ class Operations(pyfuse3.Operations):
             return node
         node = self.db.write_freeing(remove)
         if node.nlink == 0:
-            await self._maybe_drop(node.ino)
+            await self.life.maybe_drop(node.ino)
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx) -> None:
@@ -420,7 +411,7 @@ class Operations(pyfuse3.Operations):
             return ino
         ino = self.db.write_freeing(remove)
         self.parents.pop(ino, None)
-        await self._maybe_drop(ino)
+        await self.life.maybe_drop(ino)
 
     @handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -432,7 +423,7 @@ class Operations(pyfuse3.Operations):
                                      name_new, flags, now))
         self.parents.update(moved)  # once committed
         if dropped is not None:
-            await self._maybe_drop(dropped)
+            await self.life.maybe_drop(dropped)
 
     def _rename(self, txn, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                 name_new: bytes, flags: int, now: int) -> tuple[int | None, dict[int, int]]:
@@ -498,124 +489,6 @@ class Operations(pyfuse3.Operations):
         self._touch_dir(txn, parent_inode_new, now, delta)
         return dropped, moved
 
-    async def _maybe_drop(self, ino: int) -> None:
-        """Free an inode's data once it has no links and no open handles; delete the
-        inode itself once the kernel has forgotten it too.
-
-        The data does not wait for the kernel's FORGET, which comes asynchronously after
-        unlink has returned: as on ext4, the staged bytes of a removed file that nobody
-        holds open are off the disk when unlink returns (a full disk is usable again at
-        once); its chunks are released by a background task, which waits its turn behind
-        seals (seals, drops and GC run one at a time), so unlink never waits for a seal
-        of another file. Only one drop of an inode runs at a time (its release, unlink
-        and forget can overlap)."""
-        if ino == ROOT_INO:
-            return
-        while (busy := self.dropping.get(ino)) is not None:
-            await busy.wait()
-        st = self.state.get(ino)
-        if st is not None and st.handles:
-            return
-        forgotten = self.lookups.get(ino, 0) <= 0
-        with self.db.read() as txn:
-            node = self.ns.find(txn, ino)
-            if node is None or node.nlink > 0:
-                return
-            if not forgotten and (st is None or st.idle) and not self._holds_data(txn, ino):
-                return  # nothing to free before FORGET, which deletes the inode
-        self.dropping[ino] = trio.Event()
-        background = False
-        try:
-            background = await self._drop(ino, st, forgotten)
-        finally:
-            if not background:
-                self._dropped(ino)
-
-    def _dropped(self, ino: int) -> None:
-        self.dropping.pop(ino).set()
-
-    async def _drop(self, ino: int, st: InodeState | None, forgotten: bool) -> bool:
-        """_maybe_drop's work: stop the inode's seal and pre-seal, close and delete its
-        staging file, then free its chunks (and delete the inode row once `forgotten`).
-        True when the chunks went to a background task, which calls _dropped."""
-        pinned = st is not None and st.preseal is not None  # its chunks wait for collect
-        staged = False
-        if st is not None:
-            st.abort.set()
-            if st.seal_done is not None and not st.seal_done.is_set():
-                await st.seal_done.wait()
-            if st.preseal is not None and st.preseal.running:
-                await st.preseal.done.wait()
-            self._reset_preseal(st, fresh=False)
-            if st.fd is not None:
-                staged = True
-                os.close(st.fd)
-                st.fd = None
-            st.mtime_ns = st.ctime_ns = None
-            self._release_state(ino)
-        self.layouts.pop(ino, None)
-        self.blocks.pop(ino, None)
-        # the staged bytes go now; the staging record goes with the chunks' transaction
-        # (a crash in between leaves an orphan, which recovery drops). A staged file's
-        # last link frees its pages and blocks (~50-70 ms per GiB): off the loop; with
-        # nothing staged there is at most a stray file, and no thread hop (`rm` of 10k
-        # sealed files: a hop each cost 0.79x of the passthrough's unlink rate)
-        if staged:
-            await trio.to_thread.run_sync(self.staging.remove_file, ino)
-        else:
-            self.staging.remove_file(ino)
-        with self.db.read() as txn:
-            data = self._holds_data(txn, ino)
-        if not data and not pinned:
-            # no chunk to free (an empty file, or only holes): no thread hop, and nothing
-            # to do before FORGET, which deletes the inode inline
-            if forgotten:
-                self.db.write_freeing(lambda txn: self._delete_inode(txn, ino))
-            return False
-        if self.nursery is None:
-            await self._drop_chunks(ino, forgotten)
-            return False
-        self.nursery.start_soon(self._drop_chunks, ino, forgotten, True)
-        return True
-
-    async def _drop_chunks(self, ino: int, forgotten: bool, background: bool = False) -> None:
-        """Release the chunks and staging record of a dropped inode, then collect."""
-        try:
-            await trio.to_thread.run_sync(self._drop_and_collect, ino, not forgotten,
-                                          limiter=self.seal_limiter)
-            self.generation += 1
-            if background and len(self.dropping) == 1:
-                # the last of a burst of removals: a sync point now lets the next writes
-                # reuse the freed pages (a pinned snapshot holds them until then)
-                await trio.to_thread.run_sync(self.db.sync, True)
-        except Exception:
-            if not background:
-                raise
-            log.exception("freeing the chunks of removed inode %d failed; the next mount "
-                          "(or elvesfs fsck --repair) frees them", ino)
-        finally:
-            if background:
-                self._dropped(ino)
-
-    def _holds_data(self, txn, ino: int) -> bool:
-        """Whether an inode has staged bytes or references a chunk (an empty or
-        all-holes layout does not)."""
-        if txn.get(key(ino), db=self.db.t["staging"]) is not None:
-            return True
-        raw = txn.get(key(ino), db=self.db.t["layouts"])
-        return bool(raw) and bool(Layout.from_bytes(raw).ids())
-
-    def _delete_inode(self, txn, ino: int) -> None:
-        """Delete an inode that references no chunk (its layout, if any, is holes)."""
-        txn.delete(key(ino), db=self.db.t["layouts"])
-        txn.delete(key(ino), db=self.db.t["fstats"])
-        self.ns.delete_inode(txn, ino)
-
-    def _drop_and_collect(self, ino: int, keep_inode: bool) -> None:
-        self.sealer.drop(ino, keep_inode)
-        self.sealer.collect()
-        self.db.refill_reserve()  # if a full disk took it: space may be back now
-
     # -- open, read, write ----------------------------------------------------------
     def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
         """A new handle. A write-only open of a file nobody else has open is direct_io:
@@ -628,7 +501,7 @@ class Operations(pyfuse3.Operations):
         they are older) and after (a read racing the write may have cached old bytes).
         Linux >= 6.6 does the first itself; older kernels need both."""
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        st = self._st(ino)
+        st = self.state.of(ino)
         direct = self.direct_writes and (flags & os.O_ACCMODE) == os.O_WRONLY \
             and not st.handles
         fh = self._fh()
@@ -656,15 +529,9 @@ class Operations(pyfuse3.Operations):
             except BaseException:
                 await self.release(fi.fh)
                 raise
-            st = self._st(inode)
+            st = self.state.of(inode)
             st.mtime_ns = st.ctime_ns = time.time_ns()
         return fi
-
-    async def _stop_seal(self, st: InodeState) -> None:
-        """A writer is back: abort a running seal of this inode and wait for it to stop."""
-        if st.sealing:
-            st.abort.set()
-            await st.seal_done.wait()
 
     async def _stage(self, st: InodeState, inode: Inode, copy: bool) -> None:
         """Give the inode a staging file; with `copy`, holding its sealed content first.
@@ -687,7 +554,7 @@ class Operations(pyfuse3.Operations):
         st.fd = fd
         st.size = inode.size if copy else 0
         self.layouts.pop(inode.ino, None)
-        self._reset_preseal(st, fresh=st.size == 0)
+        self.life.reset_preseal(st, fresh=st.size == 0)
 
     def _copy_sealed(self, lay: Layout, fd: int, size: int) -> None:
         """Thread side of _stage: the sealed content into the staging file, made durable."""
@@ -767,10 +634,10 @@ class Operations(pyfuse3.Operations):
         h.flushed = False
         if off + len(buf) > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
-        st = self._st(h.ino)
+        st = self.state.of(h.ino)
         if not st.staged or st.sealing:
             async with st.lock:
-                await self._stop_seal(st)
+                await self.life.stop_seal(st)
                 if not st.staged:
                     await self._stage(st, self._get(h.ino), copy=True)
         if h.direct and st.mixed:  # write back what mmaps dirtied first: it is older
@@ -783,85 +650,8 @@ class Operations(pyfuse3.Operations):
         if off + n > st.size:
             st.size = off + n
         st.mtime_ns = st.ctime_ns = time.time_ns()
-        self._preseal_after_write(st, off, off + n)
+        self.life.wrote(st, off, off + n)
         return n
-
-    # -- pre-seal: overlap coding with a long sequential write -----------------------
-    def _reset_preseal(self, st: InodeState, fresh: bool) -> None:
-        """Forget a pre-seal (its chunks become garbage); start anew if the file is empty."""
-        if st.preseal is not None:
-            self.sealer.unpin(st.ino)
-        st.preseal = Preseal(self._policy(st.ino)) if fresh and self.preseal else None
-
-    def _preseal_after_write(self, st: InodeState, off: int, end: int) -> None:
-        pre = st.preseal
-        if pre is None:
-            return
-        if off < pre.claimed or not pre.wrote(off, end):
-            # a rewrite of what a pre-seal read (its plan no longer holds), or random I/O
-            self._reset_preseal(st, fresh=False)
-        elif (not pre.running and self.nursery is not None
-              and pre.written - pre.pos >= PRESEAL_STEP):
-            pre.running = True
-            pre.done = trio.Event()
-            self.nursery.start_soon(self._preseal_task, st, pre)
-
-    @staticmethod
-    def presealed(st: InodeState, policy: Policy) -> list | None:
-        """What the final seal of `st` under `policy` can take from its pre-seal."""
-        pre = st.preseal
-        if pre is None or pre.running or pre.policy != policy:
-            return None
-        return list(pre.pieces)
-
-    def _room_for_preseal(self, n: int) -> bool:
-        """Pre-sealed chunks sit beside the staged bytes until close: only with room."""
-        disk = os.statvfs(self.db.path)
-        return disk.f_bavail * disk.f_frsize > 4 * n + PRESEAL_RESERVE
-
-    async def _other_seals_done(self, ino: int) -> None:
-        """Let closed files seal first: the file written after them is coded against
-        their tensors (XOR deltas) only once they are in the store.
-
-        Only a file still being written waits: once its own seal is due, the seal waits
-        for this pre-seal, so waiting here for other seals (whose pre-seals may wait for
-        ours) could deadlock; the caller stops instead."""
-        async with self.idle:
-            while ino not in self.seals_due and any(i != ino for i in self.seals_due):
-                await self.idle.wait()
-
-    async def _preseal_task(self, st: InodeState, pre: Preseal) -> None:
-        """Store a growing file's prefix while the writer goes on, so that sealing at
-        close has only the tail left. Any failure only costs the head start."""
-        try:
-            while (st.preseal is pre and st.staged and not st.sealing
-                   and pre.written - pre.pos >= PRESEAL_STEP):
-                await self._other_seals_done(st.ino)
-                if (st.ino in self.seals_due  # closed: its seal codes the rest
-                        or not (st.preseal is pre and st.staged and not st.sealing)):
-                    break
-                end = min(pre.written, pre.pos + PRESEAL_MAX)
-                if not self._room_for_preseal(end - pre.pos):
-                    break  # the file's bytes would be on disk twice: leave it to close
-                pre.claimed = max(pre.claimed, end)
-                fd = os.dup(st.fd)
-                try:
-                    pos, pieces = await trio.to_thread.run_sync(
-                        self.sealer.preseal, st.ino, fd, pre.pos, end,
-                        pre.policy, limiter=self.seal_limiter)
-                finally:
-                    os.close(fd)
-                if pos == pre.pos:
-                    break
-                pre.pieces.extend(pieces)
-                pre.pos = pos
-        except Exception:
-            log.exception("pre-sealing inode %d failed; it is sealed at close", st.ino)
-            if st.preseal is pre:
-                self._reset_preseal(st, fresh=False)
-        finally:
-            pre.running = False
-            pre.done.set()
 
     def _persist_attrs(self, st: InodeState) -> None:
         """Write in-memory size and times into the stored inode (if there are any: a
@@ -894,7 +684,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
-        st = self._st(h.ino)
+        st = self.state.of(h.ino)
         st.handles -= 1
         if h.writable:
             st.writers -= 1
@@ -906,10 +696,10 @@ class Operations(pyfuse3.Operations):
             with self.db.read() as txn:
                 node = self.ns.find(txn, h.ino)
             if node is not None and node.nlink > 0:
-                self._schedule_seal(h.ino)
+                self.life.schedule_seal(h.ino)
         if not st.handles:
-            await self._maybe_drop(h.ino)
-        self._release_state(h.ino)
+            await self.life.maybe_drop(h.ino)
+        self.state.release(h.ino)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -925,59 +715,6 @@ class Operations(pyfuse3.Operations):
             await trio.to_thread.run_sync(self.staging.sync_dir)
         await trio.to_thread.run_sync(self.db.sync)
 
-    # -- sealing --------------------------------------------------------------------
-    def _schedule_seal(self, ino: int) -> None:
-        if self.nursery is not None:
-            self.pending_seals += 1
-            self.seals_due[ino] += 1
-            self.nursery.start_soon(self._seal_task, ino)
-
-    async def _seal_task(self, ino: int) -> None:
-        try:
-            await self.seal(ino)
-        finally:
-            self.pending_seals -= 1
-            self.seals_due[ino] -= 1
-            if not self.seals_due[ino]:
-                del self.seals_due[ino]
-            async with self.idle:
-                self.idle.notify_all()
-
-    async def seal(self, ino: int) -> None:
-        """Seal a closed staged inode into the store (off the loop); keep it staged on error."""
-        st = self.state.get(ino)
-        if st is None or not st.staged or st.writers or st.sealing:
-            return
-        st.sealing = True
-        st.abort.clear()
-        st.seal_done = trio.Event()
-        try:
-            policy = self._policy(ino)
-            pre = st.preseal
-            if pre is not None and pre.running:
-                await pre.done.wait()
-            resume = self.presealed(st, policy)
-            stats = await trio.to_thread.run_sync(self.sealer.seal, ino, policy, st.abort,
-                                                  resume, limiter=self.seal_limiter)
-            if stats is not None:
-                self._reset_preseal(st, fresh=False)
-                fd, st.fd = st.fd, None
-                self.layouts.pop(ino, None)
-                self.generation += 1
-                self._invalidate(ino, data=stats.lossy_bytes > 0)
-                # the last reference to the removed staging file: closing it frees the
-                # file's pages and blocks (~50-70 ms per GiB), off the loop
-                await trio.to_thread.run_sync(os.close, fd)
-            await trio.to_thread.run_sync(self.sealer.collect, limiter=self.seal_limiter)
-        except StoreFullError as exc:
-            log.error("cannot seal inode %d, it stays staged until space is freed: %s", ino, exc)
-        except Exception:
-            log.exception("sealing inode %d failed; its data stays staged", ino)
-        finally:
-            st.sealing = False
-            st.seal_done.set()
-            self._release_state(ino)
-
     async def _drop_kernel_pages(self, ino: int) -> None:
         """Have the kernel write back and drop its cached pages of `ino`, from a worker
         thread: the kernel waits for pages locked by reads (or written back by it) that
@@ -991,29 +728,22 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:  # not mounted (tests) or inode unknown to the kernel
             log.debug("invalidate_inode(%d): %s", ino, exc)
 
+    def _stored_changed(self, ino: int, refs: bool, data: bool | None) -> None:
+        """The inode's stored content changed: forget its cached layout and st_blocks;
+        `refs`: chunks' refcounts changed too, so any file's share of them may have;
+        unless `data` is None, have the kernel drop the inode's attributes, and its
+        pages if `data`."""
+        self.layouts.pop(ino, None)
+        self.blocks.pop(ino, None)
+        if refs:
+            self.generation += 1
+        if data is not None:
+            self._invalidate(ino, data)
+
     async def mend(self, cid: bytes) -> tuple[str, ...]:
         """Rebuild a protected chunk's damaged streams from their parity and write it
         back (`elvesfs scrub --repair`), in a worker thread."""
         return await trio.to_thread.run_sync(mend_chunk, self.db, cid)
-
-    async def wait_idle(self) -> None:
-        """Return once no seal is pending or running (for `elvesfs sync` and unmount).
-
-        close() returns to the application after FLUSH, but the kernel sends RELEASE (which
-        starts the seal) later: give handles already flushed a moment to be released."""
-        for _ in range(200):
-            if not any(h.flushed for h in self.handles.values()):
-                break
-            await trio.sleep(0.01)
-        for ino, st in list(self.state.items()):  # e.g. a seal that failed on a full disk
-            if st.staged and not st.writers and not st.sealing:
-                self._schedule_seal(ino)
-        async with self.idle:
-            while self.pending_seals:
-                await self.idle.wait()
-        while self.dropping:  # removed files whose chunks are being released
-            await next(iter(self.dropping.values())).wait()
-        await trio.to_thread.run_sync(self.db.sync, True)
 
     # -- directories --------------------------------------------------------------
     @handler

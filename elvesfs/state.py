@@ -81,6 +81,24 @@ class InodeState:
                 and not (self.preseal is not None and self.preseal.running))
 
 
+class InodeStates(dict[int, InodeState]):
+    """The in-memory states by inode number: an entry lives while its inode is open,
+    staged, sealing or has attributes newer than LMDB's, and goes once idle."""
+
+    def of(self, ino: int) -> InodeState:
+        """The inode's state, created empty if it has none."""
+        st = self.get(ino)
+        if st is None:
+            st = self[ino] = InodeState(ino)
+        return st
+
+    def release(self, ino: int) -> None:
+        """Forget the inode's state if nothing in it is newer than LMDB."""
+        st = self.get(ino)
+        if st is not None and st.idle:
+            del self[ino]
+
+
 @dataclass
 class Handle:
     """An open file handle."""
