@@ -2,9 +2,9 @@
 
 Pipeline (runs in a worker thread, never on the event loop)::
 
-    plan pieces   formats.parse -> tensor segments split at <= 4 MiB (element aligned)
-                  + everything else content-defined chunked (FastCDC, ~64 KiB)
-                  + holes of sparse files (SEEK_DATA/SEEK_HOLE) as hole extents
+    plan pieces   planner.py: formats.parse -> tensor segments split at <= 4 MiB
+                  (element aligned) + everything else content-defined chunked
+                  (FastCDC, ~256 KiB) + holes of sparse files as hole extents
     code pieces   thread pool: read, hash (xxh3-128), dedup lookup, pick a
                   reference for XOR delta, codec/'s selector encodes
     commit        new chunks in batches (refcount 0 until referenced, so a crash
@@ -29,14 +29,13 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import xxhash
-from pyfastcdc import FastCDC
 
-from . import formats
 from .chunkstore import MAX_DELTA_DEPTH, NO_REF, PROTECTED, ChunkStore
 from .coding import Encoded, chunk_id, encode_chunk, frame_dtype, recode_chunk
 from .db import Database
 from .layout import HOLE, Layout
 from .namespace import Namespace, key
+from .planner import Piece, Planner, Presealed
 from .policy import Policy
 from .reader import ChunkReader
 from .staging import Staging
@@ -44,55 +43,8 @@ from .threads import CODER_NICE, COMMITTER_NICE, background
 
 log = logging.getLogger(__name__)
 
-TENSOR_PIECE = 4 << 20
-# Content-defined chunks of ~256 KiB: big enough that per-chunk costs (task, LMDB
-# overflow pages, checksums, frame headers) stay small next to hashing and coding
-# (64 KiB chunks sealed at half the speed), small enough to dedup edited files well.
-CDC = dict(avg_size=256 << 10, min_size=64 << 10, max_size=1024 << 10)
 BATCH_BYTES = 16 << 20
 GROUP_BYTES = 4 << 20  # bytes of pieces per coding task
-CDC_WINDOW = 8 << 20  # CDC reads the file in windows of this size (bounds memory)
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-            "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-            "C64": 8, "C128": 16}
-
-
-@dataclass
-class Piece:
-    """A byte range of the file that becomes one chunk (or a hole)."""
-
-    offset: int
-    length: int
-    dtype: str | None = None
-    name: str | None = None
-    role: str = "other"
-    index: int = 0  # piece number within its tensor
-    hole: bool = False
-    data: memoryview | None = None  # the bytes, when the planner already read them
-    pre: "Presealed | None" = None  # already coded and stored while the file was written
-
-
-@dataclass(frozen=True)
-class Presealed:
-    """A chunk coded and stored while its file was still being written (a pre-seal).
-
-    The final seal reuses it for the piece at the same (offset, length): the plan of a
-    file's prefix does not depend on what follows it (see Planner.cdc_windows)."""
-
-    offset: int
-    length: int
-    cid: bytes
-    added: bool  # stored as a new chunk by the pre-seal (else it was a dedup hit)
-    stored: int = 0
-    codec: str = ""
-    max_error: float | None = None
-    delta: bool = False  # coded against a reference chunk
-    tensor: tuple | None = None  # (dtype, name, role, index) of a tensor piece
-
-    def matches(self, p: "Piece") -> bool:
-        """Whether this chunk is exactly what the final plan wants for piece p."""
-        return (self.offset, self.length) == (p.offset, p.length) and self.tensor == (
-            (p.dtype, p.name, p.role, p.index) if p.name is not None else None)
 
 
 @dataclass
@@ -142,139 +94,6 @@ class _Result:
     enc: Encoded | None  # None: the chunk was already stored (dedup, or a pre-seal)
     ref: bytes = NO_REF
     added: bool = False  # set by the committer: the chunk was new to the store
-
-
-def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
-    """(start, end, is_hole) covering [0, size), using SEEK_DATA/SEEK_HOLE where supported."""
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains
-            data = size
-        data = min(data, size)
-        if data > pos:
-            yield pos, data, True
-            pos = data
-            if pos >= size:
-                break
-        try:
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-        except OSError:
-            hole = size
-        hole = min(hole, size)
-        yield pos, hole, False
-        pos = hole
-
-
-class Planner:
-    """Splits a staged file into pieces: tensor-aligned for model files, CDC otherwise."""
-
-    def __init__(self) -> None:
-        self._cdc = threading.local()
-
-    def cdc(self) -> FastCDC:
-        if not hasattr(self._cdc, "c"):
-            self._cdc.c = FastCDC(**CDC)
-        return self._cdc.c
-
-    def plan(self, fd: int, size: int, resume: list[Presealed] | None = None
-             ) -> tuple[str, str, Iterator[Piece]]:
-        """(format, note, pieces) for the file behind `fd`.
-
-        `resume`: pieces a pre-seal already stored for a prefix of the file, in order
-        from offset 0; used when the file turns out to be plain bytes."""
-        with os.fdopen(os.dup(fd), "rb") as f:
-            parsed = formats.parse(f, size)
-        if parsed.format == "plain":
-            return "plain", parsed.note, self._plain(fd, size, resume or [])
-        pieces = self._segments(fd, parsed.segments)
-        if resume:
-            pieces = self._attach(pieces, resume)
-        return parsed.format, parsed.note, pieces
-
-    @staticmethod
-    def _attach(pieces: Iterator[Piece], resume: list[Presealed]) -> Iterator[Piece]:
-        """Mark the pieces a pre-seal already stored (tensor pieces of a safetensors file)."""
-        done = {(r.offset, r.length): r for r in resume}
-        for p in pieces:
-            r = done.get((p.offset, p.length))
-            if r is not None and r.matches(p):
-                p.pre = r
-            yield p
-
-    def prefix_pieces(self, fd: int, pos: int, end: int, done: list[int]) -> Iterator[Piece]:
-        """Pieces of a file still being written, from `pos` on, that its final plan will
-        hold whatever comes after `end`: CDC windows of plain files, tensor pieces of a
-        safetensors or GGUF file whose header is complete. Sets done[0] past the last one."""
-        done[0] = pos
-        with os.fdopen(os.dup(fd), "rb") as f:
-            kind, segments = formats.parse_prefix(f, end)
-        if kind == "plain":
-            yield from self.cdc_windows(fd, pos, end, done)
-        elif kind in ("safetensors", "torch-zip", "gguf"):
-            for p in self._segments(fd, [s for s in segments if s.kind == "tensor"]):
-                if p.offset < pos:
-                    continue
-                if p.offset + p.length > end:
-                    break
-                yield p
-                done[0] = p.offset + p.length
-
-    def _plain(self, fd: int, size: int, resume: list[Presealed]) -> Iterator[Piece]:
-        resume_end = resume[-1].offset + resume[-1].length if resume else 0
-        for a, b, hole in _data_regions(fd, size):
-            if hole:
-                yield Piece(a, b - a, hole=True)
-            elif a == 0 and resume_end and b >= resume_end:
-                # the plan of [0, resume_end) is what the pre-seal cut: reuse it
-                for r in resume:
-                    yield Piece(r.offset, r.length, pre=r)
-                yield from self._cdc_pieces(fd, resume_end, b)
-            else:
-                yield from self._cdc_pieces(fd, a, b)
-
-    def _window(self, fd: int, pos: int, n: int, last: bool) -> list[Piece]:
-        """CDC pieces of the n bytes at pos; unless `last`, without the window's tail,
-        which is re-chunked with the next window."""
-        buf = os.pread(fd, n, pos)
-        if len(buf) < n:
-            raise OSError(f"staging file shrank while sealing (read {len(buf)} of {n} bytes)")
-        cuts = list(self.cdc().cut_buf(buf))
-        if not last and len(cuts) > 1:
-            cuts = cuts[:-1]
-        view = memoryview(buf)
-        return [Piece(pos + c.offset, c.length, data=view[c.offset:c.offset + c.length])
-                for c in cuts]
-
-    def _cdc_pieces(self, fd: int, a: int, b: int) -> Iterator[Piece]:
-        """Content-defined pieces of [a, b), reading CDC_WINDOW at a time to bound memory."""
-        pos = a
-        while pos < b:
-            n = min(CDC_WINDOW, b - pos)
-            pieces = self._window(fd, pos, n, last=pos + n >= b)
-            yield from pieces
-            pos = pieces[-1].offset + pieces[-1].length
-
-    def cdc_windows(self, fd: int, pos: int, end: int, done: list[int]) -> Iterator[Piece]:
-        """The pieces _cdc_pieces(fd, 0, b) cuts in its windows from `pos` on, for every
-        b > end: only whole windows that end before `end`, never a last window. Sets
-        done[0] to where the next window starts."""
-        done[0] = pos
-        while pos + CDC_WINDOW < end:
-            pieces = self._window(fd, pos, CDC_WINDOW, last=False)
-            yield from pieces
-            pos = done[0] = pieces[-1].offset + pieces[-1].length
-
-    def _segments(self, fd: int, segments: list) -> Iterator[Piece]:
-        for seg in segments:
-            if seg.kind != "tensor" or seg.dtype not in ITEMSIZE:
-                yield from self._cdc_pieces(fd, seg.offset, seg.offset + seg.length)
-                continue
-            step = TENSOR_PIECE - TENSOR_PIECE % ITEMSIZE[seg.dtype]
-            for idx, off in enumerate(range(0, seg.length, step)):
-                yield Piece(seg.offset + off, min(step, seg.length - off), seg.dtype,
-                            seg.name, seg.role, idx)
 
 
 def tensor_key(p: Piece) -> bytes:
