@@ -31,7 +31,7 @@ from .fs import Operations
 from .ingest import Sealer
 from .mounts import quote_store
 from .namespace import Namespace
-from .policy import Policy
+from .policy import XATTR as POLICY_XATTR, Policy, file_policy
 from .reader import ChunkReader
 from .staging import Staging
 
@@ -135,8 +135,8 @@ def recover(store: Store, default_policy: Policy) -> None:
                 store.staging.forget(txn, ino)
             continue
         with store.db.read() as txn:
-            raw = store.ns.getxattr(txn, ino, b"user.elvesfs.policy")
-        policy = Policy.parse(raw) if raw is not None else default_policy
+            raw = store.ns.getxattr(txn, ino, POLICY_XATTR)
+        policy = file_policy(raw, default_policy, ino)
         log.info("recovery: sealing staged inode %d", ino)
         store.sealer.seal(ino, policy, threading.Event())
     store.sealer.collect()

@@ -35,7 +35,7 @@ from .ingest import Sealer
 from .lifecycle import Lifecycle
 from .layout import HOLE, Layout
 from .namespace import FsError, Inode, Namespace, ROOT_INO, key
-from .policy import XATTR as POLICY_XATTR, Policy, PolicyError
+from .policy import XATTR as POLICY_XATTR, Policy, PolicyError, file_policy
 from .reader import ChunkReader
 from .staging import Staging
 from .state import DirHandle, Handle, InodeState, InodeStates
@@ -189,10 +189,7 @@ class Operations(pyfuse3.Operations):
     def _policy(self, ino: int) -> Policy:
         with self.db.read() as txn:
             raw = self.ns.getxattr(txn, ino, POLICY_XATTR)
-        try:
-            return Policy.parse(raw) if raw is not None else self.default_policy
-        except PolicyError:
-            return self.default_policy
+        return file_policy(raw, self.default_policy, ino)
 
     def _touch_dir(self, txn, ino: int, now: int, nlink_delta: int = 0) -> None:
         d = self.ns.get(txn, ino)

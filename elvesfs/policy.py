@@ -20,10 +20,13 @@ never share storage with, or take a delta reference from, unprotected ones.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from dataclasses import dataclass
 
 from codec.dtypes import LOSSY_DTYPES  # the element types ELF codes
+
+log = logging.getLogger(__name__)
 
 XATTR = b"user.elvesfs.policy"
 PROTECT_SEED = zlib.crc32(b"protect") | 1  # ids of protected exact chunks (see chunk_seed)
@@ -80,6 +83,22 @@ class Policy:
     def allows_lossy(self, dtype: str | None, role: str) -> bool:
         """Only float weights may be coded lossily; optimizer state and the rest stay exact."""
         return self.lossy and dtype in LOSSY_DTYPES and role == "weight"
+
+
+def file_policy(raw: bytes | None, default: Policy, ino: int = 0) -> Policy:
+    """The policy a file's xattr (`raw`, None when unset) names, else the mount's.
+
+    setxattr refuses what cannot be parsed, so an unreadable value means a store
+    written by another version (or damaged): the file is coded with the mount's
+    policy, not left unsealed (a seal, or the recovery of a whole mount, that raised
+    here would keep it staged for ever)."""
+    if raw is None:
+        return default
+    try:
+        return Policy.parse(raw)
+    except PolicyError as exc:
+        log.warning("inode %d: %s; using the mount's policy (%s)", ino, exc, default)
+        return default
 
 
 def _bound(text: str) -> float | str | None:
