@@ -26,7 +26,7 @@ from .cache import ChunkCache
 from .chunkstore import ChunkStore
 from .control import serve_control
 from .db import Database
-from .errors import ElvesError, StoreLockedError
+from .errors import ElvesError, StoreFullError, StoreLockedError
 from .fs import Operations
 from .ingest import Sealer
 from .mounts import quote_store
@@ -138,9 +138,32 @@ def recover(store: Store, default_policy: Policy) -> None:
             raw = store.ns.getxattr(txn, ino, POLICY_XATTR)
         policy = file_policy(raw, default_policy, ino)
         log.info("recovery: sealing staged inode %d", ino)
-        store.sealer.seal(ino, policy, threading.Event())
-    store.sealer.collect()
+        try:
+            store.sealer.seal(ino, policy, threading.Event())
+        except Exception as exc:
+            # nothing is lost: the mount serves it from its staging file (adopt_staged)
+            # and seals it later; a full disk must not keep the store from mounting, or
+            # nobody could delete a file to free space
+            log.error("recovery: cannot seal inode %d now, it stays staged: %s", ino, exc)
+    try:
+        store.sealer.collect()
+    except StoreFullError as exc:
+        log.error("recovery: garbage collection postponed: %s", exc)
     store.db.sync(mark=True)
+
+
+def adopt_staged(ops: Operations, store: Store) -> None:
+    """Serve the files recovery could not seal (a full disk) from their staging files,
+    as if just written: `elvesfs sync`, the next close or the unmount seals them."""
+    with store.db.read() as txn:
+        staged = store.staging.staged(txn)
+    for ino in staged:
+        st = ops.state.of(ino)
+        st.fd = store.staging.open_existing(ino)
+        st.size = os.fstat(st.fd).st_size
+        ops.life.want_room.add(ino)
+        log.warning("inode %d stays staged (%d bytes), to be sealed once there is room",
+                    ino, st.size)
 
 
 async def _serve(ops: Operations, store: Store) -> None:
@@ -205,13 +228,21 @@ def _seal_remaining(ops: Operations, store: Store) -> None:
                 store.sealer.drop(ino)
                 continue
             policy = ops._policy(ino)
-            store.sealer.seal(ino, policy, threading.Event(), ops.life.presealed(st, policy))
+            try:
+                store.sealer.seal(ino, policy, threading.Event(),
+                                  ops.life.presealed(st, policy))
+            except Exception as exc:  # it stays staged: the next mount seals it
+                log.error("cannot seal inode %d before unmounting, it stays staged: %s",
+                          ino, exc)
             store.sealer.unpin(ino)
     with store.db.read() as txn:
         orphans = store.ns.orphans(txn)
     for ino in orphans:
         store.sealer.drop(ino)
-    store.sealer.collect()
+    try:
+        store.sealer.collect()
+    except StoreFullError as exc:  # garbage only: the next mount collects it
+        log.error("garbage collection postponed: %s", exc)
 
 
 def warm_up_codecs() -> None:
@@ -317,6 +348,7 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         recover(store, default_policy)
         ops = Operations(store.db, store.ns, store.chunks, store.staging, store.reader,
                          store.sealer, default_policy, preseal=preseal)
+        adopt_staged(ops, store)
         # The first read after mounting would otherwise wait ~0.4 s for the kernels to
         # load; a first-ever start compiles them, which takes longer: then go on.
         warm.join(WARMUP_WAIT)

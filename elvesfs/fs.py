@@ -641,7 +641,10 @@ class Operations(pyfuse3.Operations):
             await self._drop_kernel_pages(h.ino)
         n = os.pwrite(st.fd, buf, off)
         while n < len(buf):
-            n += os.pwrite(st.fd, memoryview(buf)[n:], off + n)
+            try:
+                n += os.pwrite(st.fd, memoryview(buf)[n:], off + n)
+            except OSError:  # a full disk part-way: report what was written, as
+                break  # ext4 does (the staging file's length is the file's size)
         if h.direct and st.mixed:  # the page-cache handles' pages are stale now
             await self._drop_kernel_pages(h.ino)
         if off + n > st.size:

@@ -475,9 +475,9 @@ class Sealer:
     def _collect_garbage(self) -> tuple[int, int]:
         total_n = total_b = 0
         keep = self._pinned()
-        while True:
-            with self.db.write() as txn:
-                n, b = self.chunks.collect(txn, limit=2000, keep=keep)
+        while True:  # deleting frees space, and on a full disk may need the reserve
+            n, b = self.db.write_freeing(
+                lambda txn: self.chunks.collect(txn, limit=2000, keep=keep))
             total_n += n
             total_b += b
             if n < 2000:

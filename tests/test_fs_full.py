@@ -86,3 +86,58 @@ def test_space_of_a_removed_file_is_free_when_unlink_returns(tmp_path, small_dis
         assert_fsck_clean(m.store)
     finally:
         m.cleanup()
+
+
+def _fill_compressible(path: Path) -> bytes:
+    """Write log-like lines (they code ~10x smaller) to `path` until ENOSPC; returns what
+    the file holds: every byte a write reported written."""
+    line = b"step %08d loss 0.%06d lr 2e-5 grad-norm 1.0 tokens 4096 elapsed 0.25s\n"
+    done = bytearray()
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    try:
+        i = 0
+        while True:
+            block = b"".join(line % (i + k, (i + k) * 7919 % 1000000) for k in range(16384))
+            i += 16384
+            view = memoryview(block)
+            while view:
+                try:
+                    n = os.write(fd, view)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    return bytes(done)
+                done += view[:n]
+                view = view[n:]
+    finally:
+        os.close(fd)
+
+
+def test_kill9_on_a_full_disk_then_mount_serves_the_unsealed_file(tmp_path, small_disk):
+    """A file that could not be sealed for want of space when the daemon died (kill -9,
+    a power cut) stays staged: the next mount comes up anyway, reads it back exact, and
+    seals it once a deletion has made room. Before, recovery's failed seal stopped the
+    mount ("no space left"), so nobody could delete anything to make room."""
+    m = Mount(tmp_path)
+    m.store = small_disk / "store"
+    try:
+        m.mount()
+        spare = os.urandom(12 << 20)
+        (m.path / "spare").write_bytes(spare)
+        m.sync()
+        log = _fill_compressible(m.path / "train.log")
+        assert len(log) > 8 << 20
+        m.kill9()
+        m.mount()
+        assert "stays staged" in m.log()
+        assert (m.path / "train.log").read_bytes() == log
+        assert (m.path / "spare").read_bytes() == spare
+        os.unlink(m.path / "spare")  # room for the log's chunks (~1/10 of its size)
+        m.sync()
+        assert not os.listdir(m.store / "staging"), "still staged: " + m.log()[-3000:]
+        m.remount()
+        assert (m.path / "train.log").read_bytes() == log
+        assert os.stat(m.path / "train.log").st_blocks * 512 < len(log) // 4
+        m.umount()
+        assert_fsck_clean(m.store)
+    finally:
+        m.cleanup()
