@@ -155,7 +155,20 @@ def cmd_umount(a: argparse.Namespace) -> int:
             time.sleep(0.05)
         else:
             raise CliError(f"daemon {pid} is still finishing after {a.timeout}s (see its log)")
+    left = _staged_files(store)
+    if left:
+        print(f"elvesfs: {left} file(s) could not be sealed before unmounting (see "
+              f"{os.path.join(store, 'elvesfs.log')}: usually a full disk); they are kept "
+              "in the staging area, and the next mount serves and seals them", file=sys.stderr)
     return 0
+
+
+def _staged_files(store: str) -> int:
+    """How many staging files a store holds (after unmount: files the daemon could not seal)."""
+    try:
+        return sum(name.isdigit() for name in os.listdir(os.path.join(store, "staging")))
+    except OSError:
+        return 0
 
 
 def cmd_sync(a: argparse.Namespace) -> int:
@@ -166,6 +179,10 @@ def cmd_sync(a: argparse.Namespace) -> int:
     except DaemonGoneError as exc:
         raise CliError(f"{exc}; `elvesfs mount {a.mountpoint}` mounts it again and "
                        "recovers the files it had staged") from None
+    if ans.startswith("staged "):
+        raise CliError(f"{ans.split()[1]} closed file(s) could not be sealed (see "
+                       f"{os.path.join(store, 'elvesfs.log')}: usually a full disk); they "
+                       "are kept, fsync'd, in the staging area and sealed once there is room")
     if ans != "ok":
         raise CliError(f"sync failed: {ans}")
     return 0

@@ -1,7 +1,9 @@
 """A tiny control channel of a running daemon: a unix socket STORE/control.sock.
 
 Protocol: the client sends one line, the daemon answers one line.
-    sync\n   -> "ok\n" once every closed file is sealed and LMDB is flushed
+    sync\n   -> "ok\n" once every closed file is sealed and LMDB is flushed; "staged N\n"
+                 when N closed files could not be sealed (a full disk; their staging
+                 files are fsync'd: durable, sealed once there is room)
     ping\n   -> "pong <pid>\n"
     mend <chunk id, hex>\n -> "ok <streams mended, comma-separated, or ->\n" (online scrub:
                  a protected chunk's damaged streams rebuilt from their parity, written back)
@@ -57,8 +59,8 @@ async def _handle(stream: "trio.SocketStream", ops) -> None:
             data += chunk
         cmd = data.strip().decode(errors="replace")
         if cmd == "sync":
-            await ops.life.wait_idle()
-            await stream.send_all(b"ok\n")
+            unsealed = await ops.life.wait_idle()
+            await stream.send_all(f"staged {len(unsealed)}\n".encode() if unsealed else b"ok\n")
         elif cmd.startswith("mend "):
             try:
                 cid = bytes.fromhex(cmd[5:])

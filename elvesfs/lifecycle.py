@@ -329,8 +329,10 @@ class Lifecycle:
             st.seal_done.set()
             self.state.release(ino)
 
-    async def wait_idle(self) -> None:
-        """Return once no seal is pending or running (for `elvesfs sync` and unmount).
+    async def wait_idle(self) -> list[int]:
+        """Return once no seal is pending or running (for `elvesfs sync`), with the closed
+        files that stay staged all the same (their seals failed: a full disk), whose
+        staging files are then fsync'd: what sync promises holds, durable, unsealed.
 
         close() returns to the application after FLUSH, but the kernel sends RELEASE (which
         starts the seal) later: give handles already flushed a moment to be released."""
@@ -349,5 +351,18 @@ class Lifecycle:
                 break
             while self.dropping:  # removed files whose chunks are being released: the
                 await next(iter(self.dropping.values())).wait()  # room may seal more
+        unsealed = [ino for ino, st in self.state.items() if st.staged and not st.writers]
+        for ino in unsealed:
+            st = self.state.get(ino)
+            if st is None or st.fd is None:  # sealed meanwhile
+                continue
+            fd = os.dup(st.fd)  # a seal may close st.fd while the fsync runs
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
+        if unsealed:
+            await trio.to_thread.run_sync(self.staging.sync_dir)
         await trio.to_thread.run_sync(self.db.sync, True)
+        return unsealed
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount
+from conftest import Mount, _run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,6 +131,14 @@ def test_kill9_on_a_full_disk_then_mount_serves_the_unsealed_file(tmp_path, smal
         assert "stays staged" in m.log()
         assert (m.path / "train.log").read_bytes() == log
         assert (m.path / "spare").read_bytes() == spare
+        # no room yet: sync and umount say so (the file stays, durable, in staging)
+        r = _run_cli("sync", str(m.path), check=False)
+        assert r.returncode == 1 and "1 closed file(s) could not be sealed" in r.stderr
+        r = _run_cli("umount", str(m.path), check=False)
+        assert r.returncode == 0 and "1 file(s) could not be sealed" in r.stderr, r.stderr
+        m.pid = None
+        m.mount()
+        assert (m.path / "train.log").read_bytes() == log
         os.unlink(m.path / "spare")  # room for the log's chunks (~1/10 of its size)
         m.sync()
         assert not os.listdir(m.store / "staging"), "still staged: " + m.log()[-3000:]
