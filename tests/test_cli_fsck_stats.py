@@ -597,3 +597,31 @@ def test_paths_with_spaces_tabs_commas_and_non_ascii(tmp_path):
         assert (m.path / "f").read_bytes() == b"x" * 1000
     finally:
         m.cleanup()
+
+
+def test_quickstart_mount_with_the_default_store(tmp_path, monkeypatch):
+    """The README's quickstart: `elvesfs mount MNT` with no --store keeps a per-user store
+    (under $XDG_DATA_HOME, else ~/.local/share) that umount, mount again and fsck of the
+    mountpoint all find on their own."""
+    from conftest import Mount, _run_cli
+    from elvesfs.mounts import default_store
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    m = Mount(tmp_path)
+    m.store = Path(default_store(str(m.path)))
+    assert m.store.parent == tmp_path / "xdg" / "elvesfs"
+    try:
+        r = _run_cli("mount", str(m.path))
+        assert str(m.store) in r.stderr  # it says where the store is
+        m.pid = int((m.store / "daemon.lock").read_text())
+        data = os.urandom(3 << 20)
+        (m.path / "model.bin").write_bytes(data)
+        _run_cli("umount", str(m.path))
+        m.pid = None
+        assert (m.store / "data.mdb").exists()
+        r = _run_cli("fsck", str(m.path))
+        assert "clean" in r.stdout, r.stdout + r.stderr
+        _run_cli("mount", str(m.path))
+        m.pid = int((m.store / "daemon.lock").read_text())
+        assert (m.path / "model.bin").read_bytes() == data
+    finally:
+        m.cleanup()
