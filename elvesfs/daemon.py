@@ -131,8 +131,7 @@ def recover(store: Store, default_policy: Policy) -> None:
         if not os.path.exists(store.staging.path(ino)):
             log.warning("recovery: staging file of inode %d is missing; keeping its last sealed "
                         "content", ino)
-            with store.db.write() as txn:
-                store.staging.forget(txn, ino)
+            store.db.write_freeing(lambda txn: store.staging.forget(txn, ino))
             continue
         with store.db.read() as txn:
             raw = store.ns.getxattr(txn, ino, POLICY_XATTR)

@@ -304,3 +304,25 @@ def test_recovery_seals_a_file_whose_policy_this_version_cannot_read(make_mount)
     assert "recovery: sealing staged inode" in m.log()
     assert "using the mount's policy (lossless)" in m.log()
     fsck_clean(m)
+
+
+def test_recovery_without_a_staging_file_keeps_the_sealed_content(make_mount):
+    """A staging file gone by the next mount (deleted by hand, lost with its disk): the
+    file keeps its last sealed content, and the store stays clean."""
+    m = make_mount()
+    old = os.urandom(2 << 20)
+    (m.path / "f").write_bytes(old)
+    m.sync()
+    fd = os.open(m.path / "f", os.O_WRONLY)
+    os.pwrite(fd, b"new bytes", 4096)
+    os.fsync(fd)
+    ino = os.fstat(fd).st_ino
+    m.kill9()
+    close_quietly(fd)
+    staged = m.store / "staging" / str(ino)
+    assert staged.exists()
+    staged.unlink()
+    m.mount()
+    assert f"staging file of inode {ino} is missing" in m.log()
+    assert sha_file(m.path / "f") == sha(old)
+    fsck_clean(m)
