@@ -137,6 +137,7 @@ def cmd_umount(a: argparse.Namespace) -> int:
         raise CliError(f"{a.mountpoint} is not an elvesfs mountpoint")
     store = store_of(a.mountpoint)
     pid = _daemon_pid(store)
+    alive = pid is not None and _alive(pid)
     r = subprocess.run(["fusermount3", "-u", a.mountpoint], capture_output=True, text=True)
     if r.returncode:
         msg = r.stderr.strip() or f"fusermount3 -u {a.mountpoint} failed"
@@ -156,11 +157,24 @@ def cmd_umount(a: argparse.Namespace) -> int:
         else:
             raise CliError(f"daemon {pid} is still finishing after {a.timeout}s (see its log)")
     left = _staged_files(store)
-    if left:
+    if left and alive:
         print(f"elvesfs: {left} file(s) could not be sealed before unmounting (see "
               f"{os.path.join(store, 'elvesfs.log')}: usually a full disk); they are kept "
               "in the staging area, and the next mount serves and seals them", file=sys.stderr)
+    elif left:
+        print(f"elvesfs: the daemon was not running (killed?); the next mount recovers the "
+              f"{left} file(s) it had staged", file=sys.stderr)
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process with that PID
+        return True
+    return True
 
 
 def _staged_files(store: str) -> int:

@@ -326,3 +326,22 @@ def test_recovery_without_a_staging_file_keeps_the_sealed_content(make_mount):
     assert f"staging file of inode {ino} is missing" in m.log()
     assert sha_file(m.path / "f") == sha(old)
     fsck_clean(m)
+
+
+def test_umount_of_a_dead_mount_says_the_next_mount_recovers_its_files(make_mount):
+    """`elvesfs umount` after the daemon was killed detaches the dead mount and says that
+    the files it had staged wait for the next mount (not that a seal failed)."""
+    m = make_mount()
+    data = os.urandom(1 << 20)
+    fd = os.open(m.path / "open", os.O_CREAT | os.O_WRONLY, 0o600)
+    os.write(fd, data)
+    os.fsync(fd)  # staged while open, so still staged at the kill
+    m.kill9(detach=False)
+    close_quietly(fd)
+    r = _run_cli("umount", str(m.path), check=False)
+    assert r.returncode == 0, r.stderr
+    assert "the daemon was not running" in r.stderr and "recovers the 1 file(s)" in r.stderr
+    assert "could not be sealed" not in r.stderr
+    m.mount()
+    assert sha_file(m.path / "open") == sha(data)
+    fsck_clean(m)
