@@ -442,7 +442,8 @@ def _encode_ctx(mv, ref, dt, level: int, nb: int = NBUCKETS):
             bo = np.concatenate([[0], np.cumsum(jh.sum(axis=1))])
             streams += [code_stream(name, seg[bo[b]:bo[b + 1]], level, hist=jh[b])
                         for b in range(nb)]
-    head = _P3.pack(hash64(ref), L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
+    # the reference's hash is left 0: the encoder sets it once, for every layout
+    head = _P3.pack(0, L_BYTES, T_SUBCTX if nb == 1 else T_SUBCTX_HI, NCLASSES)
     if nb > 1:
         head += bytes([nb]) + split_bits.to_bytes(_mask_len(size), "little")
     return head + struct.pack(f"<{len(exps)}H", *exps), streams
