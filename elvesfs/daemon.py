@@ -161,7 +161,6 @@ def adopt_staged(ops: Operations, store: Store) -> None:
         st = ops.state.of(ino)
         st.fd = store.staging.open_existing(ino)
         st.size = os.fstat(st.fd).st_size
-        ops.life.want_room.add(ino)
         log.warning("inode %d stays staged (%d bytes), to be sealed once there is room",
                     ino, st.size)
 

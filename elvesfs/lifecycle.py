@@ -61,7 +61,6 @@ class Lifecycle:
         self.seals_due: Counter[int] = Counter()  # inode -> seal tasks not finished
         self.idle = trio.Condition()
         self.nursery: trio.Nursery | None = None  # set once the loop runs (daemon._serve)
-        self.want_room: set[int] = set()  # staged inodes whose seal found the disk full
 
     # -- freeing removed files --------------------------------------------------------
     async def maybe_drop(self, ino: int) -> None:
@@ -149,7 +148,7 @@ class Lifecycle:
             await trio.to_thread.run_sync(self._drop_and_collect, ino, not forgotten,
                                           limiter=self.seal_limiter)
             self.changed(ino, True, None)
-            self._seal_where_room()
+            self._seal_unsealed()  # the room freed may be what a failed seal lacked
             if background and len(self.dropping) == 1:
                 # the last of a burst of removals: a sync point now lets the next writes
                 # reuse the freed pages (a pinned snapshot holds them until then)
@@ -163,13 +162,15 @@ class Lifecycle:
             if background:
                 self._dropped(ino)
 
-    def _seal_where_room(self) -> None:
-        """Space was freed: seal again the files that stayed staged for want of it."""
-        for ino in sorted(self.want_room):
-            st = self.state.get(ino)
-            if st is not None and st.staged and not st.writers and not st.sealing:
-                self.schedule_seal(ino)
-        self.want_room.clear()
+    def _unsealed(self) -> list[int]:
+        """Closed files still staged with no seal due: their seal failed (a full disk,
+        an error), or recovery could not seal them (daemon.adopt_staged)."""
+        return [ino for ino, st in self.state.items()
+                if st.staged and not st.writers and not st.sealing and ino not in self.seals_due]
+
+    def _seal_unsealed(self) -> None:
+        for ino in self._unsealed():
+            self.schedule_seal(ino)
 
     def _holds_data(self, txn, ino: int) -> bool:
         """Whether an inode has staged bytes or references a chunk (an empty or
@@ -321,7 +322,6 @@ class Lifecycle:
             await trio.to_thread.run_sync(self.sealer.collect, limiter=self.seal_limiter)
         except StoreFullError as exc:
             log.error("cannot seal inode %d, it stays staged until space is freed: %s", ino, exc)
-            self.want_room.add(ino)
         except Exception:
             log.exception("sealing inode %d failed; its data stays staged", ino)
         finally:
@@ -341,9 +341,7 @@ class Lifecycle:
                 break
             await trio.sleep(0.01)
         while True:
-            for ino, st in list(self.state.items()):  # e.g. a seal that failed on a full disk
-                if st.staged and not st.writers and not st.sealing:
-                    self.schedule_seal(ino)
+            self._seal_unsealed()  # e.g. a seal that failed on a full disk
             async with self.idle:
                 while self.pending_seals:
                     await self.idle.wait()
@@ -351,7 +349,7 @@ class Lifecycle:
                 break
             while self.dropping:  # removed files whose chunks are being released: the
                 await next(iter(self.dropping.values())).wait()  # room may seal more
-        unsealed = [ino for ino, st in self.state.items() if st.staged and not st.writers]
+        unsealed = self._unsealed()
         for ino in unsealed:
             st = self.state.get(ino)
             if st is None or st.fd is None:  # sealed meanwhile
