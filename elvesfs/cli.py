@@ -137,7 +137,7 @@ def cmd_umount(a: argparse.Namespace) -> int:
         raise CliError(f"{a.mountpoint} is not an elvesfs mountpoint")
     store = store_of(a.mountpoint)
     pid = _daemon_pid(store)
-    alive = pid is not None and _alive(pid)
+    alive = _store_locked(store)  # else the daemon died: its files wait for recovery
     r = subprocess.run(["fusermount3", "-u", a.mountpoint], capture_output=True, text=True)
     if r.returncode:
         msg = r.stderr.strip() or f"fusermount3 -u {a.mountpoint} failed"
@@ -165,16 +165,6 @@ def cmd_umount(a: argparse.Namespace) -> int:
         print(f"elvesfs: the daemon was not running (killed?); the next mount recovers the "
               f"{left} file(s) it had staged", file=sys.stderr)
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process with that PID
-        return True
-    return True
 
 
 def _staged_files(store: str) -> int:
