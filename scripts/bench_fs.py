@@ -31,6 +31,10 @@ Measurements (each repeated --repeat times, medians reported):
           in the same directory tree every 2 ms: the latency of each create + stat
           started between `cp` starting and the data being durable, p99 and max (is
           the filesystem still responsive while it ingests 1 GiB?)
+  dbench  dbench (Debian package `dbench`) with its NetBench load file: --dbench-clients
+          processes creating, writing, reading, renaming, locking, listing and deleting
+          many small files (a file server's day) for --dbench-seconds; the throughput
+          dbench reports (what its clients saw: elvesfs seals their files meanwhile)
 
 The first repeat also checks every target reads back exactly the bytes written (cmp).
 elvesfs runs from a copy of elvesfs/ and codec/ taken at start (--no-snapshot: in place),
@@ -52,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -67,6 +72,7 @@ CODE = {"root": REPO, "env": None}  # where `python -m elvesfs...` imports from 
 MB = 1_000_000
 MiB = 1 << 20
 PACED_RATE = 200 * MB  # bytes/s of the paced writer
+DBENCH_LOAD = "/usr/share/dbench/client.txt"  # the load file Debian's dbench ships
 
 
 def log(msg: str) -> None:
@@ -563,6 +569,24 @@ def bench_meta(t: Target, nfiles: int, res: dict, prof_dir: Path | None, rep: in
         t.stop()
 
 
+def bench_dbench(t: Target, res: dict, clients: int, seconds: int) -> None:
+    t.reset()
+    t.start()
+    try:
+        d = t.dir / "dbench"
+        os.mkdir(d)
+        r = run(["dbench", "-D", str(d), "-t", str(seconds), "-c", DBENCH_LOAD, str(clients)],
+                timeout=10 * seconds + 300)
+        m = re.search(r"^Throughput ([0-9.]+) MB/sec", r.stdout, re.M)
+        if m is None:
+            raise RuntimeError(f"dbench printed no throughput: {r.stdout[-2000:]}")
+        res["dbench"].append(float(m.group(1)))
+        shutil.rmtree(d)
+        log(f"  {t.name:12s} dbench: {m.group(1)} MB/s")
+    finally:
+        t.stop()
+
+
 METRICS = [  # key, label, unit kind
     ("write_cp", "seq write, until `cp` returns", "bytes"),
     ("write_durable", "seq write, until durable (fsync / `elvesfs sync`)", "bytes"),
@@ -573,6 +597,7 @@ METRICS = [  # key, label, unit kind
     ("unlink", "unlink", "ops"),
     ("busy_p99", "create + stat during the write, p99 latency", "ms"),
     ("busy_max", "create + stat during the write, max latency", "ms"),
+    ("dbench", "dbench, NetBench load (many small files), throughput", "rate"),
 ]
 
 
@@ -583,9 +608,12 @@ def table(results: dict, names: list[str], size: int, nfiles: int) -> str:
             return None
         if kind == "ms":  # a latency: its inverse, so that every ratio is higher = better
             return 1 / statistics.median(v)
+        if kind == "rate":  # measured as a rate (MB/s) already
+            return statistics.median(v)
         return (size / MB if kind == "bytes" else nfiles) / statistics.median(v)
 
     fmt_abs = {"bytes": "{:.0f} MB/s".format, "ops": "{:.0f} ops/s".format,
+               "rate": "{:.1f} MB/s".format,
                "ms": lambda r: f"{1e3 / r:.1f} ms"}
     head = ["measurement"] + names
     ratios = [(n, "plain") for n in names if n != "plain" and "plain" in names]
@@ -613,10 +641,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1GiB", help="file size for write/read (default 1GiB)")
     p.add_argument("--files", type=int, default=10_000, help="files for the metadata test")
     p.add_argument("--repeat", type=int, default=3, help="repeats; medians are reported")
-    p.add_argument("--quick", action="store_true", help="256 MiB, 2000 files, 1 repeat")
+    p.add_argument("--quick", action="store_true",
+                   help="256 MiB, 2000 files, dbench for 8 s, 1 repeat")
     p.add_argument("--targets", default="plain,passthrough,elvesfs",
                    help="comma list (ratios vs plain need plain)")
-    p.add_argument("--skip", default="", help="comma list of: write, paced, meta, busy")
+    p.add_argument("--skip", default="",
+                   help="comma list of: write, paced, meta, busy, dbench")
+    p.add_argument("--dbench-clients", type=int, default=4, help="dbench processes (default 4)")
+    p.add_argument("--dbench-seconds", type=int, default=20,
+                   help="dbench's run time, after its own warm-up of a fifth of it (default 20)")
     p.add_argument("--source-dir", default=None,
                    help="where the source file is generated (default /dev/shm if it has room)")
     p.add_argument("--cache-mb", type=int, default=None, help="elvesfs --cache-mb")
@@ -631,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                         "and codec/ taken at start, immune to edits during the run)")
     a = p.parse_args(argv)
     if a.quick:
-        a.size, a.files, a.repeat = "256MiB", 2000, 1
+        a.size, a.files, a.repeat, a.dbench_seconds = "256MiB", 2000, 1, 8
     size = parse_size(a.size)
     names = [n for n in a.targets.split(",") if n]
     skip = set(filter(None, a.skip.split(",")))
@@ -640,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             log(f"{tool} not found")
             return 1
+    if "dbench" not in skip and not (shutil.which("dbench") and os.path.exists(DBENCH_LOAD)):
+        log("dbench not installed (apt-get install dbench): skipping that phase")
+        skip.add("dbench")
     cold_ok = os.geteuid() == 0
     if not cold_ok:
         log("not root: cannot drop caches; 'cold' reads only follow a remount")
@@ -699,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_meta(t, a.files, results[t.name], prof_dir, rep)
                 if "busy" not in skip:
                     bench_busy(t, src, size, results[t.name], workdir / "probe-stop")
+                if "dbench" not in skip:
+                    bench_dbench(t, results[t.name], a.dbench_clients, a.dbench_seconds)
         failed = False
     finally:
         for t in targets:
@@ -723,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     elves = next((t for t in targets if isinstance(t, Elves)), None)
     print()
     print(f"File {size / MiB:.0f} MiB (half random bytes, half float32 N(0, 0.02)), "
-          f"{a.files} files, median of {a.repeat} run(s); {os.cpu_count()} CPUs, "
+          f"{a.files} files, dbench {a.dbench_clients} clients for {a.dbench_seconds} s, "
+          f"median of {a.repeat} run(s); {os.cpu_count()} CPUs, "
           f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
           f"{elapsed / 60:.1f} min in all. Ratios: higher is better (rate / plain rate; "
           f"for latencies, plain latency / latency).")

@@ -259,3 +259,30 @@ def test_stress_ng_filesystem_class(make_mount):
         assert " ERROR " not in line and "Traceback" not in line, line
     m.umount()
     assert check_store(m.store) == []
+
+
+DBENCH_LOAD = "/usr/share/dbench/client.txt"  # the NetBench load file Debian's dbench ships
+
+
+def test_dbench(make_mount):
+    """dbench's NetBench load (Samba's file-server emulation: creates, small writes and
+    reads, renames, unlinks, byte-range locks, directory scans, xattrs) from concurrent
+    clients, then again with synchronous opens and directory operations: every call
+    returns what the load file expects (dbench stops with exit 1 at the first that does
+    not), the daemon logs no error, and the store is consistent afterwards."""
+    if not (shutil.which("dbench") and os.path.exists(DBENCH_LOAD)):
+        pytest.skip("dbench is not installed (apt-get install dbench)")
+    m = make_mount()
+    for flags in (["-x"], ["-x", "-s", "-S"]):
+        work = m.path / "dbench"
+        work.mkdir()
+        r = subprocess.run(["dbench", "-D", str(work), "-t", "6", "-c", DBENCH_LOAD, *flags,
+                            "4"], capture_output=True, text=True, timeout=300)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, f"dbench {flags}: {out[-4000:]}"
+        assert "Throughput" in out and " failed" not in out, out[-4000:]
+        shutil.rmtree(work)  # what dbench leaves (its client directories)
+    for line in m.log().splitlines():
+        assert " ERROR " not in line and "Traceback" not in line, line
+    m.umount()
+    assert check_store(m.store) == []
