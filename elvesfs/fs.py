@@ -705,15 +705,22 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles[fh]
         st = self.state.get(h.ino)
-        if st is not None and st.staged:
-            self._persist_attrs(st)
-            fd = os.dup(st.fd)  # a seal may close st.fd while the fsync runs in a thread
-            try:
-                await trio.to_thread.run_sync(os.fsync, fd)
-            finally:
-                os.close(fd)
-            await trio.to_thread.run_sync(self.staging.sync_dir)
-        await trio.to_thread.run_sync(self.db.sync)
+        if st is None or not st.staged:
+            await trio.to_thread.run_sync(self.db.sync)
+            return
+        self._persist_attrs(st)
+        fd = os.dup(st.fd)  # a seal may close st.fd while the fsync runs in a thread
+        try:
+            await trio.to_thread.run_sync(self._sync_staged, h.ino, fd)
+        finally:
+            os.close(fd)
+
+    def _sync_staged(self, ino: int, fd: int) -> None:
+        """Thread side of fsync of a staged file: its bytes, its staging file's entry
+        (once per staging file), then LMDB with its staging record and attributes."""
+        os.fsync(fd)
+        self.staging.sync_entry(ino)
+        self.db.sync()
 
     async def _drop_kernel_pages(self, ino: int) -> None:
         """Have the kernel write back and drop its cached pages of `ino`, from a worker

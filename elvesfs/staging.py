@@ -13,6 +13,7 @@ transaction that installs the new layout, and only then removes the file.
 from __future__ import annotations
 
 import os
+import threading
 
 import lmdb
 
@@ -27,6 +28,20 @@ class Staging:
         self.db = db
         self.dir = os.path.join(root, "staging")
         os.makedirs(self.dir, exist_ok=True)
+        # Which staging files' directory entries are durable, so that fsync syncs the
+        # directory once per file, not every time: each file the daemon creates or
+        # opens gets a serial (`_serial`, ino -> serial), and `_durable` holds the
+        # serial whose entry a directory sync covered. Serials, not a set of inodes: a
+        # file removed and created again while a sync runs must not count as synced.
+        self._lock = threading.Lock()
+        self._next = 0
+        self._serial: dict[int, int] = {}
+        self._durable: dict[int, int] = {}
+
+    def _opened(self, ino: int) -> None:
+        with self._lock:
+            self._next += 1
+            self._serial[ino] = self._next
 
     def path(self, ino: int) -> str:
         return os.path.join(self.dir, str(ino))
@@ -38,7 +53,9 @@ class Staging:
 
     def create_file(self, ino: int) -> int:
         """Create (empty) the staging file of `ino` without its record yet."""
-        return os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self._opened(ino)
+        return fd
 
     def mark(self, txn: lmdb.Transaction, ino: int) -> None:
         """Commit (with the caller's transaction) that `ino`'s content is its staging file."""
@@ -54,13 +71,19 @@ class Staging:
         return out
 
     def open_existing(self, ino: int) -> int:
-        return os.open(self.path(ino), os.O_RDWR | os.O_CLOEXEC)
+        """Open a staging file found at mount (its entry may not be durable: a kill -9)."""
+        fd = os.open(self.path(ino), os.O_RDWR | os.O_CLOEXEC)
+        self._opened(ino)
+        return fd
 
     def forget(self, txn: lmdb.Transaction, ino: int) -> None:
         """Drop the record (in the caller's transaction); remove the file after commit."""
         txn.delete(key(ino), db=self.db.t["staging"])
 
     def remove_file(self, ino: int) -> None:
+        with self._lock:
+            self._serial.pop(ino, None)
+            self._durable.pop(ino, None)
         try:
             os.unlink(self.path(ino))
         except FileNotFoundError:
@@ -69,6 +92,18 @@ class Staging:
     def staged(self, txn: lmdb.Transaction) -> list[int]:
         """Inodes with a staging record (to recover at mount)."""
         return [int.from_bytes(k, "big") for k, _ in txn.cursor(db=self.db.t["staging"])]
+
+    def sync_entry(self, ino: int) -> None:
+        """Make the directory entry of `ino`'s staging file durable (for fsync): a
+        directory sync the first time, nothing once one has covered this file."""
+        with self._lock:
+            serial = self._serial.get(ino)
+            if serial is None or self._durable.get(ino) == serial:
+                return
+        self.sync_dir()
+        with self._lock:
+            if self._serial.get(ino) == serial:
+                self._durable[ino] = serial
 
     def sync_dir(self) -> None:
         """Make the staging directory's entries durable (after creating a file)."""
