@@ -95,14 +95,15 @@ class Staging:
 
     def sync_entry(self, ino: int) -> None:
         """Make the directory entry of `ino`'s staging file durable (for fsync): a
-        directory sync the first time, nothing once one has covered this file."""
+        directory sync the first time, nothing once one has covered this file (a file
+        this object did not create or open is synced every time)."""
         with self._lock:
             serial = self._serial.get(ino)
-            if serial is None or self._durable.get(ino) == serial:
+            if serial is not None and self._durable.get(ino) == serial:
                 return
         self.sync_dir()
         with self._lock:
-            if self._serial.get(ino) == serial:
+            if serial is not None and self._serial.get(ino) == serial:
                 self._durable[ino] = serial
 
     def sync_dir(self) -> None:
