@@ -47,6 +47,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
         cmd.append("--no-preseal")
     if a.debug:
         cmd.append("--debug")
+    cmd += ["--read-ahead-kb", str(a.read_ahead_kb)]
     if a.foreground:
         from . import daemon
         return daemon.main(cmd[3:])
@@ -59,7 +60,6 @@ def cmd_mount(a: argparse.Namespace) -> int:
     with os.fdopen(rfd) as r:
         msg = r.readline().strip()
     if msg == "OK":
-        _set_read_ahead(mp, a.read_ahead_kb)
         print(f"elvesfs: {mp} mounted (store {store}, log {logfile})", file=sys.stderr)
         return 0
     proc.wait(timeout=30)
@@ -110,18 +110,6 @@ def _store_locked(store: str) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def _set_read_ahead(mp: str, kb: int) -> None:
-    """Let the kernel read ahead further than FUSE's default 128 KiB (loaders read whole
-    shards sequentially). Needs root; silently skipped otherwise. Runs in this CLI
-    process, never in the daemon: stat()ing its own mount would deadlock the daemon."""
-    try:
-        dev = os.stat(mp).st_dev
-        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
-            f.write(str(kb))
-    except OSError as exc:
-        log.debug("read_ahead_kb not set: %s", exc)
 
 
 def _daemon_pid(store: str) -> int | None:

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pyfuse3
@@ -30,7 +31,7 @@ from .db import Database
 from .errors import ElvesError, StoreFullError, StoreLockedError
 from .fs import Operations
 from .ingest import Sealer
-from .mounts import quote_store
+from .mounts import quote_store, set_read_ahead
 from .namespace import Namespace
 from .policy import XATTR as POLICY_XATTR, Policy, file_policy
 from .reader import ChunkReader
@@ -165,9 +166,10 @@ def adopt_staged(ops: Operations, store: Store) -> None:
                     ino, st.size)
 
 
-async def _serve(ops: Operations, store: Store) -> None:
+async def _serve(ops: Operations, store: Store, live: Callable[[], Awaitable[None]]) -> None:
     async with trio.open_nursery() as nursery:
         ops.serve_in(nursery)
+        nursery.start_soon(live)
         nursery.start_soon(_signals, nursery)
         nursery.start_soon(serve_control, store.root, ops)
         nursery.start_soon(_periodic_sync, store.db)
@@ -330,7 +332,8 @@ def _fuse_init(ops: Operations, mountpoint: str, options: set[str]) -> None:
 
 
 def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
-        cache_bytes: int, ready_fd: int | None, preseal: bool = True) -> int:
+        cache_bytes: int, ready_fd: int | None, preseal: bool = True,
+        read_ahead_kb: int = 1024) -> int:
     """Open, recover, mount and serve; returns the process exit code."""
     # Worker threads (seal, pre-seal, reads) hold the GIL between their C calls; hand it
     # over sooner than the default 5 ms so the FUSE loop thread is not starved by them.
@@ -368,9 +371,15 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
         store.close()
         return 1
     log.info("mounted %s on %s (policy %s)", root, mountpoint, default_policy)
-    ready("OK")
+
+    async def live() -> None:
+        """Once the loop serves: the mount's read-ahead, then "OK" to `elvesfs mount`
+        (which returns only then, with the mount usable and tuned; --foreground too)."""
+        await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
+        ready("OK")
+
     try:
-        trio.run(_serve, ops, store)
+        trio.run(_serve, ops, store, live)
     except BaseException:
         log.exception("event loop failed")
         pyfuse3.close(unmount=True)
@@ -393,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protect", action="store_true")
     p.add_argument("--cache-mb", type=int, default=256)
     p.add_argument("--no-preseal", action="store_true")
+    p.add_argument("--read-ahead-kb", type=int, default=1024)
     p.add_argument("--ready-fd", type=int, default=None)
     p.add_argument("--log", default=None)
     p.add_argument("--debug", action="store_true")
@@ -404,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.protect:
         policy = dataclasses.replace(policy, protect=True)
     return run(os.path.abspath(a.mountpoint), os.path.abspath(a.store), a.options, policy,
-               a.cache_mb << 20, a.ready_fd, preseal=not a.no_preseal)
+               a.cache_mb << 20, a.ready_fd, preseal=not a.no_preseal,
+               read_ahead_kb=a.read_ahead_kb)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Where stores and mounts are: a mountpoint's default store, the live elvesfs mounts
-(from /proc/self/mountinfo) and the store behind a path. Shared by the CLI commands."""
+(from /proc/self/mountinfo) and the store behind a path, and a mount's kernel
+read-ahead. Shared by the CLI commands and the daemon."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import urllib.parse
@@ -18,6 +20,21 @@ def default_store(mountpoint: str) -> str:
     tag = hashlib.sha256(mp.encode()).hexdigest()[:8]
     name = os.path.basename(mp.rstrip("/")) or "root"
     return os.path.join(base, "elvesfs", f"{name}-{tag}")
+
+
+def set_read_ahead(mountpoint: str, kb: int) -> None:
+    """Let the kernel read ahead further than FUSE's default 128 KiB on this mount
+    (loaders read whole shards sequentially). Needs root; logged and skipped otherwise.
+
+    Call it once the mount serves, and in the daemon from a worker thread: the kernel
+    sets the read-ahead from the reply to its INIT request, which the stat() here waits
+    for, and the loop thread must be free to answer that stat."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        logging.getLogger(__name__).debug("read_ahead_kb not set: %s", exc)
 
 
 def mount_table() -> list[tuple[str, str, str]]:

@@ -29,8 +29,17 @@ def _staged(m: Mount) -> list[str]:
     return sorted(os.listdir(m.store / "staging"))
 
 
+def _read_ahead_kb(path) -> int:
+    """The kernel read-ahead of the mount on `path` (its backing device's bdi)."""
+    dev = os.stat(path).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+        return int(f.read())
+
+
 def test_sigterm_seals_unmounts_and_exits(make_mount):
     m = make_mount()
+    if os.geteuid() == 0:  # the read-ahead a mount gets (FUSE's own default: 128 KiB)
+        assert _read_ahead_kb(m.path) == 1024
     digest = write_random(m.path / "a.bin", 24 << 20)
     # a file written and still open when the signal comes: as with libfuse's own
     # handlers, the mount is detached at once, so its close fails (ENOTCONN), but what
@@ -54,6 +63,8 @@ def test_sigterm_seals_unmounts_and_exits(make_mount):
 
 
 def test_foreground_serves_in_the_callers_process_and_stops_on_ctrl_c(tmp_path):
+    """What a systemd service runs (README "Mounting at boot"), stopped as a developer
+    stops it in a terminal."""
     m = Mount(tmp_path)
     m.store.mkdir()
     err = open(tmp_path / "stderr.txt", "wb")
@@ -68,6 +79,11 @@ def test_foreground_serves_in_the_callers_process_and_stops_on_ctrl_c(tmp_path):
             time.sleep(0.05)
         # the command is the daemon: no process of its own in the background
         assert int((m.store / "daemon.lock").read_text().strip()) == proc.pid
+        if os.geteuid() == 0:  # the same read-ahead as a background mount (it had 128),
+            end = time.monotonic() + 10  # set just after the mount shows in the table
+            while _read_ahead_kb(m.path) != 1024 and time.monotonic() < end:
+                time.sleep(0.05)
+            assert _read_ahead_kb(m.path) == 1024
         digest = write_random(m.path / "a.bin", 8 << 20)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
