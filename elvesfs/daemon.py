@@ -374,8 +374,10 @@ def run(mountpoint: str, root: str, options: list[str], default_policy: Policy,
 
     async def live() -> None:
         """Once the loop serves: the mount's read-ahead, then "OK" to `elvesfs mount`
-        (which returns only then, with the mount usable and tuned; --foreground too)."""
-        await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb)
+        (which returns only then, with the mount usable and tuned; --foreground too).
+        Abandoned if the loop fails first: its stat may wait on a loop that is gone."""
+        await trio.to_thread.run_sync(set_read_ahead, mountpoint, read_ahead_kb,
+                                      abandon_on_cancel=True)
         ready("OK")
 
     try:
