@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -49,6 +50,47 @@ def _is_mounted(path: str) -> bool:
     """Whether `path` is a mountpoint now, dead or alive."""
     from elvesfs.mounts import mount_table
     return any(mp == path for mp, _, _ in mount_table())
+
+
+def _lock_pid(store: Path) -> int | None:
+    """The PID of the live daemon of `store`: the one its lock file names, while that
+    lock is held (the file keeps the PID of a daemon that has exited, which another
+    process may have by now)."""
+    try:
+        fd = os.open(store / "daemon.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except BlockingIOError:
+        try:
+            return int(os.pread(fd, 64, 0).decode().strip() or 0) or None
+        except ValueError:
+            return None
+    finally:
+        os.close(fd)
+
+
+def _abort_fuse_connection(path: str) -> None:
+    """End every request pending on the FUSE mount at `path` (fusectl's abort), so that a
+    daemon blocked on one can be killed; the device comes from the mount table, as a
+    stat() of the mount could hang too. Needs root; does nothing otherwise."""
+    with open("/proc/self/mountinfo") as f:
+        devs = [line.split()[2] for line in f if line.split()[4] == path]
+    if not devs or os.geteuid() != 0:
+        return
+    conns = "/sys/fs/fuse/connections"
+    mounted = not os.listdir(conns) and subprocess.run(
+        ["mount", "-t", "fusectl", "none", conns], capture_output=True).returncode == 0
+    try:
+        with open(f"{conns}/{devs[-1].split(':')[1]}/abort", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+    finally:
+        if mounted:
+            subprocess.run(["umount", conns], capture_output=True)
 
 
 class Mount:
@@ -101,15 +143,22 @@ class Mount:
             return ""
 
     def cleanup(self) -> None:
-        """Unmount even after a failure: polite first, then lazy, then kill our daemon by PID."""
+        """Unmount even after a failure: polite first; then, if the mount or our daemon
+        is still there (a daemon that hangs, even one stuck on a request to its own
+        mount), abort the FUSE connection, detach the mount and kill the daemon by PID."""
         if _is_mounted(str(self.path)):
-            r = subprocess.run([sys.executable, "-m", "elvesfs.cli", "umount", str(self.path),
-                                "--timeout", "60"], capture_output=True, timeout=120)
-            if r.returncode and _is_mounted(str(self.path)):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
-        if self.pid:
             try:
-                os.kill(self.pid, signal.SIGKILL)
+                subprocess.run([sys.executable, "-m", "elvesfs.cli", "umount", str(self.path),
+                                "--timeout", "60"], capture_output=True, timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+        if _is_mounted(str(self.path)):
+            _abort_fuse_connection(str(self.path))
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        pid = _lock_pid(self.store)  # a daemon still alive; also when `mount` failed
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
