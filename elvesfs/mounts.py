@@ -12,6 +12,8 @@ import urllib.parse
 
 from .errors import CliError
 
+log = logging.getLogger(__name__)
+
 
 def default_store(mountpoint: str) -> str:
     """A per-user store directory per mountpoint: $XDG_DATA_HOME/elvesfs/<name>-<hash>."""
@@ -34,7 +36,7 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
         with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
             f.write(str(kb))
     except OSError as exc:
-        logging.getLogger(__name__).debug("read_ahead_kb not set: %s", exc)
+        log.debug("read_ahead_kb not set: %s", exc)
 
 
 def mount_table() -> list[tuple[str, str, str]]:
