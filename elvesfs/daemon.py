@@ -157,11 +157,12 @@ def adopt_staged(ops: Operations, store: Store) -> None:
     """Serve the files recovery could not seal (a full disk) from their staging files,
     as if just written: `elvesfs sync`, the next close or the unmount seals them."""
     with store.db.read() as txn:
-        staged = store.staging.staged(txn)
-    for ino in staged:
+        staged = {ino: store.staging.base(txn, ino) for ino in store.staging.staged(txn)}
+    for ino, base in staged.items():
         st = ops.state.of(ino)
         st.fd = store.staging.open_existing(ino)
         st.size = os.fstat(st.fd).st_size
+        st.base = base if base <= st.size else 0  # (see Sealer._kept)
         log.warning("inode %d stays staged (%d bytes), to be sealed once there is room",
                     ino, st.size)
 

@@ -151,11 +151,17 @@ class Operations(pyfuse3.Operations):
         return a
 
     async def _blocks(self, inode: Inode, st: InodeState | None) -> int:
-        """512-byte blocks: the file's share of stored bytes (1/N of a chunk N files share)."""
+        """512-byte blocks: the file's share of stored bytes (1/N of a chunk N files share);
+        a staged file's staging file, plus the sealed bytes below its base if tail staged."""
         if st is not None and st.staged:
-            return os.fstat(st.fd).st_blocks
+            own = os.fstat(st.fd).st_blocks
+            return own + await self._stored_blocks(inode) if st.base else own
         if not inode.is_reg or inode.size == 0:
             return 0
+        return await self._stored_blocks(inode)
+
+    async def _stored_blocks(self, inode: Inode) -> int:
+        """512-byte blocks of the inode's share of its sealed layout's bytes (cached)."""
         cached = self.blocks.get(inode.ino)
         if cached and cached[0] == self.generation:
             return cached[1]
@@ -274,7 +280,9 @@ class Operations(pyfuse3.Operations):
             else:
                 unchanged = False
                 if not st.staged:
-                    await self._stage(st, inode, copy=size > 0)
+                    await self._stage(st, inode, copy=size > 0, at=min(size, inode.size))
+                elif size < st.base:
+                    await self._fill_base(st, size)
                 os.ftruncate(st.fd, size)
                 st.size = size
                 self.life.reset_preseal(st, fresh=size == 0)
@@ -530,63 +538,95 @@ class Operations(pyfuse3.Operations):
             st.mtime_ns = st.ctime_ns = time.time_ns()
         return fi
 
-    async def _stage(self, st: InodeState, inode: Inode, copy: bool) -> None:
-        """Give the inode a staging file; with `copy`, holding its sealed content first.
+    async def _stage(self, st: InodeState, inode: Inode, copy: bool, at: int = 0) -> None:
+        """Give the inode a staging file; with `copy`, holding its sealed content first:
+        tail staged (staging.py) from the chunk holding `at`, the first offset written,
+        where the seal can keep the chunks below it, so an append to a large file copies
+        only its last chunk.
 
         The staging record (what recovery seals) is committed only once the file holds the
-        whole sealed content, durably: a crash during the copy leaves a stray file that
-        recovery deletes, never a half copy that would replace the sealed data."""
+        sealed content it takes over, durably: a crash during the copy leaves a stray file
+        that recovery deletes, never a half copy that would replace the sealed data."""
+        lay = self._layout(inode.ino) if copy and inode.size else None
+        base = self.sealer.tail_base(inode.ino, lay, at) if lay is not None else 0
         fd = self.staging.create_file(inode.ino)
         try:
-            if copy and inode.size:
-                lay = self._layout(inode.ino)
-                await trio.to_thread.run_sync(self._copy_sealed, lay, fd, inode.size,
+            if lay is not None:
+                await trio.to_thread.run_sync(self._copy_sealed, lay, fd, base, inode.size,
                                               limiter=self.read_limiter)
             with self.db.write() as txn:
-                self.staging.mark(txn, inode.ino)
+                self.staging.mark(txn, inode.ino, base)
         except BaseException:
             os.close(fd)
             self.staging.remove_file(inode.ino)
             raise
-        st.fd = fd
+        st.fd, st.base = fd, base
         st.size = inode.size if copy else 0
         self.layouts.pop(inode.ino, None)
         self.life.reset_preseal(st, fresh=st.size == 0)
 
-    def _copy_sealed(self, lay: Layout, fd: int, size: int) -> None:
-        """Thread side of _stage: the sealed content into the staging file, made durable."""
-        self.reader.copy_to_fd(lay, fd)
-        os.ftruncate(fd, size)
+    async def _fill_base(self, st: InodeState, cut: int | None = None) -> None:
+        """Before a write below a tail-staged file's base: copy its sealed bytes below the
+        base in too, then record that the staging file holds it all. For a truncate to
+        `cut` below the base: only [0, cut), and the file is cut first (a crash before
+        the record leaves a staging file shorter than its base: Sealer._kept)."""
+        lay = self._layout(st.ino)
+        end = st.base if cut is None else cut
+        await trio.to_thread.run_sync(self._copy_sealed, lay, st.fd, 0, end, cut is not None,
+                                      limiter=self.read_limiter)
+        with self.db.write() as txn:
+            self.staging.mark(txn, st.ino)
+        st.base = 0
+
+    def _copy_sealed(self, lay: Layout, fd: int, start: int, end: int, cut: bool = False
+                     ) -> None:
+        """Thread side of _stage and _fill_base: sealed content [start, end) into the
+        staging file, whose length becomes `end` if `cut`, else at least `end`; durably."""
+        self.reader.copy_to_fd(lay, fd, start, end)
+        if cut or os.fstat(fd).st_size < end:
+            os.ftruncate(fd, end)
         os.fsync(fd)
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        h = self.handles[fh]
-        for attempt in (1, 2):
-            st = self.state.get(h.ino)
-            if st is not None and st.staged:
-                return os.pread(st.fd, size, off)
-            lay = self._layout(h.ino)
-            if off >= lay.size:
-                return b""
+        return await self._read(self.handles[fh].ino, off, size)
+
+    async def _read(self, ino: int, off: int, size: int, retry: bool = True
+                    ) -> bytes | memoryview:
+        st = self.state.get(ino)
+        if st is None or not st.staged:
+            return await self._read_sealed(ino, off, size, retry)
+        if off >= st.base:
+            return os.pread(st.fd, size, off)
+        # tail staged: below the base, the bytes are the sealed layout's
+        n = min(size, st.base - off)
+        head = await self._read_sealed(ino, off, n, retry)
+        if len(head) < n or n == size:
+            return head
+        return b"".join((head, await self._read(ino, off + n, size - n, retry)))
+
+    async def _read_sealed(self, ino: int, off: int, size: int, retry: bool
+                           ) -> bytes | memoryview:
+        """Read from the inode's sealed layout (decoded chunks, cached and read ahead)."""
+        lay = self._layout(ino)
+        if off >= lay.size:
+            return b""
+        data = self.reader.cached_range(lay, off, size)
+        if data is None and await self._prefetched(lay, off, size):
             data = self.reader.cached_range(lay, off, size)
-            if data is None and await self._prefetched(lay, off, size):
-                data = self.reader.cached_range(lay, off, size)
-            if data is None:
-                try:
-                    data = await trio.to_thread.run_sync(self.reader.read_range, lay, off,
-                                                         size, limiter=self.read_limiter)
-                except StoreCorruptError:
-                    # A rewrite sealed meanwhile may have released the chunks of the layout
-                    # we started from: read the file's current content instead.
-                    st = self.state.get(h.ino)
-                    if attempt == 1 and ((st is not None and st.staged)
-                                         or self._layout(h.ino) is not lay):
-                        continue
-                    raise
-            self._readahead(lay, off + size)
-            return data
-        raise AssertionError("unreachable")
+        if data is None:
+            try:
+                data = await trio.to_thread.run_sync(self.reader.read_range, lay, off,
+                                                     size, limiter=self.read_limiter)
+            except StoreCorruptError:
+                # A rewrite sealed meanwhile may have released the chunks of the layout
+                # we started from: read the file's current content instead.
+                st = self.state.get(ino)
+                if retry and ((st is not None and st.staged) or self._layout(ino) is not lay):
+                    return await self._read(ino, off, size, retry=False)
+                raise
+        self._readahead(lay, off + size)
+        return data
 
     def _readahead(self, lay: Layout, off: int) -> None:
         """Prepare what a sequential reader (a loader reading whole shards) needs next.
@@ -632,11 +672,13 @@ class Operations(pyfuse3.Operations):
         if off + len(buf) > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
         st = self.state.of(h.ino)
-        if not st.staged or st.sealing:
+        if not st.staged or st.sealing or off < st.base:
             async with st.lock:
                 await self.life.stop_seal(st)
                 if not st.staged:
-                    await self._stage(st, self._get(h.ino), copy=True)
+                    await self._stage(st, self._get(h.ino), copy=True, at=off)
+                if off < st.base:
+                    await self._fill_base(st)
         if h.direct and st.mixed:  # write back what mmaps dirtied first: it is older
             await self._drop_kernel_pages(h.ino)
         n = os.pwrite(st.fd, buf, off)

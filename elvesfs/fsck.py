@@ -30,6 +30,7 @@ from .errors import CliError
 from .layout import HOLE, Layout
 from .mounts import default_store, mounts
 from .namespace import Inode, Namespace, ROOT_INO, U64, key
+from .staging import record_base
 from .verify import check_chunks, chunk_count, damaged_files
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,32 @@ class Fsck:
             self.problem(f"staging file {ino} has no record (left over)")
             if self.repair:
                 os.unlink(os.path.join(sdir, str(ino)))
+        for ino in sorted(self.staged & files):
+            self._check_tail(ino, os.path.join(sdir, str(ino)))
+
+    def _check_tail(self, ino: int, path: str) -> None:
+        """A tail-staged file's record must name a chunk boundary of its sealed layout
+        (staging.py); else its content below the base is unknown: repair keeps the file's
+        last sealed content."""
+        with self.db.read() as txn:
+            value = txn.get(key(ino), db=self.t["staging"])
+            raw = txn.get(key(ino), db=self.t["layouts"])
+        try:
+            base = record_base(value)
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            lay = Layout.from_bytes(raw) if raw else Layout.empty()
+            i = lay.find(base)
+            if not base or (i < len(lay) and lay.start(i) == base) or (
+                    os.path.getsize(path) < base):  # a truncate was under way: fine
+                return
+            problem = f"base {base} is not a chunk boundary of its sealed layout"
+        self.problem(f"staging record of inode {ino}: {problem}")
+        if self.repair:
+            with self.db.write() as txn:
+                txn.delete(key(ino), db=self.t["staging"])
+            os.unlink(path)
 
     # -- 3 + 4. layouts and reference counts -------------------------------------------
     def check_layouts_and_refs(self) -> None:

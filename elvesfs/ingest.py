@@ -30,9 +30,11 @@ from typing import Iterator
 
 import xxhash
 
+from . import formats
 from .chunkstore import MAX_DELTA_DEPTH, NO_REF, PROTECTED, ChunkStore
 from .coding import Encoded, chunk_id, encode_chunk, frame_dtype, recode_chunk
 from .db import Database
+from .errors import StoreCorruptError
 from .layout import HOLE, Layout
 from .namespace import Namespace, key
 from .planner import Piece, Planner, Presealed
@@ -182,6 +184,9 @@ class Sealer:
             if hit:
                 out.append(_Result(p, cid, None))
                 continue
+            if data is None and p.pre.kept:  # the sealed file's own chunk: referenced
+                raise StoreCorruptError(  # by its layout, so only damage removes it
+                    f"chunk {cid.hex()} of sealed inode layout is missing; run `elvesfs fsck`")
             if data is None:  # a pre-sealed chunk is gone (cannot happen while pinned)
                 log.warning("pre-sealed chunk %s missing; coding it again", cid.hex())
                 p = replace(p, pre=None)
@@ -203,7 +208,12 @@ class Sealer:
         fd = os.open(self.staging.path(ino), os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            fmt, note, pieces = self.planner.plan(fd, size, resume)
+            kept = self._kept(ino, size, policy)
+            if kept is not None:
+                fmt, note = "plain", "tail staged"
+                pieces = self.planner.plan_tail(fd, size, *kept)
+            else:
+                fmt, note, pieces = self.planner.plan(fd, size, resume)
             stats = SealStats(format=fmt, policy=str(policy), logical=size, note=note)
             extents = self._code_all(fd, pieces, policy, stats, abort)
         finally:
@@ -220,6 +230,67 @@ class Sealer:
         log.info("sealed inode %d: %s %d bytes -> %d new stored (%.2fs)", ino, fmt, size,
                  stats.new_stored, stats.seconds)
         return stats
+
+    # -- tail staging: a write at the end of a sealed file copies only its end ----------
+    def tail_base(self, ino: int, layout: Layout, at: int) -> int:
+        """Where the staging copy of sealed file `ino` may start for a first write at
+        `at` (0: copy it all): the start of the chunk holding `at`, in a file sealed as
+        plain bytes, whose chunks below it the seal can keep (see staging.py)."""
+        if len(layout) < 2:
+            return 0
+        base = layout.start(layout.find(min(at, layout.size - 1)))
+        if base == 0 or self._sealed_as(ino) is None:
+            return 0
+        return base
+
+    def _sealed_as(self, ino: int) -> dict | None:
+        """The statistics of the seal that made `ino`'s layout, if it was plain bytes."""
+        with self.db.read() as txn:
+            raw = txn.get(key(ino), db=self.db.t["fstats"])
+        rec = json.loads(raw) if raw else None
+        return rec if rec and rec.get("format") == "plain" else None
+
+    def _kept(self, ino: int, size: int, policy: Policy
+              ) -> tuple[list[tuple[int, int, bytes]], int] | None:
+        """For a tail-staged file: (the sealed extents below its base, base), or None.
+
+        A file that may have become a model file (a resumed download), or whose policy
+        changed since its last seal, is coded whole: its base is copied in first."""
+        with self.db.read() as txn:
+            base = self.staging.base(txn, ino)
+            raw = txn.get(key(ino), db=self.db.t["layouts"]) if base else None
+        if not base:
+            return None
+        if size < base:  # a truncate below the base was under way: the staging file
+            with self.db.write() as txn:  # holds [0, size) (fs.py _fill_base)
+                self.staging.mark(txn, ino)
+            return None
+        layout = Layout.from_bytes(raw) if raw else Layout.empty()
+        i = layout.find(base)  # the extent starting at base: the first the seal codes
+        if i >= len(layout) or layout.start(i) != base:
+            raise StoreCorruptError(f"inode {ino}'s staging base {base} is not a chunk "
+                                    f"boundary of its sealed layout; run `elvesfs fsck`")
+        sealed = self._sealed_as(ino)
+        head = bytes(self.reader.read_range(layout, 0, min(64, base)))
+        if (sealed is None or sealed.get("policy") != str(policy)
+                or formats.may_be_model(head, size)):
+            self._fill_base(ino, layout, base)
+            return None
+        kept = [(layout.start(j), layout.length(j), layout.chunk_id(j)) for j in range(i)]
+        return kept, base
+
+    def _fill_base(self, ino: int, layout: Layout, base: int) -> None:
+        """Copy a tail-staged file's sealed bytes below `base` into its staging file:
+        durably, before the record says the staging file holds it all."""
+        fd = os.open(self.staging.path(ino), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            self.reader.copy_to_fd(layout, fd, end=base)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self.db.write() as txn:
+            self.staging.mark(txn, ino)
+        log.info("inode %d: copied its sealed %d bytes below the staged tail", ino, base)
 
     def _code_all(self, fd: int, pieces: Iterator[Piece], policy: Policy, stats: SealStats,
                   abort: threading.Event, results: list[_Result] | None = None

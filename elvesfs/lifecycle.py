@@ -299,8 +299,8 @@ class Lifecycle:
     async def seal(self, ino: int) -> None:
         """Seal a closed staged inode into the store (off the loop); keep it staged on error."""
         st = self.state.get(ino)
-        if st is None or not st.staged or st.writers or st.sealing:
-            return
+        if st is None or not st.staged or st.writers or st.sealing or st.lock.locked():
+            return  # (the holder of st.lock, a truncate, schedules a seal when done)
         st.sealing = True
         st.abort.clear()
         st.seal_done = trio.Event()

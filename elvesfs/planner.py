@@ -20,6 +20,7 @@ from typing import Iterator
 from pyfastcdc import FastCDC
 
 from . import formats
+from .layout import HOLE
 
 TENSOR_PIECE = 4 << 20
 # Content-defined chunks of ~256 KiB: big enough that per-chunk costs (task, LMDB
@@ -63,6 +64,13 @@ class Presealed:
     max_error: float | None = None
     delta: bool = False  # coded against a reference chunk
     tensor: tuple | None = None  # (dtype, name, role, index) of a tensor piece
+    kept: bool = False  # a chunk of the sealed layout below a tail-staged file's base:
+    # its bytes are not in the staging file (see staging.py)
+
+    @classmethod
+    def of_layout(cls, offset: int, length: int, cid: bytes) -> "Presealed":
+        """A chunk of the sealed layout that the seal of a tail-staged file keeps."""
+        return cls(offset, length, cid, added=False, kept=True)
 
     def matches(self, p: "Piece") -> bool:
         """Whether this chunk is exactly what the final plan wants for piece p."""
@@ -70,9 +78,8 @@ class Presealed:
             (p.dtype, p.name, p.role, p.index) if p.name is not None else None)
 
 
-def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
-    """(start, end, is_hole) covering [0, size), using SEEK_DATA/SEEK_HOLE where supported."""
-    pos = 0
+def _data_regions(fd: int, size: int, pos: int = 0) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, is_hole) covering [pos, size), using SEEK_DATA/SEEK_HOLE where supported."""
     while pos < size:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)
@@ -147,9 +154,24 @@ class Planner:
                 yield p
                 done[0] = p.offset + p.length
 
-    def _plain(self, fd: int, size: int, resume: list[Presealed]) -> Iterator[Piece]:
+    def plan_tail(self, fd: int, size: int, kept: list[tuple[int, int, bytes]],
+                  base: int) -> Iterator[Piece]:
+        """Pieces of a tail-staged file sealed as plain bytes (staging.py): the sealed
+        layout's extents (start, length, chunk id) below `base` as they are, then the
+        staging file's bytes from `base` on. `base` is the start of one of those extents:
+        a content-defined cut, so the file is cut as _plain would cut all of it (that
+        only matters for dedup: any cut is correct)."""
+        for start, length, cid in kept:
+            if cid == HOLE:
+                yield Piece(start, length, hole=True)
+            else:
+                yield Piece(start, length, pre=Presealed.of_layout(start, length, cid))
+        yield from self._plain(fd, size, [], start=base)
+
+    def _plain(self, fd: int, size: int, resume: list[Presealed], start: int = 0
+               ) -> Iterator[Piece]:
         resume_end = resume[-1].offset + resume[-1].length if resume else 0
-        for a, b, hole in _data_regions(fd, size):
+        for a, b, hole in _data_regions(fd, size, start):
             if hole:
                 yield Piece(a, b - a, hole=True)
             elif a == 0 and resume_end and b >= resume_end:

@@ -107,10 +107,15 @@ class ChunkReader:
             i += 1
         return _joined(parts)
 
-    def copy_to_fd(self, layout: Layout, fd: int, limit: int | None = None) -> None:
-        """Write a sealed file's content into `fd` (holes stay holes): used to stage a rewrite."""
-        n = len(layout) if limit is None else limit
-        for i in range(n):
+    def copy_to_fd(self, layout: Layout, fd: int, start: int = 0, end: int | None = None
+                   ) -> None:
+        """Write a sealed file's extents from the one holding `start` to the one holding
+        `end - 1` into `fd` at their offsets (holes stay holes): to stage a rewrite."""
+        if end is not None and end <= start:
+            return
+        first = layout.find(start)
+        last = len(layout) if end is None else min(layout.find(end - 1) + 1, len(layout))
+        for i in range(first, last):
             cid = layout.chunk_id(i)
             if cid == HOLE:
                 continue

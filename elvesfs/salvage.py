@@ -139,15 +139,19 @@ def salvage(store: str, ino: int, out_path: str) -> list[Damage]:
             node = Namespace(db).find(txn, ino)
             if node is None or not node.is_reg:
                 raise CliError(f"inode {ino} is not a regular file of store {store}")
+            staging = Staging(db, store)
             staged = txn.get(key(ino), db=db.t["staging"]) is not None
+            base = staging.base(txn, ino) if staged else 0
             layout = layout_of(txn, db.t, ino)
         fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            if staged:  # not sealed yet: its bytes are all in its staging file
-                _copy_staged(Staging(db, store).path(ino), fd, node.size)
-                return []
-            damage = _write_chunks(Salvager(db), layout, fd)
-            os.ftruncate(fd, node.size)
+            if staged:  # not sealed yet: its bytes are in its staging file, those below
+                # the base of a tail-staged file in its sealed layout (staging.py)
+                damage = _write_chunks(Salvager(db), layout, fd, end=base) if base else []
+                _copy_staged(staging.path(ino), fd, node.size, start=base)
+            else:
+                damage = _write_chunks(Salvager(db), layout, fd)
+                os.ftruncate(fd, node.size)
         finally:
             os.close(fd)
     finally:
@@ -156,9 +160,11 @@ def salvage(store: str, ino: int, out_path: str) -> list[Damage]:
     return damage
 
 
-def _write_chunks(s: Salvager, layout, fd: int) -> list[Damage]:
+def _write_chunks(s: Salvager, layout, fd: int, end: int | None = None) -> list[Damage]:
     damage = []
     for i in range(len(layout)):
+        if end is not None and layout.start(i) >= end:
+            break
         cid = layout.chunk_id(i)
         if cid == HOLE:
             continue
@@ -174,9 +180,9 @@ def _write_chunks(s: Salvager, layout, fd: int) -> list[Damage]:
     return damage
 
 
-def _copy_staged(path: str, fd: int, size: int) -> None:
+def _copy_staged(path: str, fd: int, size: int, start: int = 0) -> None:
     with open(path, "rb") as src:
-        off = 0
+        off = src.seek(start)
         while off < size:
             buf = src.read(min(8 << 20, size - off))
             if not buf:

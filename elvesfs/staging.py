@@ -1,13 +1,26 @@
 """Staging files: where written data lives until it is sealed into the chunk store.
 
-A staged inode has a plain sparse file STORE/staging/<ino> holding its *whole*
-current content, and a record in table `staging` (key ino, value b"1"). The
-staging file's length is the file's logical size, so recovery needs nothing else:
-at mount every staged inode is sealed again. The record is committed before the
-first byte of new data is written, but after the file holds a complete (fsynced)
-copy of the sealed content it replaces; a file without a record is a copy a crash
-interrupted, and recovery deletes it. The seal deletes the record in the same
-transaction that installs the new layout, and only then removes the file.
+A staged inode has a plain sparse file STORE/staging/<ino> and a record in table
+`staging` (key ino). The staging file's length is the file's logical size. The record
+says where the rest of the content is:
+
+    b"1"                    the staging file holds the *whole* current content
+    b"T" + u64 base (BE)    "tail staged": bytes [0, base) are those of the inode's
+                            sealed layout (still installed: only a seal replaces it),
+                            the staging file holds [base, size) at the same offsets
+                            and a hole below
+
+Tail staging is how a write at the end of a large sealed file (an append to a log)
+avoids copying the whole file: only its last chunk is copied (fs.py _stage), and the
+seal reuses the layout's chunks below `base` (Sealer.seal). A write below `base`
+first copies the rest in and records b"1" (fs.py _fill_base). Either way recovery
+needs nothing else: at mount every staged inode is sealed again.
+
+The record is committed before the first byte of new data is written, but after the
+file holds a complete (fsynced) copy of the sealed content it replaces (of [base,
+size) when tail staged); a file without a record is a copy a crash interrupted, and
+recovery deletes it. The seal deletes the record in the same transaction that
+installs the new layout, and only then removes the file.
 """
 
 from __future__ import annotations
@@ -18,7 +31,18 @@ import threading
 import lmdb
 
 from .db import Database
+from .errors import StoreCorruptError
 from .namespace import key
+
+
+def record_base(value: bytes) -> int:
+    """The base a staging record names (0: the staging file holds the whole content)."""
+    value = bytes(value)
+    if value == b"1":
+        return 0
+    if len(value) != 9 or value[:1] != b"T" or value[1:] == bytes(8):
+        raise ValueError(f"damaged record {value!r}")
+    return int.from_bytes(value[1:], "big")
 
 
 class Staging:
@@ -57,9 +81,19 @@ class Staging:
         self._opened(ino)
         return fd
 
-    def mark(self, txn: lmdb.Transaction, ino: int) -> None:
-        """Commit (with the caller's transaction) that `ino`'s content is its staging file."""
-        txn.put(key(ino), b"1", db=self.db.t["staging"])
+    def mark(self, txn: lmdb.Transaction, ino: int, base: int = 0) -> None:
+        """Commit (with the caller's transaction) that `ino`'s content is its staging
+        file, above `base` if tail staged (see the module doc)."""
+        value = b"T" + base.to_bytes(8, "big") if base else b"1"
+        txn.put(key(ino), value, db=self.db.t["staging"])
+
+    def base(self, txn: lmdb.Transaction, ino: int) -> int:
+        """Where the staging file's content starts: 0, or the base of a tail-staged file."""
+        value = txn.get(key(ino), db=self.db.t["staging"])
+        try:
+            return record_base(value) if value is not None else 0
+        except ValueError as exc:
+            raise StoreCorruptError(f"staging record of inode {ino}: {exc}") from None
 
     def stray_files(self, txn: lmdb.Transaction) -> list[int]:
         """Staging files without a record: copies a crash interrupted (safe to delete)."""

@@ -51,12 +51,14 @@ class InodeState:
     """What the daemon knows about an inode beyond LMDB while it is open, staged or sealing.
 
     Invariant: `fd` is not None exactly when the inode's current content lives in its
-    staging file (whose length is `size`); otherwise the content is its sealed layout.
+    staging file (whose length is `size`), below `base` in its sealed layout (a tail-
+    staged file: see staging.py); otherwise the content is its sealed layout.
     """
 
     ino: int
     fd: int | None = None
     size: int = 0
+    base: int = 0  # while staged: [0, base) is the sealed layout's (tail staging)
     mtime_ns: int | None = None  # set while newer than the stored inode
     ctime_ns: int | None = None
     handles: int = 0

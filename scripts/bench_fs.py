@@ -31,6 +31,12 @@ Measurements (each repeated --repeat times, medians reported):
           in the same directory tree every 2 ms: the latency of each create + stat
           started between `cp` starting and the data being durable, p99 and max (is
           the filesystem still responsive while it ingests 1 GiB?)
+  append  a --log-size log file (random bytes) written and made durable, then --appends
+          rounds of: open(O_APPEND), write a 100-byte line, close (timed: what a training
+          loop that logs one line per step waits), and the same with an fsync before the
+          close (the passthrough's fsync is a no-op: not measured there). Between rounds
+          the target is made durable as above, untimed, so that each append meets a
+          sealed file, as a step every few seconds does
   dbench  dbench (Debian package `dbench`) with its NetBench load file: --dbench-clients
           processes creating, writing, reading, renaming, locking, listing and deleting
           many small files (a file server's day) for --dbench-seconds; the throughput
@@ -569,6 +575,41 @@ def bench_meta(t: Target, nfiles: int, res: dict, prof_dir: Path | None, rep: in
         t.stop()
 
 
+LOG_LINE = b'{"step": 123456, "loss": 0.1234567, "lr": 0.0001, "grad_norm": 1.2345678, "t": 1}\n'
+
+
+def bench_append(t: Target, res: dict, log_size: int, rounds: int) -> None:
+    t.reset()
+    t.start()
+    try:
+        f = t.dir / "train.log"
+        with open(f, "wb") as out:
+            for _ in range(log_size // (4 * MiB)):
+                out.write(os.urandom(4 * MiB))
+        t.durable(f)
+        for key, sync in (("append", False), ("append_fsync", True)):
+            if sync and isinstance(t, Passthrough):
+                continue  # passthroughfs.py has no fsync handler: nothing to compare
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                fd = os.open(f, os.O_WRONLY | os.O_APPEND)
+                os.write(fd, LOG_LINE)
+                if sync:
+                    os.fsync(fd)
+                os.close(fd)
+                times.append(time.perf_counter() - t0)
+                t.durable(f)
+            res[key].append(statistics.median(times))
+            log(f"  {t.name:12s} {key}: median {statistics.median(times) * 1e3:.2f} ms, "
+                f"max {max(times) * 1e3:.2f} ms over {rounds} appends")
+        lines = rounds * (1 if isinstance(t, Passthrough) else 2)
+        if os.path.getsize(f) != log_size // (4 * MiB) * 4 * MiB + lines * len(LOG_LINE):
+            raise RuntimeError(f"{t.name}: the log has {os.path.getsize(f)} bytes")
+    finally:
+        t.stop()
+
+
 def bench_dbench(t: Target, res: dict, clients: int, seconds: int) -> None:
     t.reset()
     t.start()
@@ -598,6 +639,8 @@ METRICS = [  # key, label, unit kind
     ("busy_p99", "create + stat during the write, p99 latency", "ms"),
     ("busy_max", "create + stat during the write, max latency", "ms"),
     ("dbench", "dbench, NetBench load (many small files), throughput", "rate"),
+    ("append", "append a line to a sealed log (open, write, close), median", "ms"),
+    ("append_fsync", "the same with fsync before close, median", "ms"),
 ]
 
 
@@ -642,14 +685,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=10_000, help="files for the metadata test")
     p.add_argument("--repeat", type=int, default=3, help="repeats; medians are reported")
     p.add_argument("--quick", action="store_true",
-                   help="256 MiB, 2000 files, dbench for 8 s, 1 repeat")
+                   help="256 MiB, 2000 files, dbench for 8 s, a 64 MiB log, 1 repeat")
     p.add_argument("--targets", default="plain,passthrough,elvesfs",
                    help="comma list (ratios vs plain need plain)")
     p.add_argument("--skip", default="",
-                   help="comma list of: write, paced, meta, busy, dbench")
+                   help="comma list of: write, paced, meta, busy, dbench, append")
     p.add_argument("--dbench-clients", type=int, default=4, help="dbench processes (default 4)")
     p.add_argument("--dbench-seconds", type=int, default=20,
                    help="dbench's run time, after its own warm-up of a fifth of it (default 20)")
+    p.add_argument("--log-size", default="256MiB",
+                   help="size of the log the append phase appends to (default 256MiB)")
+    p.add_argument("--appends", type=int, default=20, help="appends per kind (default 20)")
     p.add_argument("--source-dir", default=None,
                    help="where the source file is generated (default /dev/shm if it has room)")
     p.add_argument("--cache-mb", type=int, default=None, help="elvesfs --cache-mb")
@@ -665,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.size, a.files, a.repeat, a.dbench_seconds = "256MiB", 2000, 1, 8
+        a.log_size, a.appends = "64MiB", 10
     size = parse_size(a.size)
     names = [n for n in a.targets.split(",") if n]
     skip = set(filter(None, a.skip.split(",")))
@@ -737,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_busy(t, src, size, results[t.name], workdir / "probe-stop")
                 if "dbench" not in skip:
                     bench_dbench(t, results[t.name], a.dbench_clients, a.dbench_seconds)
+                if "append" not in skip:
+                    bench_append(t, results[t.name], parse_size(a.log_size), a.appends)
         failed = False
     finally:
         for t in targets:

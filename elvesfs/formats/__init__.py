@@ -259,6 +259,17 @@ def parse(f: typing.BinaryIO, size: int) -> ParsedFile:
     return ParsedFile(kind, segs)
 
 
+def may_be_model(head: bytes, size: int) -> bool:
+    """Whether a `size`-byte file whose first 64 bytes are `head` may parse as a model
+    file: a file sealed as plain bytes that grew (a resumed download) is parsed again."""
+    from . import gguf as _gg
+    from . import safetensors as _st
+    from . import torchlegacy as _tl
+
+    return (head.startswith(b"PK") or _tl.looks_legacy(head)
+            or _st.looks_safetensors(head, size) or _gg.looks_gguf(head))
+
+
 def parse_prefix(f: typing.BinaryIO, available: int) -> tuple[str, list[Segment] | None]:
     """Plan a file that is still being written, from its first `available` bytes.
 
