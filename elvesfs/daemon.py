@@ -32,7 +32,8 @@ from .errors import ElvesError, StoreFullError, StoreLockedError
 from .fs import Operations
 from .ingest import Sealer
 from .mounts import quote_store, set_read_ahead
-from .namespace import Namespace
+from .layout import Layout
+from .namespace import Namespace, key
 from .policy import XATTR as POLICY_XATTR, Policy, file_policy
 from .reader import ChunkReader
 from .staging import Staging
@@ -133,7 +134,7 @@ def recover(store: Store, default_policy: Policy) -> None:
         if not os.path.exists(store.staging.path(ino)):
             log.warning("recovery: staging file of inode %d is missing; keeping its last sealed "
                         "content", ino)
-            store.db.write_freeing(lambda txn: store.staging.forget(txn, ino))
+            store.db.write_freeing(lambda txn: _keep_sealed(store, txn, ino))
             continue
         with store.db.read() as txn:
             raw = store.ns.getxattr(txn, ino, POLICY_XATTR)
@@ -151,6 +152,17 @@ def recover(store: Store, default_policy: Policy) -> None:
     except StoreFullError as exc:
         log.error("recovery: garbage collection postponed: %s", exc)
     store.db.sync(mark=True)
+
+
+def _keep_sealed(store: Store, txn, ino: int) -> None:
+    """Drop a staging record whose file is gone: the inode's content and size become
+    its sealed layout's again (a write may have stored the staged size)."""
+    store.staging.forget(txn, ino)
+    node = store.ns.find(txn, ino)
+    if node is not None:
+        raw = txn.get(key(ino), db=store.db.t["layouts"])
+        node.size = Layout.from_bytes(raw).size if raw else 0
+        store.ns.put(txn, node)
 
 
 def adopt_staged(ops: Operations, store: Store) -> None:

@@ -134,8 +134,9 @@ class Fsck:
         with self.db.write() as txn:
             for ino in sorted(self.staged - files):
                 self.problem(f"staging record of inode {ino} has no staging file")
-                if self.repair:
+                if self.repair:  # the file keeps its sealed content (and size: below)
                     txn.delete(key(ino), db=self.t["staging"])
+                    self.staged.discard(ino)
         for ino in sorted(files - self.staged):
             self.problem(f"staging file {ino} has no record (left over)")
             if self.repair:
@@ -162,10 +163,11 @@ class Fsck:
                 return
             problem = f"base {base} is not a chunk boundary of its sealed layout"
         self.problem(f"staging record of inode {ino}: {problem}")
-        if self.repair:
+        if self.repair:  # the file keeps its sealed content (and size: see the layouts)
             with self.db.write() as txn:
                 txn.delete(key(ino), db=self.t["staging"])
             os.unlink(path)
+            self.staged.discard(ino)
 
     # -- 3 + 4. layouts and reference counts -------------------------------------------
     def check_layouts_and_refs(self) -> None:

@@ -186,7 +186,8 @@ class Sealer:
                 continue
             if data is None and p.pre.kept:  # the sealed file's own chunk: referenced
                 raise StoreCorruptError(  # by its layout, so only damage removes it
-                    f"chunk {cid.hex()} of sealed inode layout is missing; run `elvesfs fsck`")
+                    f"chunk {cid.hex()}, which the sealed file still references, is "
+                    f"missing from the store; run `elvesfs fsck`")
             if data is None:  # a pre-sealed chunk is gone (cannot happen while pinned)
                 log.warning("pre-sealed chunk %s missing; coding it again", cid.hex())
                 p = replace(p, pre=None)

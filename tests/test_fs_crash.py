@@ -315,7 +315,8 @@ def test_recovery_without_a_staging_file_keeps_the_sealed_content(make_mount):
     m.sync()
     fd = os.open(m.path / "f", os.O_WRONLY)
     os.pwrite(fd, b"new bytes", 4096)
-    os.fsync(fd)
+    os.pwrite(fd, b"and a longer file", len(old) + 4096)
+    os.fsync(fd)                       # the longer size is in the stored inode now
     ino = os.fstat(fd).st_ino
     m.kill9()
     close_quietly(fd)
@@ -324,6 +325,7 @@ def test_recovery_without_a_staging_file_keeps_the_sealed_content(make_mount):
     staged.unlink()
     m.mount()
     assert f"staging file of inode {ino} is missing" in m.log()
+    assert (m.path / "f").stat().st_size == len(old)
     assert sha_file(m.path / "f") == sha(old)
     fsck_clean(m)
 
