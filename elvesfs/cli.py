@@ -12,7 +12,7 @@ import sys
 import time
 
 from .errors import CliError, DaemonGoneError
-from .mounts import default_store, mounts, store_of
+from .mounts import daemon_exited, default_store, mounts, store_of
 
 log = logging.getLogger("elvesfs")
 
@@ -137,9 +137,7 @@ def cmd_umount(a: argparse.Namespace) -> int:
     if pid:  # the daemon seals what is still staged, then exits
         deadline = time.monotonic() + a.timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if daemon_exited(pid):
                 break
             time.sleep(0.05)
         else:

@@ -1,6 +1,6 @@
 """Where stores and mounts are: a mountpoint's default store, the live elvesfs mounts
 (from /proc/self/mountinfo) and the store behind a path, and a mount's kernel
-read-ahead. Shared by the CLI commands and the daemon."""
+read-ahead, and whether a daemon has exited. Shared by the CLI commands and the daemon."""
 
 from __future__ import annotations
 
@@ -92,3 +92,20 @@ def mount_of(path: str) -> tuple[str, str]:
 def store_of(path: str) -> str:
     """The store behind the elvesfs mount holding `path`."""
     return mount_of(path)[1]
+
+
+def daemon_exited(pid: int) -> bool:
+    """Whether process `pid` has exited: gone, or a zombie not yet reaped. A daemon's
+    parent is init once `elvesfs mount` has returned, and some inits (this project's CI
+    VM's) take over a second to reap: its work was done when it became a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc: ask the kernel whether the PID exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False

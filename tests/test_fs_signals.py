@@ -12,14 +12,13 @@ import sys
 import time
 
 from conftest import ROOT, Mount, _is_mounted, check_store, sha_file, write_random
+from elvesfs.mounts import daemon_exited
 
 
 def _wait_exit(pid: int, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if daemon_exited(pid):  # gone, or a zombie its parent (init) has not reaped
             return
         time.sleep(0.05)
     raise AssertionError(f"daemon {pid} still runs {timeout}s after the signal")
