@@ -98,3 +98,23 @@ def test_foreground_serves_in_the_callers_process_and_stops_on_ctrl_c(tmp_path):
             proc.kill()
             proc.wait(timeout=30)
         m.cleanup()
+
+
+def test_daemon_exited_counts_a_zombie_as_exited():
+    """`elvesfs umount` waits for the daemon with this: a process that has exited but is
+    not reaped yet (init reaps a daemon; on some machines over a second later) has
+    finished; one that runs has not."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    assert daemon_exited(p.pid)  # a zombie: exited, not reaped
+    p.wait()
+    assert daemon_exited(p.pid)  # reaped: gone
+    q = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not daemon_exited(q.pid)
+    finally:
+        q.kill()
+        q.wait()
