@@ -566,25 +566,17 @@ class Operations(pyfuse3.Operations):
         self.life.reset_preseal(st, fresh=st.size == 0)
 
     async def _fill_base(self, st: InodeState, cut: int | None = None) -> None:
-        """Before a write below a tail-staged file's base: copy its sealed bytes below the
-        base in too, then record that the staging file holds it all. For a truncate to
-        `cut` below the base: only [0, cut), and the file is cut first (a crash before
-        the record leaves a staging file shorter than its base: Sealer._kept)."""
-        lay = self._layout(st.ino)
-        end = st.base if cut is None else cut
-        await trio.to_thread.run_sync(self._copy_sealed, lay, st.fd, 0, end, cut is not None,
-                                      limiter=self.read_limiter)
-        with self.db.write() as txn:
-            self.staging.mark(txn, st.ino)
+        """Before a write below a tail-staged file's base (or a truncate to `cut` below
+        it): the sealed bytes below the base into the staging file (Sealer.fill_base)."""
+        await trio.to_thread.run_sync(self.sealer.fill_base, st.ino, self._layout(st.ino),
+                                      st.base, cut, limiter=self.read_limiter)
         st.base = 0
 
-    def _copy_sealed(self, lay: Layout, fd: int, start: int, end: int, cut: bool = False
-                     ) -> None:
-        """Thread side of _stage and _fill_base: sealed content [start, end) into the
-        staging file, whose length becomes `end` if `cut`, else at least `end`; durably."""
-        self.reader.copy_to_fd(lay, fd, start, end)
-        if cut or os.fstat(fd).st_size < end:
-            os.ftruncate(fd, end)
+    def _copy_sealed(self, lay: Layout, fd: int, start: int, size: int) -> None:
+        """Thread side of _stage: sealed content from `start` into the staging file, of
+        length `size`, made durable."""
+        self.reader.copy_to_fd(lay, fd, start)
+        os.ftruncate(fd, size)
         os.fsync(fd)
 
     @handler

@@ -157,8 +157,7 @@ class Fsck:
             problem = str(exc)
         else:
             lay = Layout.from_bytes(raw) if raw else Layout.empty()
-            i = lay.find(base)
-            if not base or (i < len(lay) and lay.start(i) == base) or (
+            if not base or lay.starts_at(base) or (
                     os.path.getsize(path) < base):  # a truncate was under way: fine
                 return
             problem = f"base {base} is not a chunk boundary of its sealed layout"

@@ -263,35 +263,42 @@ class Sealer:
         if not base:
             return None
         if size < base:  # a truncate below the base was under way: the staging file
-            with self.db.write() as txn:  # holds [0, size) (fs.py _fill_base)
+            with self.db.write() as txn:  # holds [0, size) (fill_base with `cut`)
                 self.staging.mark(txn, ino)
             return None
         layout = Layout.from_bytes(raw) if raw else Layout.empty()
-        i = layout.find(base)  # the extent starting at base: the first the seal codes
-        if i >= len(layout) or layout.start(i) != base:
+        if not layout.starts_at(base):
             raise StoreCorruptError(f"inode {ino}'s staging base {base} is not a chunk "
                                     f"boundary of its sealed layout; run `elvesfs fsck`")
         sealed = self._sealed_as(ino)
         head = bytes(self.reader.read_range(layout, 0, min(64, base)))
         if (sealed is None or sealed.get("policy") != str(policy)
                 or formats.may_be_model(head, size)):
-            self._fill_base(ino, layout, base)
+            self.fill_base(ino, layout, base)
             return None
-        kept = [(layout.start(j), layout.length(j), layout.chunk_id(j)) for j in range(i)]
+        kept = [(layout.start(j), layout.length(j), layout.chunk_id(j))
+                for j in range(layout.find(base))]
         return kept, base
 
-    def _fill_base(self, ino: int, layout: Layout, base: int) -> None:
-        """Copy a tail-staged file's sealed bytes below `base` into its staging file:
-        durably, before the record says the staging file holds it all."""
+    def fill_base(self, ino: int, layout: Layout, base: int, cut: int | None = None) -> None:
+        """Copy a tail-staged file's sealed bytes below `base` into its staging file,
+        durably, then record that the staging file holds it all (see staging.py).
+
+        `cut`: a truncate to below the base: only [0, cut) is copied, and the file is cut
+        before the record changes (a crash in between leaves a staging file shorter than
+        its base, which _kept then takes as whole)."""
+        end = base if cut is None else cut
         fd = os.open(self.staging.path(ino), os.O_WRONLY | os.O_CLOEXEC)
         try:
-            self.reader.copy_to_fd(layout, fd, end=base)
+            self.reader.copy_to_fd(layout, fd, end=end)
+            if cut is not None:
+                os.ftruncate(fd, cut)
             os.fsync(fd)
         finally:
             os.close(fd)
         with self.db.write() as txn:
             self.staging.mark(txn, ino)
-        log.info("inode %d: copied its sealed %d bytes below the staged tail", ino, base)
+        log.info("inode %d: copied its sealed %d bytes below the staged tail", ino, end)
 
     def _code_all(self, fd: int, pieces: Iterator[Piece], policy: Policy, stats: SealStats,
                   abort: threading.Event, results: list[_Result] | None = None

@@ -87,6 +87,11 @@ class Layout:
         """Index of the extent containing `offset` (len(self) if past the end)."""
         return bisect.bisect_right(self._ends, offset)
 
+    def starts_at(self, offset: int) -> bool:
+        """Whether an extent starts at `offset` (a tail-staged file's base must)."""
+        i = self.find(offset)
+        return i < len(self) and self.start(i) == offset
+
     def chunk_ids(self, off: int, size: int) -> list[bytes]:
         """Ids of the chunks that hold bytes [off, off + size), holes excluded."""
         i, end = self.find(off), min(off + size, self.size)

@@ -26,7 +26,7 @@ def staged_bytes(m, path) -> int:
         return 0
 
 
-def file_stats(m, path) -> dict:
+def file_stats(path) -> dict:
     r = _run_cli("stats", "--json", str(path))
     return json.loads(r.stdout)["files"][0]
 
@@ -49,7 +49,7 @@ def test_append_to_a_sealed_file_copies_only_its_tail(mnt):
         assert log_.read_bytes() == want
         mnt.sync()
         assert staged_bytes(mnt, log_) == 0
-        assert file_stats(mnt, log_)["format"] == "plain"
+        assert file_stats(log_)["format"] == "plain"
     mnt.remount()
     assert log_.read_bytes() == want
     assert os.stat(log_).st_size == len(want)
@@ -192,12 +192,12 @@ def test_a_resumed_download_is_parsed_as_a_model_file(mnt):
     cut = len(blob) // 2
     p.write_bytes(blob[:cut])
     mnt.sync()
-    assert file_stats(mnt, p)["format"] == "plain"
+    assert file_stats(p)["format"] == "plain"
     with open(p, "ab") as f:
         f.write(blob[cut:])
     mnt.sync()
     assert p.read_bytes() == blob
-    st = file_stats(mnt, p)
+    st = file_stats(p)
     assert st["format"] == "safetensors" and st["tensors"] == 6
     mnt.remount()
     assert p.read_bytes() == blob
