@@ -68,11 +68,12 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 
 def _is_dead_mount(mp: str) -> bool:
-    """A FUSE mount whose daemon has gone (kill -9, OOM) fails every call with ENOTCONN."""
+    """A FUSE mount whose daemon has gone (kill -9, OOM) fails every call with ENOTCONN
+    (ECONNABORTED for a call caught in flight while the kernel aborts the connection)."""
     try:
         os.stat(mp)
     except OSError as exc:
-        return exc.errno == errno.ENOTCONN
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 
